@@ -1,0 +1,4 @@
+//! The guestwatch guest agent as a library: the binary in `main.rs` is a thin CLI over it.
+
+pub mod bpf;
+pub mod clock;

@@ -1,0 +1,1 @@
+//! guestwatch protocol (being built; see docs/architecture.md).

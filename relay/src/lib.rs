@@ -1,0 +1,1 @@
+//! guestwatch relay (being built; see docs/architecture.md).

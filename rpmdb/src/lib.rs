@@ -1,0 +1,1 @@
+//! guestwatch rpmdb (being built; see docs/architecture.md).

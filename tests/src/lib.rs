@@ -1,0 +1,1 @@
+//! Shared harness for guestwatch's end-to-end tests (in `tests/tests/`).

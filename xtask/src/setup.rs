@@ -1,0 +1,198 @@
+//! `cargo xtask setup`: everything a fresh Debian/Ubuntu machine needs, installed idempotently.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{note, output, run, step, workspace_root};
+
+/// Debian packages the tests, benchmarks, demo and VM test use, and why.
+pub const APT_PACKAGES: &[(&str, &str)] = &[
+    ("rpm", "rpm and rpmbuild: real transactions through librpm"),
+    ("librpm-dev", "librpm headers and the unversioned librpm.so"),
+    ("sqlite3", "inspecting rpmdb.sqlite in tests"),
+    ("redis-server", "the Redis Streams sink's real server"),
+    (
+        "qemu-system-x86",
+        "the nested guest for `cargo xtask vm-test`",
+    ),
+    ("busybox-static", "the nested guest's userland"),
+    ("cpio", "packing the nested guest's initramfs"),
+    ("curl", "fetching packages for the nested guest"),
+];
+
+/// Runs every setup step.
+pub fn setup() -> Result<()> {
+    apt_packages()?;
+    nightly()?;
+    bpf_linker()?;
+    step("setup complete");
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    step("checking Debian packages");
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .filter(|(pkg, _)| !dpkg_installed(pkg))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        note("all present");
+        return Ok(());
+    }
+    for (pkg, why) in APT_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        note(&format!("missing {pkg}: {why}"));
+    }
+    if Command::new("apt-get").arg("--version").output().is_err() {
+        bail!(
+            "apt-get is not available; install these packages by hand: {}",
+            missing.join(" ")
+        );
+    }
+    let sudo: Vec<&str> = if crate::util::is_root() {
+        vec![]
+    } else {
+        vec!["sudo"]
+    };
+    let apt = |args: &[&str]| {
+        let mut all = sudo.clone();
+        all.push("apt-get");
+        all.extend_from_slice(args);
+        let mut cmd = Command::new(all[0]);
+        cmd.args(&all[1..]).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    let hint = format!("run `sudo apt-get install {}` yourself", missing.join(" "));
+    run(&mut apt(&["update", "-qq"]), &hint)?;
+    let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    install.args(&missing);
+    run(&mut install, &hint)
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.contains("install ok installed"))
+}
+
+fn nightly() -> Result<()> {
+    step("checking the nightly toolchain with rust-src (BPF programs need -Z build-std)");
+    if output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])).is_none() {
+        run(
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+            ]),
+            "install rustup from https://rustup.rs, then `rustup toolchain install nightly`",
+        )?;
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        note("nightly rust-src present");
+        return Ok(());
+    }
+    run(
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+        "run `rustup component add rust-src --toolchain nightly`",
+    )
+}
+
+/// Nightly's sysroot and LLVM major version (bpf-linker must link the same libLLVM).
+pub fn nightly_llvm() -> Result<(PathBuf, String)> {
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+            .context("nightly rustc is not installed: run `cargo xtask setup`")?;
+    let verbose = output(Command::new("rustup").args(["run", "nightly", "rustc", "-vV"]))
+        .context("nightly rustc is not installed: run `cargo xtask setup`")?;
+    let major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("nightly rustc did not report its LLVM version")?
+        .to_owned();
+    Ok((PathBuf::from(sysroot.trim()), major))
+}
+
+/// Where `cargo install` puts binaries.
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// The installed bpf-linker, if it runs.
+pub fn bpf_linker_path() -> Option<PathBuf> {
+    let path = cargo_bin_dir().join("bpf-linker");
+    output(Command::new(&path).arg("--version")).map(|_| path)
+}
+
+fn bpf_linker() -> Result<()> {
+    step("checking bpf-linker (links BPF programs with nightly's own LLVM)");
+    if let Some(path) = bpf_linker_path() {
+        note(&format!("{} runs", path.display()));
+        return Ok(());
+    }
+    let (sysroot, major) = nightly_llvm()?;
+    let libdir = sysroot.join("lib");
+    let libllvm = std::fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", libdir.display()))?;
+    // bpf-linker's build looks for $LLVM_PREFIX/lib/libLLVM.so; nightly ships only the
+    // versioned file, so point a private prefix at it.
+    let prefix = workspace_root().join("target/xtask/llvm-prefix");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&libllvm, &link)
+        .with_context(|| format!("linking {}", link.display()))?;
+    note(&format!(
+        "building bpf-linker 0.13 against {} (LLVM {major}); this takes a few minutes once",
+        libllvm.display()
+    ));
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                "^0.13",
+                "--no-default-features",
+            ])
+            .arg("--features")
+            .arg(format!("llvm-{major}"))
+            .env("LLVM_PREFIX", &prefix)
+            // The rpath lets the installed binary find nightly's libLLVM without LD_LIBRARY_PATH.
+            .env(
+                "RUSTFLAGS",
+                format!("-C link-arg=-Wl,-rpath,{}", libdir.display()),
+            )
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR"),
+        "needs network access to crates.io and a C toolchain (gcc)",
+    )?;
+    bpf_linker_path()
+        .map(|p| note(&format!("installed {}", p.display())))
+        .context("bpf-linker was installed but does not run; check `ldd ~/.cargo/bin/bpf-linker`")
+}
