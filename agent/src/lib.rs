@@ -1,4 +1,6 @@
 //! The guestwatch guest agent as a library: the binary in `main.rs` is a thin CLI over it.
 
 pub mod bpf;
+pub mod cli;
 pub mod clock;
+pub mod commands;

@@ -40,7 +40,8 @@ pub fn demo() -> Result<()> {
 
     step("starting `guestwatch-agent watch` (eBPF transaction probes)");
     let mut child = Command::new(&agent)
-        .arg("watch")
+        .args(["watch", "--dbpath"])
+        .arg(db.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

@@ -1,7 +1,9 @@
 //! `cargo xtask …`: guestwatch's developer commands.
 
+mod bench;
 mod demo;
 mod ebpf;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -31,6 +33,19 @@ enum Cmd {
     Test,
     /// The main job end to end on a real rpm database, showing changes as they are detected.
     Demo,
+    /// Run benchmarks (all, or the named `cargo bench` targets), each against its peer.
+    Bench {
+        /// Benchmark names, e.g. `e2e`; none runs all.
+        names: Vec<String>,
+    },
+    /// Run the cargo-fuzz targets in fuzz/ and print executions and crashes per target.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Targets to run; none runs all.
+        targets: Vec<String>,
+    },
 }
 
 fn main() {
@@ -40,6 +55,8 @@ fn main() {
         Cmd::BuildEbpf => ebpf::build_ebpf().map(drop),
         Cmd::Test => test::test(),
         Cmd::Demo => demo::demo(),
+        Cmd::Bench { names } => bench::bench(&names),
+        Cmd::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
     };
     if let Err(e) = result {
         eprintln!("\nerror: {e:#}");

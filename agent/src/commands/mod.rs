@@ -1,0 +1,4 @@
+//! One module per subcommand; each takes its parsed arguments and runs to completion.
+
+pub mod scan;
+pub mod watch;

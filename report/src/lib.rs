@@ -1,0 +1,1 @@
+//! guestwatch index reports (being built; see docs/architecture.md).
