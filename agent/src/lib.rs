@@ -4,3 +4,4 @@ pub mod bpf;
 pub mod cli;
 pub mod clock;
 pub mod commands;
+pub mod detect;

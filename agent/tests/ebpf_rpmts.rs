@@ -3,34 +3,15 @@
 
 use std::time::Duration;
 
-use guestwatch_agent::bpf::{self, BpfError, ProbeOptions, TxProbes, TxRecord};
+mod common;
+
+use common::bpf_prerequisites;
+use guestwatch_agent::bpf::{BpfError, BpfRecord, ProbeOptions, Probes, TxRecord};
 use guestwatch_agent_common::EventKind;
-use guestwatch_testkit::{PackageSpec, RpmDb, build_packages, in_ci, is_root};
+use guestwatch_testkit::{PackageSpec, RpmDb, build_packages};
 
-/// Returns false (after saying why) when this environment cannot run BPF tests. In CI a
-/// missing prerequisite is a failure, never a skip; only a kernel refusal may skip.
-fn bpf_prerequisites() -> bool {
-    let missing = if !bpf::built_with_bpf() {
-        Some("the agent was built without the BPF object (cargo xtask build-ebpf)")
-    } else if !is_root() {
-        Some("BPF tests need root")
-    } else if !guestwatch_testkit::have_rpm_tools() {
-        Some("rpm/rpmbuild are not installed (cargo xtask setup)")
-    } else {
-        None
-    };
-    match missing {
-        Some(why) if in_ci() => panic!("CI must run the BPF tests, but {why}"),
-        Some(why) => {
-            eprintln!("SKIPPED: {why}");
-            false
-        }
-        None => true,
-    }
-}
-
-fn load_or_skip() -> Option<TxProbes> {
-    match TxProbes::load(&ProbeOptions::default()) {
+fn load_or_skip() -> Option<Probes> {
+    match Probes::load(&ProbeOptions::default()) {
         Ok(probes) => Some(probes),
         // The one acceptable skip: the kernel refuses the program type.
         Err(e @ BpfError::Program { .. }) => {
@@ -42,7 +23,7 @@ fn load_or_skip() -> Option<TxProbes> {
 }
 
 async fn collect_until(
-    probes: &mut TxProbes,
+    probes: &mut Probes,
     done: impl Fn(&TxRecord) -> bool,
     grace: Duration,
 ) -> Vec<TxRecord> {
@@ -53,6 +34,9 @@ async fn collect_until(
             .await
             .expect("no transaction-end event within 20 s")
             .expect("reading the ring buffer");
+        let BpfRecord::Tx(record) = record else {
+            continue;
+        };
         let finished = done(&record);
         records.push(record);
         if finished {
@@ -61,7 +45,9 @@ async fn collect_until(
     }
     // Anything else these processes emitted has been submitted by now; give it a moment to land.
     while let Ok(Ok(record)) = tokio::time::timeout(grace, probes.next()).await {
-        records.push(record);
+        if let BpfRecord::Tx(record) = record {
+            records.push(record);
+        }
     }
     records
 }

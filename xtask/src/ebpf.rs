@@ -92,6 +92,16 @@ fn check_object(bytes: &[u8]) -> Result<()> {
             bail!("the BPF object has no {section} section: is bpf-linker called with --btf?");
         }
     }
+    // A panic path (e.g. an index the compiler could not prove in bounds) lands in a section
+    // the loader does not link, and the verifier then rejects the program with an obscure
+    // "last insn is not an exit or jmp".
+    if let Some(symbol) = file
+        .symbols()
+        .filter_map(|s| s.name().ok())
+        .find(|name| name.contains("panicking"))
+    {
+        bail!("the BPF object contains a panic path ({symbol}); use `get` instead of indexing");
+    }
     for program in REQUIRED_PROGRAMS {
         if !file.symbols().any(|s| s.name() == Ok(program)) {
             bail!("the BPF object lacks program `{program}`");

@@ -1,10 +1,11 @@
-//! eBPF transaction probes: the embedded object, librpm discovery, loading and event decoding.
+//! eBPF probes: the embedded object, librpm discovery, loading and event decoding.
 
 pub mod event;
 pub mod librpm;
 pub mod object;
 pub mod probes;
+mod tracefs;
 
-pub use event::TxRecord;
+pub use event::{BpfRecord, FileRecord, TxRecord};
 pub use object::built_with_bpf;
-pub use probes::{BpfError, ProbeOptions, TxProbes};
+pub use probes::{BpfError, ProbeOptions, Probes, TamperStatus, TamperWatch};

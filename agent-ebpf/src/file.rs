@@ -1,0 +1,438 @@
+//! The tamper signal: changes to watched database files by processes outside librpm.
+//!
+//! Opens for writing of watched paths are remembered per descriptor (sys_enter/sys_exit of
+//! the open family, followed through dup/dup2/dup3/fcntl(F_DUPFD)); the first write through
+//! such a descriptor is reported. Truncating opens,
+//! `truncate`, renames and unlinks of watched paths are reported directly. A path is watched
+//! when it is absolute and starts with a prefix userspace put in `WATCH_PREFIXES`, or relative
+//! and equal to a name in `WATCH_NAMES` (userspace then confirms the directory through
+//! `/proc/<pid>/fd` or `/proc/<pid>/cwd`). Syscall tracepoint argument offsets are the stable
+//! layout of `syscalls:*` events: arguments start at byte 16, eight bytes apart.
+//!
+//! Helpers are `#[inline(always)]`: BPF-to-BPF calls cannot pass Rust's wider arguments (an
+//! `Option<u64>` takes two registers, one left unset for `None`), which the verifier rejects.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_uid_gid, bpf_probe_read_kernel_buf,
+        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use guestwatch_agent_common::{
+    COMM_LEN, EventKind, FileEvent, FileOp, MAX_NAMES, MAX_PREFIXES, NAME_LEN, PATH_LEN, PREFIX_LEN,
+};
+
+use crate::{
+    maps::{
+        EVENTS, OpenedFile, PENDING_DUP, PENDING_OPEN, SCRATCH, WATCH_NAMES, WATCH_PREFIXES,
+        WRITE_FDS,
+    },
+    task::{is_agent, now_ns, pid_tgid, ran_transaction, tgid_of},
+};
+
+const O_WRONLY: u32 = 0o1;
+const O_RDWR: u32 = 0o2;
+const O_TRUNC: u32 = 0o1000;
+const O_CREAT: u32 = 0o100;
+
+/// Argument `n` (0-based) of a `syscalls:sys_enter_*` tracepoint.
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: syscall tracepoints carry six 8-byte argument slots from offset 16; reading one
+    // is a bounded read of the tracepoint record.
+    unsafe { ctx.read_at::<u64>(16 + 8 * n) }.unwrap_or(0)
+}
+
+/// The return value of a `syscalls:sys_exit_*` tracepoint.
+#[inline(always)]
+fn ret(ctx: &TracePointContext) -> i64 {
+    // SAFETY: as in `arg`; the return value sits at offset 16.
+    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1)
+}
+
+// Indexing goes through `get` so no bounds-check panic (unlinkable in BPF) is generated.
+#[inline(always)]
+fn has_prefix(path: &[u8; PATH_LEN], prefix: &[u8; PREFIX_LEN], len: usize) -> bool {
+    let mut i = 0;
+    while i < PREFIX_LEN {
+        if i >= len {
+            return true;
+        }
+        match (path.get(i), prefix.get(i)) {
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn equals_name(path: &[u8; PATH_LEN], name: &[u8; NAME_LEN], len: usize) -> bool {
+    let mut i = 0;
+    while i < NAME_LEN {
+        if i >= len {
+            return path.get(i) == Some(&0);
+        }
+        match (path.get(i), name.get(i)) {
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
+        i += 1;
+    }
+    false
+}
+
+#[inline(always)]
+fn watched(path: &[u8; PATH_LEN]) -> bool {
+    if path[0] == b'/' {
+        let mut i = 0;
+        while i < MAX_PREFIXES {
+            if let Some(p) = WATCH_PREFIXES.get(i)
+                && p.len > 0
+                && has_prefix(path, &p.bytes, p.len as usize)
+            {
+                return true;
+            }
+            i += 1;
+        }
+    } else if path[0] != 0 {
+        let mut i = 0;
+        while i < MAX_NAMES {
+            if let Some(n) = WATCH_NAMES.get(i)
+                && n.len > 0
+                && equals_name(path, &n.bytes, n.len as usize)
+            {
+                return true;
+            }
+            i += 1;
+        }
+    }
+    false
+}
+
+/// Reads a user path into scratch slot `slot`; `None` when it cannot be read.
+#[inline(always)]
+fn read_path(slot: u32, user_ptr: u64) -> Option<*mut OpenedFile> {
+    let scratch = SCRATCH.get_ptr_mut(slot)?;
+    // SAFETY: scratch points at this CPU's map value, which nothing else touches while this
+    // program runs; the helper bounds the copy by the buffer length.
+    let buf = unsafe { &mut (*scratch).path };
+    buf[0] = 0;
+    // SAFETY: the pointer came from the syscall's arguments; the helper validates it.
+    unsafe { bpf_probe_read_user_str_bytes(user_ptr as *const u8, buf) }.ok()?;
+    Some(scratch)
+}
+
+#[inline(always)]
+fn emit(
+    op: FileOp,
+    fd: i32,
+    flags: u32,
+    path: *const [u8; PATH_LEN],
+    path2: Option<*const [u8; PATH_LEN]>,
+) {
+    let id = pid_tgid();
+    let Some(mut entry) = EVENTS.reserve::<FileEvent>(0) else {
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    let uid_gid = bpf_get_current_uid_gid();
+    // SAFETY: `event` points at ring-buffer memory reserved for one FileEvent; every field is
+    // written before submit. The paths point at map values.
+    unsafe {
+        (*event).kind = EventKind::File as u32;
+        (*event).op = op as u32;
+        (*event).tgid = tgid_of(id);
+        (*event).pid = id as u32;
+        (*event).uid = uid_gid as u32;
+        (*event).gid = (uid_gid >> 32) as u32;
+        (*event).fd = fd;
+        (*event).flags = flags;
+        (*event).now_ns = now_ns();
+        (*event).comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
+        if bpf_probe_read_kernel_buf(path.cast(), &mut (*event).path).is_err() {
+            (*event).path[0] = 0;
+        }
+        (*event).path2[0] = 0;
+        if let Some(path2) = path2
+            && bpf_probe_read_kernel_buf(path2.cast(), &mut (*event).path2).is_err()
+        {
+            (*event).path2[0] = 0;
+        }
+    }
+    entry.submit(0);
+}
+
+/// Whether events from the current process are of interest at all.
+#[inline(always)]
+fn outsider() -> Option<u64> {
+    let id = pid_tgid();
+    let tgid = tgid_of(id);
+    (!is_agent(tgid) && !ran_transaction(tgid)).then_some(id)
+}
+
+#[inline(always)]
+fn open_enter(user_path: u64, flags: u32) {
+    if flags & (O_WRONLY | O_RDWR | O_TRUNC) == 0 {
+        return;
+    }
+    let Some(id) = outsider() else {
+        return;
+    };
+    let Some(scratch) = read_path(0, user_path) else {
+        return;
+    };
+    // SAFETY: scratch is this CPU's map value (see read_path).
+    unsafe {
+        if !watched(&(*scratch).path) {
+            return;
+        }
+        (*scratch).flags = flags;
+        (*scratch).reported = 0;
+        if flags & O_TRUNC != 0 {
+            emit(FileOp::OpenTruncate, -1, flags, &(*scratch).path, None);
+            (*scratch).reported = 1;
+        }
+        let _ = PENDING_OPEN.insert(id, &*scratch, 0);
+    }
+}
+
+#[tracepoint]
+pub fn openat_enter(ctx: TracePointContext) -> u32 {
+    open_enter(arg(&ctx, 1), arg(&ctx, 2) as u32);
+    0
+}
+
+#[tracepoint]
+pub fn openat2_enter(ctx: TracePointContext) -> u32 {
+    // struct open_how starts with `__u64 flags`.
+    // SAFETY: the pointer came from the syscall's arguments; the helper validates it.
+    let flags = unsafe { bpf_probe_read_user(arg(&ctx, 2) as *const u64) }.unwrap_or(0);
+    open_enter(arg(&ctx, 1), flags as u32);
+    0
+}
+
+#[tracepoint]
+pub fn open_enter_legacy(ctx: TracePointContext) -> u32 {
+    open_enter(arg(&ctx, 0), arg(&ctx, 1) as u32);
+    0
+}
+
+#[tracepoint]
+pub fn creat_enter(ctx: TracePointContext) -> u32 {
+    open_enter(arg(&ctx, 0), O_CREAT | O_WRONLY | O_TRUNC);
+    0
+}
+
+/// Shared by the exits of open, openat, openat2 and creat.
+#[tracepoint]
+pub fn open_exit(ctx: TracePointContext) -> u32 {
+    let id = pid_tgid();
+    // SAFETY: the value is copied into WRITE_FDS before the entry is removed.
+    if let Some(opened) = unsafe { PENDING_OPEN.get(id) } {
+        let fd = ret(&ctx);
+        if fd >= 0 {
+            let _ = WRITE_FDS.insert(fd_key(tgid_of(id), fd as u64), opened, 0);
+        }
+        let _ = PENDING_OPEN.remove(id);
+    }
+    0
+}
+
+/// Shared by write, pwrite64, writev, pwritev, pwritev2, ftruncate and fallocate, whose
+/// first argument is the descriptor.
+#[tracepoint]
+pub fn fd_write(ctx: TracePointContext) -> u32 {
+    let id = pid_tgid();
+    let fd = arg(&ctx, 0);
+    let Some(opened) = WRITE_FDS.get_ptr_mut(fd_key(tgid_of(id), fd)) else {
+        return 0;
+    };
+    if outsider().is_none() {
+        return 0;
+    }
+    // SAFETY: `opened` points at this key's map value; concurrent writers of the same fd
+    // can at worst both report, which userspace coalesces.
+    unsafe {
+        if (*opened).reported == 0 {
+            (*opened).reported = 1;
+            emit(
+                FileOp::Write,
+                fd as i32,
+                (*opened).flags,
+                &(*opened).path,
+                None,
+            );
+        }
+    }
+    0
+}
+
+#[inline(always)]
+fn fd_key(tgid: u32, fd: u64) -> u64 {
+    (u64::from(tgid) << 32) | (fd & 0xffff_ffff)
+}
+
+/// Copies the tracking of `old` to `new` (shells redirect with dup2 and close the original).
+#[inline(always)]
+fn track_copy(tgid: u32, old: u64, new: u64) {
+    // SAFETY: the value is copied into the map by the helper; the reference does not escape.
+    if let Some(opened) = unsafe { WRITE_FDS.get(fd_key(tgid, old)) } {
+        let _ = WRITE_FDS.insert(fd_key(tgid, new), opened, 0);
+    }
+}
+
+/// dup2 and dup3: (oldfd, newfd, …).
+#[tracepoint]
+pub fn dup2_enter(ctx: TracePointContext) -> u32 {
+    track_copy(tgid_of(pid_tgid()), arg(&ctx, 0), arg(&ctx, 1));
+    0
+}
+
+#[inline(always)]
+fn dup_pending(fd: u64) {
+    let id = pid_tgid();
+    // SAFETY: only the presence of the key is used.
+    if unsafe { WRITE_FDS.get(fd_key(tgid_of(id), fd)) }.is_some() {
+        let _ = PENDING_DUP.insert(id, fd, 0);
+    }
+}
+
+/// dup(oldfd): the new descriptor is the return value.
+#[tracepoint]
+pub fn dup_enter(ctx: TracePointContext) -> u32 {
+    dup_pending(arg(&ctx, 0));
+    0
+}
+
+const F_DUPFD: u64 = 0;
+const F_DUPFD_CLOEXEC: u64 = 1030;
+
+/// fcntl(fd, F_DUPFD[_CLOEXEC], …): the new descriptor is the return value.
+#[tracepoint]
+pub fn fcntl_enter(ctx: TracePointContext) -> u32 {
+    let cmd = arg(&ctx, 1);
+    if cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC {
+        dup_pending(arg(&ctx, 0));
+    }
+    0
+}
+
+/// Shared by the exits of dup and fcntl.
+#[tracepoint]
+pub fn dup_exit(ctx: TracePointContext) -> u32 {
+    let id = pid_tgid();
+    // SAFETY: the value is a plain u64 copied out before the entry is removed.
+    if let Some(old) = unsafe { PENDING_DUP.get(id) }.copied() {
+        let new = ret(&ctx);
+        if new >= 0 {
+            track_copy(tgid_of(id), old, new as u64);
+        }
+        let _ = PENDING_DUP.remove(id);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn close_enter(ctx: TracePointContext) -> u32 {
+    let _ = WRITE_FDS.remove(fd_key(tgid_of(pid_tgid()), arg(&ctx, 0)));
+    0
+}
+
+#[inline(always)]
+fn path_op(op: FileOp, path: u64, path2: Option<u64>, flags: u32) {
+    if outsider().is_none() {
+        return;
+    }
+    let Some(first) = read_path(0, path) else {
+        return;
+    };
+    // SAFETY: both scratch slots are this CPU's map values (see read_path).
+    unsafe {
+        let second = match path2 {
+            Some(p) => match read_path(1, p) {
+                Some(s) => Some(s),
+                None => return,
+            },
+            None => None,
+        };
+        let hit = watched(&(*first).path) || second.is_some_and(|s| watched(&(*s).path));
+        if hit {
+            emit(
+                op,
+                -1,
+                flags,
+                &(*first).path,
+                second.map(|s| &(*s).path as *const _),
+            );
+        }
+    }
+}
+
+#[tracepoint]
+pub fn renameat_enter(ctx: TracePointContext) -> u32 {
+    // renameat and renameat2: (olddfd, oldname, newdfd, newname[, flags]).
+    path_op(
+        FileOp::Rename,
+        arg(&ctx, 1),
+        Some(arg(&ctx, 3)),
+        arg(&ctx, 4) as u32,
+    );
+    0
+}
+
+#[tracepoint]
+pub fn rename_enter(ctx: TracePointContext) -> u32 {
+    path_op(FileOp::Rename, arg(&ctx, 0), Some(arg(&ctx, 1)), 0);
+    0
+}
+
+#[tracepoint]
+pub fn unlinkat_enter(ctx: TracePointContext) -> u32 {
+    path_op(FileOp::Unlink, arg(&ctx, 1), None, arg(&ctx, 2) as u32);
+    0
+}
+
+#[tracepoint]
+pub fn unlink_enter(ctx: TracePointContext) -> u32 {
+    path_op(FileOp::Unlink, arg(&ctx, 0), None, 0);
+    0
+}
+
+#[tracepoint]
+pub fn truncate_enter(ctx: TracePointContext) -> u32 {
+    path_op(FileOp::Truncate, arg(&ctx, 0), None, 0);
+    0
+}
+
+/// The BTF-enabled variant, loaded only where the kernel permits fentry programs: truncation
+/// through `security_path_truncate` (both `truncate(2)` and `O_TRUNC` opens), with the path
+/// resolved by the kernel (`bpf_d_path`), so relative paths and symlinks are caught exactly.
+#[aya_ebpf::macros::fentry(function = "security_path_truncate")]
+pub fn path_truncate(ctx: aya_ebpf::programs::FEntryContext) -> u32 {
+    if outsider().is_none() {
+        return 0;
+    }
+    let path: *mut aya_ebpf::bindings::path = ctx.arg(0);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: `path` is the hook's typed argument, which bpf_d_path accepts in this hook;
+    // scratch is this CPU's map value and the helper bounds the write by its length.
+    unsafe {
+        let buf = &mut (*scratch).path;
+        let len = aya_ebpf::helpers::generated::bpf_d_path(
+            path,
+            buf.as_mut_ptr().cast(),
+            PATH_LEN as u32,
+        );
+        if len <= 0 || !watched(buf) {
+            return 0;
+        }
+        emit(FileOp::Truncate, -1, 0, buf, None);
+    }
+    0
+}

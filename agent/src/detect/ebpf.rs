@@ -1,0 +1,271 @@
+//! Turning BPF records into triggers: transaction ends with attribution, and verified tamper
+//! events.
+
+use std::{
+    collections::HashMap,
+    path::{Component, Path, PathBuf},
+};
+
+use guestwatch_agent_common::{EventKind, FileOp};
+
+use super::{
+    inotify::reader_written,
+    trigger::{Attribution, Trigger, TriggerKind},
+};
+use crate::{
+    bpf::{BpfRecord, FileRecord, Probes, TxRecord},
+    clock,
+};
+
+/// What a BPF record means for detection.
+#[derive(Debug)]
+pub enum Signal {
+    /// A transaction started (used to explain concurrent inotify events).
+    TxStarted,
+    /// A transaction ended or tampering was seen: scan.
+    Trigger(Box<Trigger>),
+    /// Nothing to act on (e.g. a tamper record outside the watched directory).
+    None,
+}
+
+/// Transaction starts waiting for their end, by thread.
+struct Started {
+    exe: Option<String>,
+}
+
+/// The BPF half of detection.
+pub struct EbpfSource {
+    probes: Probes,
+    /// Directories (as configured and resolved) whose files count for tampering.
+    watch_dirs: Vec<PathBuf>,
+    started: HashMap<u32, Started>,
+}
+
+impl EbpfSource {
+    pub fn new(probes: Probes, watch_dirs: Vec<PathBuf>) -> Self {
+        Self {
+            probes,
+            watch_dirs,
+            started: HashMap::new(),
+        }
+    }
+
+    pub fn probes(&self) -> &Probes {
+        &self.probes
+    }
+
+    /// The next record, interpreted.
+    pub async fn next(&mut self) -> std::io::Result<Signal> {
+        let record = self.probes.next().await?;
+        Ok(match record {
+            BpfRecord::Tx(tx) if tx.kind == EventKind::TxStart => {
+                // Read the executable now: the process is alive for the whole transaction,
+                // but may be gone by the time it ends.
+                let exe = exe_of(tx.tgid);
+                if self.started.len() > 4096 {
+                    // Starts whose end was lost (killed processes): forget them.
+                    self.started.clear();
+                }
+                self.started.insert(tx.pid, Started { exe });
+                Signal::TxStarted
+            }
+            BpfRecord::Tx(tx) => {
+                let exe = self
+                    .started
+                    .remove(&tx.pid)
+                    .and_then(|s| s.exe)
+                    .or_else(|| exe_of(tx.tgid));
+                let trigger = self.transaction_trigger(&tx, exe);
+                self.check_library_upgrade();
+                Signal::Trigger(Box::new(trigger))
+            }
+            BpfRecord::File(file) => match self.tamper_trigger(&file) {
+                Some(trigger) => Signal::Trigger(Box::new(trigger)),
+                None => Signal::None,
+            },
+        })
+    }
+
+    fn transaction_trigger(&self, tx: &TxRecord, exe: Option<String>) -> Trigger {
+        let library = self
+            .probes
+            .libraries()
+            .get(tx.cookie as usize)
+            .map(|l| l.path.display().to_string());
+        let ended_at = clock::boot_ns_to_system_time(tx.now_ns);
+        let detail = if tx.ret == 0 {
+            format!("{} (pid {}) finished an rpm transaction", tx.comm, tx.tgid)
+        } else {
+            format!(
+                "{} (pid {}) ended an rpm transaction with code {}",
+                tx.comm, tx.tgid, tx.ret
+            )
+        };
+        Trigger {
+            kind: TriggerKind::Transaction,
+            at: ended_at,
+            attribution: Some(Attribution {
+                pid: tx.tgid,
+                tid: tx.pid,
+                uid: tx.uid,
+                gid: tx.gid,
+                comm: tx.comm.clone(),
+                exe,
+                return_code: Some(tx.ret),
+                started_at: (tx.start_ns > 0).then(|| clock::boot_ns_to_system_time(tx.start_ns)),
+                ended_at: Some(ended_at),
+                library,
+                ..Default::default()
+            }),
+            detail: Some(detail),
+        }
+    }
+
+    /// An rpm-libs upgrade replaces librpm with a new inode, which the probes are not
+    /// attached to; transactions are when that happens, so check after each one.
+    fn check_library_upgrade(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let replaced = self.probes.libraries().iter().any(|l| {
+            std::fs::metadata(&l.path).map_or(true, |m| m.ino() != l.ino || m.dev() != l.dev)
+        });
+        if replaced {
+            for library in self.probes.refresh_libraries() {
+                log::info!(
+                    "librpm changed: attached to rpmtsRun in {}",
+                    library.path.display()
+                );
+            }
+        }
+    }
+
+    /// Full re-discovery of librpm copies (new sonames, containers); cheap enough for the
+    /// periodic rescan.
+    pub fn rediscover_libraries(&mut self) {
+        for library in self.probes.refresh_libraries() {
+            log::info!(
+                "attached to rpmtsRun in newly found {}",
+                library.path.display()
+            );
+        }
+    }
+
+    fn tamper_trigger(&self, file: &FileRecord) -> Option<Trigger> {
+        let mut paths = Vec::new();
+        for (i, raw) in std::iter::once(&file.path)
+            .chain(file.path2.iter())
+            .enumerate()
+        {
+            let fd = if i == 0 { file.fd } else { None };
+            if let Some(path) = resolve(file.tgid, raw, fd) {
+                paths.push(path);
+            }
+        }
+        let inside: Vec<String> = paths
+            .iter()
+            .filter(|p| {
+                self.watch_dirs
+                    .iter()
+                    .any(|d| p.parent() == Some(d.as_path()))
+            })
+            // Readers write these too (SQLite's shared-memory index, Berkeley DB regions).
+            .filter(|p| {
+                !p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(reader_written)
+            })
+            .map(|p| p.display().to_string())
+            .collect();
+        if inside.is_empty() {
+            return None;
+        }
+        let operation = match file.op {
+            FileOp::Write => "write",
+            FileOp::OpenTruncate => "open-truncate",
+            FileOp::Rename => "rename",
+            FileOp::Unlink => "unlink",
+            FileOp::Truncate => "truncate",
+        };
+        let at = clock::boot_ns_to_system_time(file.now_ns);
+        Some(Trigger {
+            kind: TriggerKind::Tamper,
+            at,
+            detail: Some(format!(
+                "{} (pid {}, uid {}) did {operation} on {} outside any rpm transaction",
+                file.comm,
+                file.tgid,
+                file.uid,
+                inside.join(", ")
+            )),
+            attribution: Some(Attribution {
+                pid: file.tgid,
+                tid: file.pid,
+                uid: file.uid,
+                gid: file.gid,
+                comm: file.comm.clone(),
+                exe: exe_of(file.tgid),
+                ended_at: Some(at),
+                operation: Some(operation.to_owned()),
+                paths: paths.iter().map(|p| p.display().to_string()).collect(),
+                ..Default::default()
+            }),
+        })
+    }
+}
+
+fn exe_of(tgid: u32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{tgid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+/// An absolute, lexically normalised path for what the process named: through its open
+/// descriptor when there is one, else relative to its working directory.
+fn resolve(tgid: u32, raw: &str, fd: Option<i32>) -> Option<PathBuf> {
+    if let Some(fd) = fd
+        && let Ok(path) = std::fs::read_link(format!("/proc/{tgid}/fd/{fd}"))
+    {
+        return Some(normalize(&path));
+    }
+    let raw = Path::new(raw);
+    if raw.is_absolute() {
+        return Some(normalize(raw));
+    }
+    let cwd = std::fs::read_link(format!("/proc/{tgid}/cwd")).ok()?;
+    Some(normalize(&cwd.join(raw)))
+}
+
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => out.push(part),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalises_dot_dot() {
+        assert_eq!(
+            normalize(Path::new("/var/lib/rpm/../rpm/./Packages")),
+            PathBuf::from("/var/lib/rpm/Packages")
+        );
+        assert_eq!(normalize(Path::new("/../../etc")), PathBuf::from("/etc"));
+    }
+
+    #[test]
+    fn resolves_relative_to_cwd_of_a_live_process() {
+        let me = std::process::id();
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(resolve(me, "x/y", None), Some(normalize(&cwd.join("x/y"))));
+        assert_eq!(resolve(me, "/abs/z", None), Some(PathBuf::from("/abs/z")));
+    }
+}

@@ -1,0 +1,321 @@
+//! Coalescing triggers into scans: at most one scan running and one pending, a quiet period
+//! for bursty file-level signals, and a storm limit on scans per minute.
+//!
+//! This is a pure state machine over `Instant`s so it can be tested exactly; the async loop in
+//! `pipeline.rs` drives it.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tokio::time::Instant;
+
+use super::trigger::{Trigger, TriggerKind};
+
+/// Tuning of the coalescer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduleConfig {
+    /// A debounced trigger (inotify, tamper) is scanned once no other arrived for this long.
+    pub quiet_period: Duration,
+    /// ...but never later than this after the first one, so a steady writer is still scanned.
+    pub max_delay: Duration,
+    /// Storm limit: scans per minute on average (0 = unlimited). Bursts of up to a sixth of a
+    /// minute's allowance run at once; beyond that scans are spaced out, and the last trigger
+    /// of a storm is always scanned.
+    pub max_scans_per_minute: u32,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self {
+            quiet_period: Duration::from_millis(150),
+            max_delay: Duration::from_secs(2),
+            max_scans_per_minute: 60,
+        }
+    }
+}
+
+/// The triggers one scan answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// The most significant trigger (by kind; the latest of that kind).
+    pub cause: Trigger,
+    /// How many triggers were coalesced into this scan, by kind.
+    pub counts: BTreeMap<TriggerKind, u32>,
+}
+
+impl Batch {
+    pub fn total(&self) -> u32 {
+        self.counts.values().sum()
+    }
+}
+
+struct Pending {
+    batch: Batch,
+    first_at: Instant,
+    /// Set when any trigger that needs no quiet period is pending.
+    immediate: bool,
+    last_debounced_at: Option<Instant>,
+}
+
+/// Token bucket for the storm limit.
+struct Bucket {
+    capacity: f64,
+    per_sec: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(per_minute: u32, now: Instant) -> Option<Self> {
+        (per_minute > 0).then(|| {
+            let capacity = f64::from((per_minute / 6).max(1));
+            Self {
+                capacity,
+                per_sec: f64::from(per_minute) / 60.0,
+                tokens: capacity,
+                at: now,
+            }
+        })
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
+        self.at = now;
+    }
+
+    /// When one token will be available.
+    fn available_at(&self) -> Instant {
+        if self.tokens >= 1.0 {
+            self.at
+        } else {
+            self.at + Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec)
+        }
+    }
+}
+
+/// The coalescer.
+pub struct Scheduler {
+    config: ScheduleConfig,
+    pending: Option<Pending>,
+    running: bool,
+    bucket: Option<Bucket>,
+}
+
+impl Scheduler {
+    pub fn new(config: ScheduleConfig, now: Instant) -> Self {
+        let bucket = Bucket::new(config.max_scans_per_minute, now);
+        Self {
+            config,
+            pending: None,
+            running: false,
+            bucket,
+        }
+    }
+
+    /// Adds a trigger to the pending scan (creating it if needed).
+    pub fn add(&mut self, trigger: Trigger, now: Instant) {
+        let debounced = trigger.kind.debounced();
+        let pending = self.pending.get_or_insert_with(|| Pending {
+            batch: Batch {
+                cause: trigger.clone(),
+                counts: BTreeMap::new(),
+            },
+            first_at: now,
+            immediate: false,
+            last_debounced_at: None,
+        });
+        *pending.batch.counts.entry(trigger.kind).or_default() += 1;
+        if trigger.kind >= pending.batch.cause.kind {
+            pending.batch.cause = trigger;
+        }
+        if debounced {
+            pending.last_debounced_at = Some(now);
+        } else {
+            pending.immediate = true;
+        }
+    }
+
+    /// When the pending scan may start, or `None` if nothing is pending or a scan is running.
+    pub fn ready_at(&self) -> Option<Instant> {
+        if self.running {
+            return None;
+        }
+        let pending = self.pending.as_ref()?;
+        let due = match (pending.immediate, pending.last_debounced_at) {
+            (true, _) | (false, None) => pending.first_at,
+            (false, Some(last)) => {
+                (last + self.config.quiet_period).min(pending.first_at + self.config.max_delay)
+            }
+        };
+        Some(match &self.bucket {
+            Some(bucket) => due.max(bucket.available_at()),
+            None => due,
+        })
+    }
+
+    /// Starts the pending scan if it is due: returns its batch and marks a scan as running.
+    pub fn take(&mut self, now: Instant) -> Option<Batch> {
+        if let Some(bucket) = &mut self.bucket {
+            bucket.refill(now);
+        }
+        if self.ready_at()? > now {
+            return None;
+        }
+        let pending = self.pending.take()?;
+        if let Some(bucket) = &mut self.bucket {
+            bucket.tokens -= 1.0;
+        }
+        self.running = true;
+        Some(pending.batch)
+    }
+
+    /// The running scan finished.
+    pub fn finished(&mut self) {
+        self.running = false;
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.running
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(per_minute: u32) -> ScheduleConfig {
+        ScheduleConfig {
+            quiet_period: Duration::from_millis(150),
+            max_delay: Duration::from_secs(2),
+            max_scans_per_minute: per_minute,
+        }
+    }
+
+    fn t(kind: TriggerKind) -> Trigger {
+        Trigger::new(kind)
+    }
+
+    #[test]
+    fn immediate_triggers_run_at_once_and_only_one_scan_runs() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(config(0), now);
+        assert_eq!(s.ready_at(), None);
+        s.add(t(TriggerKind::Transaction), now);
+        let batch = s.take(now).expect("due now");
+        assert_eq!(batch.cause.kind, TriggerKind::Transaction);
+        // While it runs, new triggers pile up into one pending scan.
+        for _ in 0..5 {
+            s.add(t(TriggerKind::Transaction), now);
+        }
+        assert_eq!(s.take(now), None);
+        s.finished();
+        let batch = s.take(now).expect("pending scan");
+        assert_eq!(batch.total(), 5);
+        assert_eq!(s.take(now), None);
+    }
+
+    #[test]
+    fn debounced_triggers_wait_for_quiet_but_not_forever() {
+        let start = Instant::now();
+        let mut s = Scheduler::new(config(0), start);
+        s.add(t(TriggerKind::Inotify), start);
+        assert_eq!(s.ready_at(), Some(start + Duration::from_millis(150)));
+        assert_eq!(s.take(start + Duration::from_millis(100)), None);
+        // Each new event restarts the quiet period...
+        let mut now = start;
+        for _ in 0..30 {
+            now += Duration::from_millis(100);
+            s.add(t(TriggerKind::Inotify), now);
+        }
+        // ...up to max_delay after the first.
+        assert_eq!(s.ready_at(), Some(start + Duration::from_secs(2)));
+        assert!(s.take(start + Duration::from_secs(2)).is_some());
+    }
+
+    #[test]
+    fn the_most_significant_trigger_is_the_cause() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(config(0), now);
+        s.add(t(TriggerKind::Inotify), now);
+        s.add(t(TriggerKind::Transaction).with_detail("first"), now);
+        s.add(t(TriggerKind::Inotify), now);
+        s.add(t(TriggerKind::Transaction).with_detail("second"), now);
+        s.add(t(TriggerKind::Periodic), now);
+        let batch = s.take(now).unwrap();
+        assert_eq!(batch.cause.kind, TriggerKind::Transaction);
+        assert_eq!(batch.cause.detail.as_deref(), Some("second"));
+        assert_eq!(batch.counts[&TriggerKind::Inotify], 2);
+        assert_eq!(batch.counts[&TriggerKind::Transaction], 2);
+        assert_eq!(batch.total(), 5);
+    }
+
+    #[test]
+    fn immediate_trigger_overrides_a_pending_quiet_period() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(config(0), now);
+        s.add(t(TriggerKind::Inotify), now);
+        s.add(t(TriggerKind::Transaction), now);
+        assert!(s.take(now).is_some());
+    }
+
+    #[test]
+    fn storm_limit_bounds_scans_and_still_scans_after_the_last_trigger() {
+        // 1,000 transactions, one every 10 ms, each scan taking 5 ms.
+        let start = Instant::now();
+        let mut s = Scheduler::new(config(60), start);
+        let mut scans = 0;
+        let mut now = start;
+        let mut scan_ends: Option<Instant> = None;
+        let mut last_scan_started = start;
+        for i in 0..1000 {
+            now = start + Duration::from_millis(10 * i);
+            if scan_ends.is_some_and(|e| e <= now) {
+                s.finished();
+                scan_ends = None;
+            }
+            s.add(t(TriggerKind::Transaction), now);
+            if s.take(now).is_some() {
+                scans += 1;
+                last_scan_started = now;
+                scan_ends = Some(now + Duration::from_millis(5));
+            }
+        }
+        let last_trigger = now;
+        // Drain: keep time moving until nothing is pending.
+        loop {
+            if scan_ends.is_some_and(|e| e <= now) || scan_ends.is_none() {
+                s.finished();
+                scan_ends = None;
+            }
+            match s.ready_at() {
+                None if !s.is_running() => break,
+                Some(at) => {
+                    now = now.max(at);
+                    if s.take(now).is_some() {
+                        scans += 1;
+                        last_scan_started = now;
+                        scan_ends = Some(now + Duration::from_millis(5));
+                    }
+                }
+                None => now += Duration::from_millis(5),
+            }
+        }
+        // 10 s of storm at 60/min: the burst of 10 plus about one per second.
+        assert!((15..=25).contains(&scans), "{scans} scans");
+        assert!(
+            last_scan_started >= last_trigger,
+            "the last trigger must be scanned"
+        );
+    }
+
+    #[test]
+    fn unlimited_means_no_bucket() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(config(0), now);
+        for _ in 0..100 {
+            s.add(t(TriggerKind::Transaction), now);
+            assert!(s.take(now).is_some());
+            s.finished();
+        }
+    }
+}
