@@ -152,3 +152,105 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    };
+
+    use super::*;
+
+    /// Counts scans; each takes `cost` of (paused) time... on a blocking thread, so real time.
+    struct Counting {
+        scans: Arc<AtomicU32>,
+    }
+
+    impl Scanner for Counting {
+        type Output = u32;
+        type Error = String;
+        fn scan(&mut self, _batch: &Batch) -> Result<u32, String> {
+            Ok(self.scans.fetch_add(1, Ordering::SeqCst) + 1)
+        }
+    }
+
+    fn config(periodic: Option<Duration>) -> PipelineConfig {
+        PipelineConfig {
+            schedule: ScheduleConfig { max_scans_per_minute: 0, ..ScheduleConfig::default() },
+            periodic,
+            startup_scan: true,
+        }
+    }
+
+    async fn next_scan(events: &mut mpsc::Receiver<PipelineEvent<u32, String>>) -> (Batch, u32) {
+        loop {
+            match events.recv().await.expect("pipeline ended") {
+                PipelineEvent::Scan { batch, result, .. } => return (batch, result.unwrap()),
+                PipelineEvent::Trigger(_) => {}
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn startup_scan_then_one_scan_per_burst() {
+        let scans = Arc::new(AtomicU32::new(0));
+        let (tx, rx) = mpsc::channel(64);
+        let (etx, mut erx) = mpsc::channel(64);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(config(None), Counting { scans: scans.clone() }, rx, etx, stop.clone()));
+
+        let (batch, n) = next_scan(&mut erx).await;
+        assert_eq!((batch.cause.kind, n), (TriggerKind::Startup, 1));
+
+        // A burst of inotify events becomes one scan after the quiet period.
+        for _ in 0..20 {
+            tx.send(Trigger::new(TriggerKind::Inotify)).await.unwrap();
+        }
+        let (batch, n) = next_scan(&mut erx).await;
+        assert_eq!(batch.cause.kind, TriggerKind::Inotify);
+        assert!(n == 2 && batch.total() >= 1);
+        // Nothing else is pending: no third scan shows up.
+        assert!(tokio::time::timeout(Duration::from_millis(400), next_scan(&mut erx)).await.is_err());
+        stop.cancel();
+        task.await.unwrap();
+        assert_eq!(scans.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn periodic_trigger_fires_on_schedule_and_not_before() {
+        let scans = Arc::new(AtomicU32::new(0));
+        let (_tx, rx) = mpsc::channel(64);
+        let (etx, mut erx) = mpsc::channel(64);
+        let stop = CancellationToken::new();
+        let period = Duration::from_secs(4 * 3600);
+        tokio::spawn(run(config(Some(period)), Counting { scans: scans.clone() }, rx, etx, stop.clone()));
+        let (batch, _) = next_scan(&mut erx).await;
+        assert_eq!(batch.cause.kind, TriggerKind::Startup);
+        let started = Instant::now();
+        let (batch, _) = next_scan(&mut erx).await;
+        assert_eq!(batch.cause.kind, TriggerKind::Periodic);
+        let waited = started.elapsed();
+        assert!(waited >= period - Duration::from_secs(1) && waited <= period + Duration::from_secs(1), "{waited:?}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn ends_after_sources_close_with_pending_work_done() {
+        let scans = Arc::new(AtomicU32::new(0));
+        let (tx, rx) = mpsc::channel(64);
+        let (etx, mut erx) = mpsc::channel(64);
+        let task = tokio::spawn(run(config(None), Counting { scans: scans.clone() }, rx, etx, CancellationToken::new()));
+        tx.send(Trigger::new(TriggerKind::Transaction)).await.unwrap();
+        drop(tx);
+        task.await.unwrap();
+        let mut scan_events = 0;
+        while let Some(event) = erx.recv().await {
+            if matches!(event, PipelineEvent::Scan { .. }) {
+                scan_events += 1;
+            }
+        }
+        assert!(scan_events >= 1 && scan_events <= 2, "{scan_events}");
+        assert_eq!(scans.load(Ordering::SeqCst), scan_events);
+    }
+}
