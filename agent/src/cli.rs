@@ -1,15 +1,22 @@
-//! Command-line interface: every option also reads a `GUESTWATCH_*` environment variable.
+//! Command-line interface. Every option also reads a `GUESTWATCH_*` environment variable, and
+//! the daemon options can come from a TOML file (`--config`); flags and environment win over
+//! the file, the file over built-in defaults (see `config.rs`).
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::detect::DetectorChoice;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "guestwatch-agent",
     version,
     about = "guestwatch guest agent: kernel-level rpm change detection and package inventory",
-    long_about = None
+    long_about = "guestwatch guest agent: sees every rpm/dnf transaction in the kernel (eBPF \
+                  uprobes on librpm), falls back to inotify, scans the rpm database into an index \
+                  report and pushes it to guestwatch-relay on the host over VSOCK.\n\n\
+                  Logging: GUESTWATCH_LOG=error|warn|info|debug|trace (default info), to stderr."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -20,13 +27,14 @@ pub struct Cli {
 pub enum Command {
     /// Scan the rpm database once and print one report to stdout.
     Scan(ScanArgs),
-    /// Run detection and scanning locally; print one JSON line per event.
+    /// Run detection and scanning locally; print one JSON line per event to stdout.
     Watch(WatchArgs),
+    /// The daemon: detect, scan, and deliver reports to the relay until acknowledged.
+    Run(RunArgs),
 }
 
 /// Which system (or database) to look at.
-#[derive(Args, Debug, Clone)]
-#[group(required = true, multiple = false)]
+#[derive(Args, Debug, Clone, Default)]
 pub struct Target {
     /// Root of the system to inventory; its rpm database is found under it
     /// (usr/lib/sysimage/rpm, var/lib/rpm, usr/share/rpm).
@@ -56,8 +64,97 @@ pub enum Format {
     Cyclonedx,
 }
 
+/// Detection tuning, shared by `watch` and `run`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct DetectArgs {
+    /// Detector: auto (eBPF if it loads and attaches, else inotify), ebpf, inotify, periodic.
+    /// [default: auto]
+    #[arg(long, env = "GUESTWATCH_DETECTOR", value_enum)]
+    pub detector: Option<DetectorChoice>,
+    /// Quiet period before scanning after file-level (inotify, tamper) events. [default: 150ms]
+    #[arg(long, env = "GUESTWATCH_QUIET_PERIOD", value_parser = parse_duration, value_name = "DURATION")]
+    pub quiet_period: Option<Duration>,
+    /// Longest a file-level event waits for quiet before it is scanned anyway. [default: 2s]
+    #[arg(long, env = "GUESTWATCH_MAX_DELAY", value_parser = parse_duration, value_name = "DURATION")]
+    pub max_delay: Option<Duration>,
+    /// Periodic rescan interval; 0 disables it. [default: 4h]
+    #[arg(long, env = "GUESTWATCH_PERIODIC_INTERVAL", value_parser = parse_duration, value_name = "DURATION")]
+    pub periodic_interval: Option<Duration>,
+    /// Storm limit: scans per minute on average, 0 for no limit. [default: 60]
+    #[arg(long, env = "GUESTWATCH_MAX_SCANS_PER_MINUTE", value_name = "N")]
+    pub max_scans_per_minute: Option<u32>,
+    /// Keep BPF off with this reason (exercises and reports the inotify fallback).
+    #[arg(long, env = "GUESTWATCH_DISABLE_BPF", value_name = "REASON")]
+    pub disable_bpf: Option<String>,
+}
+
 #[derive(Args, Debug)]
 pub struct WatchArgs {
     #[command(flatten)]
     pub target: Target,
+    #[command(flatten)]
+    pub detect: DetectArgs,
+    /// TOML configuration file (same keys as the options).
+    #[arg(long, env = "GUESTWATCH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub target: Target,
+    #[command(flatten)]
+    pub detect: DetectArgs,
+    /// Where the relay is: vsock:CID:PORT (AF_VSOCK) or unix:PATH (a hybrid-vsock host
+    /// socket, or tests). [default: vsock:2:919]
+    #[arg(long, env = "GUESTWATCH_RELAY", value_name = "ADDR")]
+    pub relay: Option<String>,
+    /// State directory: installation epoch, generation counter, the pending report.
+    /// [default: /var/lib/guestwatch]
+    #[arg(long = "state", env = "GUESTWATCH_STATE_DIR", value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Serve Prometheus metrics and /healthz on this address (e.g. 127.0.0.1:9917).
+    #[arg(long, env = "GUESTWATCH_METRICS", value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Connecting to the relay gives up after this long. [default: 5s]
+    #[arg(long, env = "GUESTWATCH_CONNECT_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub connect_timeout: Option<Duration>,
+    /// A report not acknowledged within this long is retransmitted. [default: 10s]
+    #[arg(long, env = "GUESTWATCH_ACK_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub ack_timeout: Option<Duration>,
+    /// Cap of the exponential reconnect/retransmit backoff. [default: 60s]
+    #[arg(long, env = "GUESTWATCH_MAX_BACKOFF", value_parser = parse_duration, value_name = "DURATION")]
+    pub max_backoff: Option<Duration>,
+    /// TOML configuration file (same keys as the options).
+    #[arg(long, env = "GUESTWATCH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// Durations like `150ms`, `4h`, `1h30m`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e} (examples: 150ms, 30s, 4h)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("150ms"), Ok(Duration::from_millis(150)));
+        assert_eq!(parse_duration("4h"), Ok(Duration::from_secs(4 * 3600)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

@@ -4,4 +4,5 @@ pub mod bpf;
 pub mod cli;
 pub mod clock;
 pub mod commands;
+pub mod config;
 pub mod detect;

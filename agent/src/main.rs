@@ -29,6 +29,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             runtime()?.block_on(commands::watch::watch(&args))
         }
+        Command::Run(_) => anyhow::bail!("run is not available in this build yet"),
     }
 }
 

@@ -37,9 +37,17 @@ pub struct MetricsServer {
 
 impl MetricsServer {
     /// Binds `addr` (use port 0 for any free port).
-    pub async fn bind(addr: SocketAddr, registry: Arc<Mutex<Registry>>, health: Health) -> io::Result<Self> {
+    pub async fn bind(
+        addr: SocketAddr,
+        registry: Arc<Mutex<Registry>>,
+        health: Health,
+    ) -> io::Result<Self> {
         let listener = TcpListener::bind(addr).await?;
-        Ok(Self { listener, registry, health })
+        Ok(Self {
+            listener,
+            registry,
+            health,
+        })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -80,7 +88,11 @@ impl MetricsServer {
     }
 }
 
-async fn handle(mut stream: TcpStream, registry: &Mutex<Registry>, health: &Health) -> io::Result<()> {
+async fn handle(
+    mut stream: TcpStream,
+    registry: &Mutex<Registry>,
+    health: &Health,
+) -> io::Result<()> {
     let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "request timed out"))??;
@@ -94,17 +106,33 @@ async fn handle(mut stream: TcpStream, registry: &Mutex<Registry>, health: &Heal
                 Err(_) => false,
             };
             if encoded {
-                ("200 OK", "application/openmetrics-text; version=1.0.0; charset=utf-8", text)
+                (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                )
             } else {
-                ("500 Internal Server Error", "text/plain", "encoding failed\n".to_owned())
+                (
+                    "500 Internal Server Error",
+                    "text/plain",
+                    "encoding failed\n".to_owned(),
+                )
             }
         }
         ("GET", "/healthz") => match health() {
             Ok(()) => ("200 OK", "text/plain", "ok\n".to_owned()),
             Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
         },
-        ("GET", _) => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_owned()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_owned()),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "try /metrics or /healthz\n".to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n".to_owned(),
+        ),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -121,14 +149,20 @@ async fn read_head(stream: &mut TcpStream) -> io::Result<String> {
     loop {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the request ended"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before the request ended",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.windows(4).any(|w| w == b"\r\n\r\n") {
             return Ok(String::from_utf8_lossy(&buf).into_owned());
         }
         if buf.len() > MAX_REQUEST {
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "request head too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "request head too large",
+            ));
         }
     }
 }
@@ -156,30 +190,57 @@ mod tests {
         let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let flag = healthy.clone();
         let health: Health = Arc::new(move || {
-            if flag.load(std::sync::atomic::Ordering::SeqCst) { Ok(()) } else { Err("sink down".into()) }
+            if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("sink down".into())
+            }
         });
-        let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap(), Arc::new(Mutex::new(registry)), health)
-            .await
-            .unwrap();
+        let server = MetricsServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Mutex::new(registry)),
+            health,
+        )
+        .await
+        .unwrap();
         let addr = server.local_addr().unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(server.serve(stop.clone()));
 
         let metrics = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(metrics.starts_with("HTTP/1.1 200 OK"), "{metrics}");
-        assert!(metrics.contains("guestwatch_test_events_total 3"), "{metrics}");
-        assert!(get(addr, "GET /healthz HTTP/1.1\r\n\r\n").await.contains("200 OK"));
+        assert!(
+            metrics.contains("guestwatch_test_events_total 3"),
+            "{metrics}"
+        );
+        assert!(
+            get(addr, "GET /healthz HTTP/1.1\r\n\r\n")
+                .await
+                .contains("200 OK")
+        );
         healthy.store(false, std::sync::atomic::Ordering::SeqCst);
         let down = get(addr, "GET /healthz HTTP/1.1\r\n\r\n").await;
         assert!(down.contains("503") && down.contains("sink down"), "{down}");
-        assert!(get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await.contains("405"));
-        assert!(get(addr, "GET /nope HTTP/1.1\r\n\r\n").await.contains("404"));
+        assert!(
+            get(addr, "POST /metrics HTTP/1.1\r\n\r\n")
+                .await
+                .contains("405")
+        );
+        assert!(
+            get(addr, "GET /nope HTTP/1.1\r\n\r\n")
+                .await
+                .contains("404")
+        );
         // An oversized head is cut off, and the server keeps serving.
         let mut s = TcpStream::connect(addr).await.unwrap();
         let _ = s.write_all(&vec![b'a'; 20_000]).await;
         let mut sink = Vec::new();
         let _ = s.read_to_end(&mut sink).await;
-        assert!(get(addr, "GET /healthz HTTP/1.1\r\n\r\n").await.contains("503"));
+        assert!(
+            get(addr, "GET /healthz HTTP/1.1\r\n\r\n")
+                .await
+                .contains("503")
+        );
         stop.cancel();
     }
 }

@@ -177,7 +177,10 @@ mod tests {
 
     fn config(periodic: Option<Duration>) -> PipelineConfig {
         PipelineConfig {
-            schedule: ScheduleConfig { max_scans_per_minute: 0, ..ScheduleConfig::default() },
+            schedule: ScheduleConfig {
+                max_scans_per_minute: 0,
+                ..ScheduleConfig::default()
+            },
             periodic,
             startup_scan: true,
         }
@@ -198,7 +201,15 @@ mod tests {
         let (tx, rx) = mpsc::channel(64);
         let (etx, mut erx) = mpsc::channel(64);
         let stop = CancellationToken::new();
-        let task = tokio::spawn(run(config(None), Counting { scans: scans.clone() }, rx, etx, stop.clone()));
+        let task = tokio::spawn(run(
+            config(None),
+            Counting {
+                scans: scans.clone(),
+            },
+            rx,
+            etx,
+            stop.clone(),
+        ));
 
         let (batch, n) = next_scan(&mut erx).await;
         assert_eq!((batch.cause.kind, n), (TriggerKind::Startup, 1));
@@ -211,7 +222,11 @@ mod tests {
         assert_eq!(batch.cause.kind, TriggerKind::Inotify);
         assert!(n == 2 && batch.total() >= 1);
         // Nothing else is pending: no third scan shows up.
-        assert!(tokio::time::timeout(Duration::from_millis(400), next_scan(&mut erx)).await.is_err());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(400), next_scan(&mut erx))
+                .await
+                .is_err()
+        );
         stop.cancel();
         task.await.unwrap();
         assert_eq!(scans.load(Ordering::SeqCst), 2);
@@ -224,14 +239,25 @@ mod tests {
         let (etx, mut erx) = mpsc::channel(64);
         let stop = CancellationToken::new();
         let period = Duration::from_secs(4 * 3600);
-        tokio::spawn(run(config(Some(period)), Counting { scans: scans.clone() }, rx, etx, stop.clone()));
+        tokio::spawn(run(
+            config(Some(period)),
+            Counting {
+                scans: scans.clone(),
+            },
+            rx,
+            etx,
+            stop.clone(),
+        ));
         let (batch, _) = next_scan(&mut erx).await;
         assert_eq!(batch.cause.kind, TriggerKind::Startup);
         let started = Instant::now();
         let (batch, _) = next_scan(&mut erx).await;
         assert_eq!(batch.cause.kind, TriggerKind::Periodic);
         let waited = started.elapsed();
-        assert!(waited >= period - Duration::from_secs(1) && waited <= period + Duration::from_secs(1), "{waited:?}");
+        assert!(
+            waited >= period - Duration::from_secs(1) && waited <= period + Duration::from_secs(1),
+            "{waited:?}"
+        );
         stop.cancel();
     }
 
@@ -240,8 +266,18 @@ mod tests {
         let scans = Arc::new(AtomicU32::new(0));
         let (tx, rx) = mpsc::channel(64);
         let (etx, mut erx) = mpsc::channel(64);
-        let task = tokio::spawn(run(config(None), Counting { scans: scans.clone() }, rx, etx, CancellationToken::new()));
-        tx.send(Trigger::new(TriggerKind::Transaction)).await.unwrap();
+        let task = tokio::spawn(run(
+            config(None),
+            Counting {
+                scans: scans.clone(),
+            },
+            rx,
+            etx,
+            CancellationToken::new(),
+        ));
+        tx.send(Trigger::new(TriggerKind::Transaction))
+            .await
+            .unwrap();
         drop(tx);
         task.await.unwrap();
         let mut scan_events = 0;

@@ -1,0 +1,378 @@
+//! Settings from flags, `GUESTWATCH_*` environment variables and an optional TOML file, in that
+//! order of precedence, over built-in defaults.
+//!
+//! The file uses the long option names with underscores:
+//!
+//! ```toml
+//! root = "/"
+//! relay = "vsock:2:919"
+//! state = "/var/lib/guestwatch"
+//! metrics = "127.0.0.1:9917"
+//! detector = "auto"
+//! quiet_period = "150ms"
+//! periodic_interval = "4h"
+//! max_scans_per_minute = 60
+//! ack_timeout = "10s"
+//! ```
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{
+    cli::{DetectArgs, RunArgs, Target, WatchArgs, parse_duration},
+    detect::{DetectorChoice, schedule::ScheduleConfig},
+};
+
+/// Why settings are unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+    #[error(
+        "say what to inventory: --root DIR or --dbpath DIR (or root/dbpath in the config file)"
+    )]
+    NoTarget,
+    #[error("--root and --dbpath are exclusive (the config file may set only one of them too)")]
+    BothTargets,
+}
+
+/// The TOML file's keys (all optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub root: Option<PathBuf>,
+    pub dbpath: Option<PathBuf>,
+    pub relay: Option<String>,
+    pub state: Option<PathBuf>,
+    pub metrics: Option<String>,
+    pub detector: Option<String>,
+    pub quiet_period: Option<String>,
+    pub max_delay: Option<String>,
+    pub periodic_interval: Option<String>,
+    pub max_scans_per_minute: Option<u32>,
+    pub disable_bpf: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub ack_timeout: Option<String>,
+    pub max_backoff: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads `path`, or returns the empty configuration when there is none.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().lines().collect::<Vec<_>>().join(" "),
+        })
+    }
+}
+
+/// What to inventory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetSpec {
+    /// A system root; the database is located under it.
+    Root(PathBuf),
+    /// A database directory or file.
+    DbPath(PathBuf),
+}
+
+impl TargetSpec {
+    pub fn resolve(target: &Target, file: &FileConfig) -> Result<Self, ConfigError> {
+        let from_flags = match (&target.root, &target.dbpath) {
+            (Some(_), Some(_)) => return Err(ConfigError::BothTargets),
+            (Some(root), None) => Some(Self::Root(root.clone())),
+            (None, Some(db)) => Some(Self::DbPath(db.clone())),
+            (None, None) => None,
+        };
+        if let Some(spec) = from_flags {
+            return Ok(spec);
+        }
+        match (&file.root, &file.dbpath) {
+            (Some(_), Some(_)) => Err(ConfigError::BothTargets),
+            (Some(root), None) => Ok(Self::Root(root.clone())),
+            (None, Some(db)) => Ok(Self::DbPath(db.clone())),
+            (None, None) => Err(ConfigError::NoTarget),
+        }
+    }
+}
+
+/// Detection settings.
+#[derive(Clone, Debug)]
+pub struct DetectSettings {
+    pub choice: DetectorChoice,
+    pub schedule: ScheduleConfig,
+    /// `None` when disabled (interval 0).
+    pub periodic: Option<Duration>,
+    pub disable_bpf: Option<String>,
+}
+
+impl DetectSettings {
+    pub fn resolve(args: &DetectArgs, file: &FileConfig) -> Result<Self, ConfigError> {
+        let defaults = ScheduleConfig::default();
+        let choice = match (args.detector, &file.detector) {
+            (Some(choice), _) => choice,
+            (None, Some(text)) => <DetectorChoice as clap::ValueEnum>::from_str(text, true)
+                .map_err(|_| ConfigError::Invalid {
+                    key: "detector",
+                    message: format!("`{text}` is not one of auto, ebpf, inotify, periodic"),
+                })?,
+            (None, None) => DetectorChoice::Auto,
+        };
+        let periodic = pick_duration(
+            args.periodic_interval,
+            &file.periodic_interval,
+            "periodic_interval",
+        )?
+        .unwrap_or(Duration::from_secs(4 * 3600));
+        Ok(Self {
+            choice,
+            schedule: ScheduleConfig {
+                quiet_period: pick_duration(args.quiet_period, &file.quiet_period, "quiet_period")?
+                    .unwrap_or(defaults.quiet_period),
+                max_delay: pick_duration(args.max_delay, &file.max_delay, "max_delay")?
+                    .unwrap_or(defaults.max_delay),
+                max_scans_per_minute: args
+                    .max_scans_per_minute
+                    .or(file.max_scans_per_minute)
+                    .unwrap_or(defaults.max_scans_per_minute),
+            },
+            periodic: (!periodic.is_zero()).then_some(periodic),
+            disable_bpf: args
+                .disable_bpf
+                .clone()
+                .or_else(|| file.disable_bpf.clone()),
+        })
+    }
+}
+
+/// Settings of `watch`.
+#[derive(Clone, Debug)]
+pub struct WatchSettings {
+    pub target: TargetSpec,
+    pub detect: DetectSettings,
+}
+
+impl WatchSettings {
+    pub fn resolve(args: &WatchArgs) -> Result<Self, ConfigError> {
+        let file = FileConfig::load(args.config.as_deref())?;
+        Ok(Self {
+            target: TargetSpec::resolve(&args.target, &file)?,
+            detect: DetectSettings::resolve(&args.detect, &file)?,
+        })
+    }
+}
+
+/// Where the relay listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RelayAddr {
+    /// AF_VSOCK: the host is CID 2.
+    Vsock { cid: u32, port: u32 },
+    /// A Unix socket (a hybrid-vsock host socket, or tests).
+    Unix(PathBuf),
+}
+
+impl FromStr for RelayAddr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        if let Some(rest) = text.strip_prefix("vsock:") {
+            let (cid, port) = rest.split_once(':').ok_or("expected vsock:CID:PORT")?;
+            let cid = cid.parse().map_err(|_| format!("bad CID `{cid}`"))?;
+            let port = port.parse().map_err(|_| format!("bad port `{port}`"))?;
+            return Ok(Self::Vsock { cid, port });
+        }
+        Err(format!("`{text}`: expected vsock:CID:PORT or unix:PATH"))
+    }
+}
+
+impl std::fmt::Display for RelayAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Settings of `run`.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    pub target: TargetSpec,
+    pub detect: DetectSettings,
+    pub relay: RelayAddr,
+    pub state: PathBuf,
+    pub metrics: Option<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub ack_timeout: Duration,
+    pub max_backoff: Duration,
+}
+
+impl RunSettings {
+    pub fn resolve(args: &RunArgs) -> Result<Self, ConfigError> {
+        let file = FileConfig::load(args.config.as_deref())?;
+        let relay_text = args
+            .relay
+            .clone()
+            .or_else(|| file.relay.clone())
+            .unwrap_or_else(|| "vsock:2:919".into());
+        let relay = relay_text.parse().map_err(|message| ConfigError::Invalid {
+            key: "relay",
+            message,
+        })?;
+        let metrics = match (args.metrics, &file.metrics) {
+            (Some(addr), _) => Some(addr),
+            (None, Some(text)) => Some(text.parse().map_err(|e| ConfigError::Invalid {
+                key: "metrics",
+                message: format!("`{text}`: {e}"),
+            })?),
+            (None, None) => None,
+        };
+        Ok(Self {
+            target: TargetSpec::resolve(&args.target, &file)?,
+            detect: DetectSettings::resolve(&args.detect, &file)?,
+            relay,
+            state: args
+                .state
+                .clone()
+                .or_else(|| file.state.clone())
+                .unwrap_or_else(|| "/var/lib/guestwatch".into()),
+            metrics,
+            connect_timeout: pick_duration(
+                args.connect_timeout,
+                &file.connect_timeout,
+                "connect_timeout",
+            )?
+            .unwrap_or(Duration::from_secs(5)),
+            ack_timeout: pick_duration(args.ack_timeout, &file.ack_timeout, "ack_timeout")?
+                .unwrap_or(Duration::from_secs(10)),
+            max_backoff: pick_duration(args.max_backoff, &file.max_backoff, "max_backoff")?
+                .unwrap_or(Duration::from_secs(60)),
+        })
+    }
+}
+
+fn pick_duration(
+    flag: Option<Duration>,
+    file: &Option<String>,
+    key: &'static str,
+) -> Result<Option<Duration>, ConfigError> {
+    match (flag, file) {
+        (Some(d), _) => Ok(Some(d)),
+        (None, Some(text)) => parse_duration(text)
+            .map(Some)
+            .map_err(|message| ConfigError::Invalid { key, message }),
+        (None, None) => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_addresses() {
+        assert_eq!(
+            "vsock:2:919".parse(),
+            Ok(RelayAddr::Vsock { cid: 2, port: 919 })
+        );
+        assert_eq!(
+            "unix:/run/x.sock".parse(),
+            Ok(RelayAddr::Unix("/run/x.sock".into()))
+        );
+        assert!("vsock:2".parse::<RelayAddr>().is_err());
+        assert!("tcp:1.2.3.4:5".parse::<RelayAddr>().is_err());
+        assert!("unix:".parse::<RelayAddr>().is_err());
+    }
+
+    #[test]
+    fn flags_win_over_file_and_file_over_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            "root = \"/srv/vm\"\nrelay = \"unix:/run/relay.sock\"\nquiet_period = \"300ms\"\n\
+             periodic_interval = \"0\"\ndetector = \"inotify\"\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            target: Target::default(),
+            detect: DetectArgs {
+                quiet_period: Some(Duration::from_millis(50)),
+                ..Default::default()
+            },
+            relay: None,
+            state: None,
+            metrics: None,
+            connect_timeout: None,
+            ack_timeout: None,
+            max_backoff: None,
+            config: Some(path),
+        };
+        let s = RunSettings::resolve(&args).unwrap();
+        assert_eq!(s.target, TargetSpec::Root("/srv/vm".into()));
+        assert_eq!(s.relay, RelayAddr::Unix("/run/relay.sock".into()));
+        assert_eq!(s.detect.schedule.quiet_period, Duration::from_millis(50));
+        assert_eq!(s.detect.periodic, None);
+        assert_eq!(s.detect.choice, DetectorChoice::Inotify);
+        assert_eq!(s.ack_timeout, Duration::from_secs(10));
+        assert_eq!(s.state, PathBuf::from("/var/lib/guestwatch"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "rooot = \"/\"\n").unwrap();
+        let err = FileConfig::load(Some(&path)).unwrap_err().to_string();
+        assert!(err.contains("rooot"), "{err}");
+        std::fs::write(&path, "dbpath = \"/x\"\nquiet_period = \"soon\"\n").unwrap();
+        let file = FileConfig::load(Some(&path)).unwrap();
+        let err = DetectSettings::resolve(&DetectArgs::default(), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("quiet_period"), "{err}");
+    }
+
+    #[test]
+    fn a_target_is_required_and_unique() {
+        let file = FileConfig::default();
+        assert!(matches!(
+            TargetSpec::resolve(&Target::default(), &file),
+            Err(ConfigError::NoTarget)
+        ));
+        let both = FileConfig {
+            root: Some("/".into()),
+            dbpath: Some("/x".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            TargetSpec::resolve(&Target::default(), &both),
+            Err(ConfigError::BothTargets)
+        ));
+    }
+}
