@@ -286,7 +286,7 @@ mod tests {
                 scan_events += 1;
             }
         }
-        assert!(scan_events >= 1 && scan_events <= 2, "{scan_events}");
+        assert!((1..=2).contains(&scan_events), "{scan_events}");
         assert_eq!(scans.load(Ordering::SeqCst), scan_events);
     }
 }
