@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod ebpf;
 mod fuzz;
+mod package;
 mod setup;
 mod test;
 mod util;
@@ -33,6 +34,8 @@ enum Cmd {
     Test,
     /// The main job end to end on a real rpm database, showing changes as they are detected.
     Demo,
+    /// Build a static agent and package it as an RPM for RHEL/Fedora guests.
+    PackageRpm,
     /// Run benchmarks (all, or the named `cargo bench` targets), each against its peer.
     Bench {
         /// Benchmark names, e.g. `e2e`; none runs all.
@@ -55,6 +58,7 @@ fn main() {
         Cmd::BuildEbpf => ebpf::build_ebpf().map(drop),
         Cmd::Test => test::test(),
         Cmd::Demo => demo::demo(),
+        Cmd::PackageRpm => package::package_rpm().map(drop),
         Cmd::Bench { names } => bench::bench(&names),
         Cmd::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
     };
