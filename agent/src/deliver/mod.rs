@@ -1,0 +1,5 @@
+//! Delivering reports to the relay: the state directory, the transport, retry pacing.
+
+pub mod backoff;
+pub mod state;
+pub mod transport;
