@@ -7,3 +7,4 @@ pub mod commands;
 pub mod config;
 pub mod deliver;
 pub mod detect;
+pub mod metrics;

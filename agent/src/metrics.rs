@@ -1,0 +1,193 @@
+//! The agent's Prometheus metrics (served by `run --metrics ADDR`).
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::detect::{DetectorMode, trigger::TriggerKind};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModeLabel {
+    pub mode: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: String,
+}
+
+/// Every metric the agent exports.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Arc<Mutex<Registry>>,
+    pub triggers: Family<KindLabel, Counter>,
+    pub scans: Family<OutcomeLabel, Counter>,
+    pub scan_seconds: Histogram,
+    pub detector_mode: Family<ModeLabel, Gauge>,
+    pub reports_sent: Counter,
+    pub reports_acked: Family<OutcomeLabel, Counter>,
+    pub reports_nacked: Counter,
+    pub pending_reports: Gauge,
+    pub relay_connected: Gauge,
+    pub delivery_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("guestwatch_agent");
+        let triggers = Family::<KindLabel, Counter>::default();
+        registry.register("triggers", "Detection triggers by kind", triggers.clone());
+        let scans = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "scans",
+            "Scans by outcome (changed, unchanged, failed)",
+            scans.clone(),
+        );
+        let scan_seconds =
+            Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]);
+        registry.register(
+            "scan_duration_seconds",
+            "Scan duration",
+            scan_seconds.clone(),
+        );
+        let detector_mode = Family::<ModeLabel, Gauge>::default();
+        registry.register(
+            "detector_mode",
+            "1 for the detector mode in use",
+            detector_mode.clone(),
+        );
+        let reports_sent = Counter::default();
+        registry.register(
+            "reports_sent",
+            "Report transmissions, retransmissions included",
+            reports_sent.clone(),
+        );
+        let reports_acked = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "reports_acked",
+            "Acknowledged reports (delivered, duplicate)",
+            reports_acked.clone(),
+        );
+        let reports_nacked = Counter::default();
+        registry.register(
+            "reports_nacked",
+            "Reports the relay asked to retry later",
+            reports_nacked.clone(),
+        );
+        let pending_reports = Gauge::default();
+        registry.register(
+            "pending_reports",
+            "1 while a report awaits acknowledgement",
+            pending_reports.clone(),
+        );
+        let relay_connected = Gauge::default();
+        registry.register(
+            "relay_connected",
+            "1 while connected to the relay",
+            relay_connected.clone(),
+        );
+        let delivery_seconds =
+            Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0]);
+        registry.register(
+            "delivery_seconds",
+            "From the end of a scan to the relay's acknowledgement",
+            delivery_seconds.clone(),
+        );
+        Self {
+            registry: Arc::new(Mutex::new(registry)),
+            triggers,
+            scans,
+            scan_seconds,
+            detector_mode,
+            reports_sent,
+            reports_acked,
+            reports_nacked,
+            pending_reports,
+            relay_connected,
+            delivery_seconds,
+        }
+    }
+
+    pub fn trigger(&self, kind: TriggerKind) {
+        self.triggers
+            .get_or_create(&KindLabel {
+                kind: kind.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn set_mode(&self, mode: DetectorMode) {
+        for m in [
+            DetectorMode::Ebpf,
+            DetectorMode::Inotify,
+            DetectorMode::Periodic,
+        ] {
+            self.detector_mode
+                .get_or_create(&ModeLabel {
+                    mode: m.as_str().to_owned(),
+                })
+                .set(i64::from(m == mode));
+        }
+    }
+
+    pub fn scan(&self, outcome: &str, seconds: f64) {
+        self.scans
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+        self.scan_seconds.observe(seconds);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    #[test]
+    fn exports_named_metrics() {
+        let m = Metrics::new();
+        m.trigger(TriggerKind::Transaction);
+        m.set_mode(DetectorMode::Ebpf);
+        m.scan("changed", 0.02);
+        let mut text = String::new();
+        encode(&mut text, &m.registry.lock().unwrap()).unwrap();
+        assert!(
+            text.contains("guestwatch_agent_triggers_total{kind=\"transaction\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("guestwatch_agent_detector_mode{mode=\"ebpf\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("guestwatch_agent_detector_mode{mode=\"inotify\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("guestwatch_agent_scans_total{outcome=\"changed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("guestwatch_agent_scan_duration_seconds_count 1"),
+            "{text}"
+        );
+    }
+}
