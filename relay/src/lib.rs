@@ -1,1 +1,5 @@
-//! guestwatch relay (being built; see docs/architecture.md).
+//! The guestwatch host relay as a library; `main.rs` is a thin CLI over it.
+
+pub mod cache;
+pub mod identity;
+pub mod sink;

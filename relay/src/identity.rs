@@ -1,0 +1,172 @@
+//! Who a guest is: decided by the kernel, never by the guest.
+//!
+//! On AF_VSOCK the VM is the peer CID from `accept()` (CIDs 0–2 are the hypervisor, local and
+//! host addresses, never a guest, and are rejected), named through an optional CID map file.
+//! On hybrid vsock (Firecracker, Cloud Hypervisor) the VM is the Unix socket the connection
+//! arrived on, named on the command line (`--hybrid NAME=UDS_PATH`). What the guest says about
+//! itself in `Hello` is recorded as a claim and cross-checked, never used as the key.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use serde::Serialize;
+
+/// How a VM was identified.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(tag = "source", rename_all = "lowercase")]
+pub enum IdentitySource {
+    /// AF_VSOCK peer address.
+    Vsock { cid: u32 },
+    /// The hybrid-vsock Unix socket the connection arrived on.
+    Hybrid { socket: PathBuf },
+}
+
+/// A guest's identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct VmIdentity {
+    /// The VM's name: the key of everything the relay keeps and delivers.
+    pub name: String,
+    pub source: IdentitySource,
+}
+
+/// Why a peer is not accepted as a guest.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum IdentityError {
+    #[error("CID {0} is reserved (0-2: hypervisor, local, host), not a guest")]
+    ReservedCid(u32),
+}
+
+/// Why a CID map or a VM name is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: {message}", path.display())]
+    Syntax {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+}
+
+/// VM names become directory names and Redis keys: letters, digits, `.`, `_`, `-`, not
+/// starting with `.`, at most 64 bytes.
+pub fn valid_vm_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// CID → VM name, from a file of `CID NAME` lines (`#` starts a comment).
+#[derive(Clone, Debug, Default)]
+pub struct CidMap {
+    names: HashMap<u32, String>,
+}
+
+impl CidMap {
+    pub fn load(path: &Path) -> Result<Self, MapError> {
+        let text = std::fs::read_to_string(path).map_err(|source| MapError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|(line, message)| MapError::Syntax {
+            path: path.to_path_buf(),
+            line,
+            message,
+        })
+    }
+
+    fn parse(text: &str) -> Result<Self, (usize, String)> {
+        let mut names = HashMap::new();
+        let mut seen_names = HashMap::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let (Some(cid), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+                return Err((i + 1, "expected `CID NAME`".into()));
+            };
+            let cid: u32 = cid
+                .parse()
+                .map_err(|_| (i + 1, format!("`{cid}` is not a CID")))?;
+            if cid <= 2 {
+                return Err((i + 1, format!("CID {cid} is reserved, not a guest")));
+            }
+            if !valid_vm_name(name) {
+                return Err((
+                    i + 1,
+                    format!("`{name}` is not a valid VM name (letters, digits, . _ -)"),
+                ));
+            }
+            if let Some(other) = seen_names.insert(name.to_owned(), cid) {
+                return Err((i + 1, format!("`{name}` is already CID {other}")));
+            }
+            if names.insert(cid, name.to_owned()).is_some() {
+                return Err((i + 1, format!("CID {cid} appears twice")));
+            }
+        }
+        Ok(Self { names })
+    }
+
+    /// The identity of an AF_VSOCK peer.
+    pub fn identify(&self, cid: u32) -> Result<VmIdentity, IdentityError> {
+        if cid <= 2 {
+            return Err(IdentityError::ReservedCid(cid));
+        }
+        let name = self
+            .names
+            .get(&cid)
+            .cloned()
+            .unwrap_or_else(|| format!("cid-{cid}"));
+        Ok(VmIdentity {
+            name,
+            source: IdentitySource::Vsock { cid },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(valid_vm_name("web-1.prod_eu"));
+        assert!(!valid_vm_name(""));
+        assert!(!valid_vm_name(".hidden"));
+        assert!(!valid_vm_name("../etc"));
+        assert!(!valid_vm_name("a/b"));
+        assert!(!valid_vm_name(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn cid_map_and_reserved_cids() {
+        let map = CidMap::parse("# fleet\n3 web-1\n4   db-1  # primary\n\n").unwrap();
+        assert_eq!(map.identify(3).unwrap().name, "web-1");
+        assert_eq!(map.identify(4).unwrap().name, "db-1");
+        assert_eq!(map.identify(77).unwrap().name, "cid-77");
+        assert_eq!(
+            map.identify(77).unwrap().source,
+            IdentitySource::Vsock { cid: 77 }
+        );
+        for cid in 0..=2 {
+            assert_eq!(map.identify(cid), Err(IdentityError::ReservedCid(cid)));
+        }
+        assert_eq!(CidMap::parse("2 host").unwrap_err().0, 1);
+        assert!(CidMap::parse("3 a\n3 b").is_err());
+        assert!(CidMap::parse("3 a\n4 a").is_err());
+        assert!(CidMap::parse("3 ../x").is_err());
+        assert!(CidMap::parse("three a").is_err());
+    }
+}

@@ -1,0 +1,258 @@
+//! Sinks: where delivered reports go. The relay acknowledges a guest only after its sink has
+//! durably accepted the report.
+//!
+//! - `dir:DIR` — `DIR/vms/<vm>/latest.json` written atomically with fsync, one line per
+//!   delivery appended to `DIR/deliveries.jsonl` (the embedded default);
+//! - `http(s)://…` — POST of the report, 2xx = accepted, report id as idempotency key;
+//! - `redis://…` — `XADD` to a stream plus the latest report per VM under a key with a TTL.
+//!
+//! Every sink can tell whether it already holds a VM's report with a given content hash, so a
+//! retransmitted report is acknowledged as a duplicate at once.
+
+pub mod dir;
+pub mod http;
+pub mod redis;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use serde::Serialize;
+
+use crate::identity::IdentitySource;
+
+/// A report on its way to the sink. `report` is the claircore JSON the guest sent (already
+/// checked to be one well-formed JSON object); everything else is the relay's own knowledge,
+/// except `trigger` and `claims`, which are what the guest says about itself.
+#[derive(Clone, Debug, Serialize)]
+pub struct Delivery {
+    /// The VM, named from its kernel-provided identity.
+    pub vm: String,
+    /// How the VM was identified (peer CID or the socket it arrived on).
+    pub identity: IdentitySource,
+    /// `<epoch hex>-<generation>`: stable across retransmissions, the idempotency key.
+    pub report_id: String,
+    /// SHA-256 of the package set, hex (computed by the guest; a claim).
+    pub content_hash: String,
+    /// The guest's account of the trigger and its attribution (a claim).
+    pub trigger: serde_json::Value,
+    /// What the guest says about itself in `Hello` (a claim).
+    pub claims: serde_json::Value,
+    /// When the guest says it scanned (a claim).
+    #[serde(serialize_with = "opt_time")]
+    pub scanned_at: Option<SystemTime>,
+    /// When the relay received the report.
+    #[serde(serialize_with = "time")]
+    pub received_at: SystemTime,
+    /// Number of packages the guest reported (a claim).
+    pub package_count: u64,
+    #[serde(skip)]
+    pub report: bytes::Bytes,
+}
+
+/// The metadata written beside the report (`delivery` key of `latest.json`, one
+/// `deliveries.jsonl` line, the Redis stream entry's fields).
+#[derive(Serialize)]
+pub struct DeliveryRecord<'a> {
+    #[serde(flatten)]
+    pub delivery: &'a Delivery,
+    #[serde(serialize_with = "time")]
+    pub delivered_at: SystemTime,
+}
+
+/// Why a sink did not accept a report. Every failure is retried (from the cache, and by the
+/// guest); `retry_after` is a hint from the sink (HTTP `Retry-After`).
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP sink: {0}")]
+    Http(String),
+    #[error("HTTP sink answered {status}")]
+    HttpStatus {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
+    #[error("Redis sink: {0}")]
+    Redis(String),
+    #[error("invalid sink configuration: {0}")]
+    Config(String),
+}
+
+impl SinkError {
+    /// How long the sink asked us to wait, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::HttpStatus { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// A short, label-safe reason for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Io { .. } => "io",
+            Self::Http(_) | Self::HttpStatus { .. } => "http",
+            Self::Redis(_) => "redis",
+            Self::Config(_) => "config",
+        }
+    }
+}
+
+/// The configured sink.
+pub enum Sink {
+    Dir(dir::DirSink),
+    Http(http::HttpSink),
+    Redis(redis::RedisSink),
+}
+
+/// Options that only some sinks use.
+#[derive(Clone, Debug, Default)]
+pub struct SinkOptions {
+    /// HTTP: bearer token sent as `Authorization: Bearer …`.
+    pub bearer_token: Option<String>,
+    /// HTTP: extra CA certificates (PEM) to trust, besides the system's.
+    pub ca_file: Option<PathBuf>,
+    /// HTTP: per-request timeout.
+    pub timeout: Duration,
+    /// Redis: the stream reports are added to.
+    pub redis_stream: String,
+    /// Redis: approximate stream length cap (`MAXLEN ~`).
+    pub redis_maxlen: u64,
+    /// Redis: TTL of the per-VM latest-report keys.
+    pub redis_latest_ttl: Duration,
+    /// Redis: key prefix.
+    pub redis_prefix: String,
+}
+
+impl SinkOptions {
+    pub fn defaults() -> Self {
+        Self {
+            bearer_token: None,
+            ca_file: None,
+            timeout: Duration::from_secs(10),
+            redis_stream: "guestwatch:reports".into(),
+            redis_maxlen: 100_000,
+            redis_latest_ttl: Duration::from_secs(7 * 86_400),
+            redis_prefix: "guestwatch".into(),
+        }
+    }
+}
+
+impl Sink {
+    /// Builds the sink named by `--sink` (`dir:DIR`, `http(s)://…`, `redis(s)://…`).
+    pub async fn open(spec: &str, options: &SinkOptions) -> Result<Self, SinkError> {
+        if let Some(dir) = spec.strip_prefix("dir:") {
+            return Ok(Self::Dir(dir::DirSink::open(dir.into()).await?));
+        }
+        if spec.starts_with("http://") || spec.starts_with("https://") {
+            return Ok(Self::Http(http::HttpSink::new(spec, options)?));
+        }
+        if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+            return Ok(Self::Redis(redis::RedisSink::connect(spec, options).await?));
+        }
+        Err(SinkError::Config(format!(
+            "`{spec}`: expected dir:DIR, http(s)://URL or redis(s)://HOST[:PORT][/DB]"
+        )))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Dir(s) => format!("dir:{}", s.root().display()),
+            Self::Http(s) => s.url().to_owned(),
+            Self::Redis(s) => s.describe(),
+        }
+    }
+
+    /// Stores the report durably. Returns when the sink has it.
+    pub async fn deliver(&self, delivery: &Delivery) -> Result<(), SinkError> {
+        match self {
+            Self::Dir(s) => s.deliver(delivery).await,
+            Self::Http(s) => s.deliver(delivery).await,
+            Self::Redis(s) => s.deliver(delivery).await,
+        }
+    }
+
+    /// The content hash of the VM's latest report in the sink, if the sink can tell.
+    pub async fn latest_hash(&self, vm: &str) -> Result<Option<String>, SinkError> {
+        match self {
+            Self::Dir(s) => s.latest_hash(vm).await,
+            // An HTTP endpoint cannot be asked; the relay's memory and the idempotency key
+            // cover retransmissions.
+            Self::Http(_) => Ok(None),
+            Self::Redis(s) => s.latest_hash(vm).await,
+        }
+    }
+}
+
+fn time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+fn opt_time<S: serde::Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => time(t, s),
+        None => s.serialize_none(),
+    }
+}
+
+/// `{"delivery": {…}, "report": <the guest's JSON>}` — the report bytes are spliced in as they
+/// came (they were validated as JSON on receipt), never re-encoded.
+pub fn envelope(
+    delivery: &Delivery,
+    delivered_at: SystemTime,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let record = serde_json::to_vec(&DeliveryRecord {
+        delivery,
+        delivered_at,
+    })?;
+    let mut out = Vec::with_capacity(record.len() + delivery.report.len() + 32);
+    out.extend_from_slice(b"{\"delivery\":");
+    out.extend_from_slice(&record);
+    out.extend_from_slice(b",\"report\":");
+    out.extend_from_slice(&delivery.report);
+    out.extend_from_slice(b"}\n");
+    Ok(out)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn delivery(vm: &str, generation: u64, hash: &str) -> Delivery {
+        Delivery {
+            vm: vm.to_owned(),
+            identity: IdentitySource::Hybrid {
+                socket: PathBuf::from("/run/vm.sock_919"),
+            },
+            report_id: format!("00000000000000aa-{generation}"),
+            content_hash: hash.to_owned(),
+            trigger: serde_json::json!({"kind": "transaction", "attribution": {"pid": 42, "comm": "rpm"}}),
+            claims: serde_json::json!({"hostname": "guest"}),
+            scanned_at: Some(SystemTime::UNIX_EPOCH),
+            received_at: SystemTime::UNIX_EPOCH,
+            package_count: 1,
+            report: bytes::Bytes::from_static(
+                br#"{"packages":{"1":{"name":"bash"}},"success":true}"#,
+            ),
+        }
+    }
+
+    #[test]
+    fn envelope_splices_the_report() {
+        let d = delivery("vm1", 3, "ab");
+        let bytes = envelope(&d, SystemTime::UNIX_EPOCH).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["report"]["packages"]["1"]["name"], "bash");
+        assert_eq!(v["delivery"]["vm"], "vm1");
+        assert_eq!(v["delivery"]["report_id"], "00000000000000aa-3");
+        assert_eq!(v["delivery"]["identity"]["source"], "hybrid");
+        assert_eq!(v["delivery"]["trigger"]["attribution"]["comm"], "rpm");
+        assert_eq!(v["delivery"]["delivered_at"], "1970-01-01T00:00:00.000Z");
+    }
+}
