@@ -1,5 +1,7 @@
 //! The guestwatch host relay as a library; `main.rs` is a thin CLI over it.
 
 pub mod cache;
+pub mod deliver;
 pub mod identity;
+pub mod metrics;
 pub mod sink;

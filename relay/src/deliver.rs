@@ -1,0 +1,617 @@
+//! Delivery: the path from a received report to the sink, and the end-to-end acknowledgement.
+//!
+//! - A report whose content the sink already holds for that VM is a duplicate: acknowledged at
+//!   once, nothing written.
+//! - Otherwise it becomes the VM's entry in the payload cache (the newest report supersedes an
+//!   older one) and is written to the sink; the guest is acknowledged only when the sink has it.
+//! - Per-VM rate limit: over the limit the report stays cached and the guest is told to retry
+//!   later (`Nack` with retry-after); the relay delivers it itself when the limit allows. Nothing
+//!   is dropped silently: without a cache, the guest keeps it and retransmits.
+//! - A sink failure leaves the report cached; a retrier delivers it with capped exponential
+//!   backoff, without waiting for the guest, whose retransmission is then a duplicate.
+//! - Writes for one VM are serialised; different VMs never wait for each other.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use tokio::{sync::Notify, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    cache::{Cache, Departure, PutOutcome},
+    metrics::Metrics,
+    sink::{Delivery, Sink, SinkError},
+};
+
+/// Tuning of delivery.
+#[derive(Clone, Debug)]
+pub struct DeliveryConfig {
+    /// Reports per minute per VM (0 = unlimited).
+    pub reports_per_minute: u32,
+    /// A sink write slower than this counts as failed.
+    pub sink_timeout: Duration,
+    /// First retry delay after a sink failure.
+    pub retry_base: Duration,
+    /// Cap of the retry delay.
+    pub retry_max: Duration,
+    /// Payload cache slots (0 disables the cache).
+    pub cache_slots: usize,
+    /// Payload cache TTL.
+    pub cache_ttl: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            reports_per_minute: 60,
+            sink_timeout: Duration::from_secs(15),
+            retry_base: Duration::from_millis(500),
+            retry_max: Duration::from_secs(60),
+            cache_slots: 100,
+            cache_ttl: Duration::from_secs(4 * 3600),
+        }
+    }
+}
+
+/// What the guest is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The sink accepted the report.
+    Delivered,
+    /// The sink already had this content.
+    Duplicate,
+    /// Not delivered yet; retry after this long.
+    Deferred {
+        reason: Deferral,
+        retry_after: Duration,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deferral {
+    RateLimited,
+    SinkUnavailable(String),
+}
+
+impl Deferral {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::RateLimited => "rate_limited",
+            Self::SinkUnavailable(_) => "sink_unavailable",
+        }
+    }
+}
+
+/// Per-VM token bucket: `per_minute` on average, bursts of up to a sixth of that (at least 1).
+#[derive(Debug)]
+struct Bucket {
+    capacity: f64,
+    per_sec: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(per_minute: u32, now: Instant) -> Option<Self> {
+        (per_minute > 0).then(|| {
+            let capacity = f64::from((per_minute / 6).max(1));
+            Self {
+                capacity,
+                per_sec: f64::from(per_minute) / 60.0,
+                tokens: capacity,
+                at: now,
+            }
+        })
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
+        self.at = now;
+    }
+
+    fn wait(&mut self, now: Instant) -> Duration {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec)
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        if self.wait(now).is_zero() {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug)]
+struct VmState {
+    /// Content hash the sink holds for this VM (`None`: unknown yet or nothing).
+    in_sink: Option<String>,
+    /// Whether the sink was asked for its latest hash since the relay started.
+    asked_sink: bool,
+    bucket: Option<Bucket>,
+    /// Sink failures in a row (for backoff), and when the next retry is due.
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// Serialises writes for this VM.
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The delivery engine shared by every connection.
+pub struct Deliverer {
+    sink: Sink,
+    config: DeliveryConfig,
+    cache: Mutex<Cache<Arc<Delivery>>>,
+    vms: Mutex<HashMap<String, VmState>>,
+    metrics: Metrics,
+    wake: Notify,
+}
+
+fn content_key(hash_hex: &str) -> [u8; 32] {
+    let mut key = [0u8; 32];
+    if hex::decode_to_slice(hash_hex, &mut key).is_err() {
+        // Not a SHA-256 (the guest's claim is malformed): key by the text itself.
+        for (i, b) in hash_hex.bytes().enumerate() {
+            key[i % 32] ^= b.rotate_left((i / 32) as u32);
+        }
+    }
+    key
+}
+
+impl Deliverer {
+    pub fn new(sink: Sink, config: DeliveryConfig, metrics: Metrics) -> Self {
+        metrics.cache_slots_capacity.set(config.cache_slots as i64);
+        Self {
+            sink,
+            cache: Mutex::new(Cache::new(config.cache_slots, config.cache_ttl)),
+            config,
+            vms: Mutex::new(HashMap::new()),
+            metrics,
+            wake: Notify::new(),
+        }
+    }
+
+    pub fn sink(&self) -> &Sink {
+        &self.sink
+    }
+
+    fn with_vm<R>(&self, vm: &str, f: impl FnOnce(&mut VmState) -> R) -> R {
+        let mut vms = self.vms.lock().unwrap_or_else(|p| p.into_inner());
+        let state = vms.entry(vm.to_owned()).or_insert_with(|| VmState {
+            in_sink: None,
+            asked_sink: false,
+            bucket: Bucket::new(self.config.reports_per_minute, Instant::now()),
+            failures: 0,
+            retry_at: None,
+            lock: Arc::new(tokio::sync::Mutex::new(())),
+        });
+        f(state)
+    }
+
+    fn cache<R>(&self, f: impl FnOnce(&mut Cache<Arc<Delivery>>) -> R) -> R {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let r = f(&mut cache);
+        self.metrics.cache_slots_used.set(cache.len() as i64);
+        r
+    }
+
+    fn departed(&self, departure: &Departure) {
+        self.metrics
+            .cache_residency_seconds
+            .observe(departure.residency.as_secs_f64());
+        self.metrics
+            .cache_lifetime_seconds
+            .observe(departure.lifetime.as_secs_f64());
+    }
+
+    /// Whether the sink already holds `hash` for `vm` (asks the sink once per VM, then
+    /// remembers what it wrote).
+    async fn sink_has(&self, vm: &str, hash: &str) -> bool {
+        let (known, asked) = self.with_vm(vm, |s| (s.in_sink.clone(), s.asked_sink));
+        if known.as_deref() == Some(hash) {
+            return true;
+        }
+        if asked {
+            return false;
+        }
+        match self.sink.latest_hash(vm).await {
+            Ok(latest) => {
+                self.with_vm(vm, |s| {
+                    s.asked_sink = true;
+                    if s.in_sink.is_none() {
+                        s.in_sink = latest.clone();
+                    }
+                });
+                latest.as_deref() == Some(hash)
+            }
+            // Unknown: deliver again; the sink's own idempotency (report id) makes it harmless.
+            Err(_) => false,
+        }
+    }
+
+    /// Handles one report from a guest; returns what to answer.
+    pub async fn submit(&self, delivery: Delivery) -> Outcome {
+        self.metrics.reports_received.inc();
+        let vm = delivery.vm.clone();
+        let lock = self.with_vm(&vm, |s| s.lock.clone());
+        let _serial = lock.lock().await;
+        let now = Instant::now();
+        let key = content_key(&delivery.content_hash);
+
+        if self.sink_has(&vm, &delivery.content_hash).await {
+            if let Some(d) = self.cache(|c| c.confirm(&vm, &key, now)) {
+                self.departed(&d);
+            }
+            self.metrics.reports_duplicate.inc();
+            return Outcome::Duplicate;
+        }
+        let delivery = Arc::new(delivery);
+        let put = self.cache(|c| c.put(&vm, key, delivery.clone(), now));
+        let result = if put == PutOutcome::Unchanged {
+            "hit"
+        } else {
+            "miss"
+        };
+        self.metrics
+            .cache_lookups
+            .get_or_create(&crate::metrics::LookupResult {
+                result: result.to_owned(),
+            })
+            .inc();
+        if let PutOutcome::Inserted {
+            evicted: Some(other),
+        } = &put
+        {
+            log::warn!(
+                "payload cache full: dropped the undelivered report of {other} (its guest will retransmit)"
+            );
+            Metrics::reason(&self.metrics.cache_evictions, "evicted");
+        }
+
+        // A VM whose sink writes are failing waits for its retry slot (the retrier has it).
+        if let Some(at) = self.with_vm(&vm, |s| s.retry_at).filter(|at| *at > now) {
+            return self.defer(Deferral::SinkUnavailable("retrying".into()), at - now);
+        }
+        let wait = self.with_vm(&vm, |s| {
+            let b = s.bucket.as_mut()?;
+            if b.take(now) { None } else { Some(b.wait(now)) }
+        });
+        if let Some(wait) = wait {
+            self.wake.notify_one();
+            return self.defer(Deferral::RateLimited, wait);
+        }
+        match self.write(&delivery).await {
+            Ok(()) => Outcome::Delivered,
+            Err(e) => {
+                let retry_after = self.failed(&vm, &e);
+                self.defer(Deferral::SinkUnavailable(e.to_string()), retry_after)
+            }
+        }
+    }
+
+    fn defer(&self, reason: Deferral, retry_after: Duration) -> Outcome {
+        Metrics::reason(&self.metrics.reports_deferred, reason.label());
+        Outcome::Deferred {
+            reason,
+            retry_after: retry_after.max(Duration::from_millis(100)),
+        }
+    }
+
+    /// Records a sink failure and schedules the retrier; returns the retry delay.
+    fn failed(&self, vm: &str, error: &SinkError) -> Duration {
+        Metrics::reason(&self.metrics.sink_errors, error.kind());
+        log::warn!("sink refused the report of {vm}: {error}");
+        let delay = self.with_vm(vm, |s| {
+            s.failures = s.failures.saturating_add(1);
+            let exp = self
+                .config
+                .retry_base
+                .saturating_mul(1u32 << s.failures.min(16).saturating_sub(1));
+            let capped = exp.min(self.config.retry_max);
+            let jittered = capped / 2 + capped.mul_f64(fastrand::f64() / 2.0);
+            let delay = error
+                .retry_after()
+                .map_or(jittered, |hint| hint.max(jittered));
+            s.retry_at = Some(Instant::now() + delay);
+            delay
+        });
+        self.wake.notify_one();
+        delay
+    }
+
+    /// Writes to the sink (caller holds the VM's lock).
+    async fn write(&self, delivery: &Delivery) -> Result<(), SinkError> {
+        let started = Instant::now();
+        let written = tokio::time::timeout(self.config.sink_timeout, self.sink.deliver(delivery))
+            .await
+            .unwrap_or_else(|_| {
+                Err(SinkError::Http(format!(
+                    "sink timed out after {:?}",
+                    self.config.sink_timeout
+                )))
+            });
+        written?;
+        self.metrics
+            .sink_latency_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.reports_delivered.inc();
+        if let Some(scanned) = delivery.scanned_at
+            && let Ok(age) = SystemTime::now().duration_since(scanned)
+        {
+            self.metrics.e2e_latency_seconds.observe(age.as_secs_f64());
+        }
+        let key = content_key(&delivery.content_hash);
+        if let Some(d) = self.cache(|c| c.confirm(&delivery.vm, &key, Instant::now())) {
+            self.departed(&d);
+        }
+        self.with_vm(&delivery.vm, |s| {
+            s.in_sink = Some(delivery.content_hash.clone());
+            s.failures = 0;
+            s.retry_at = None;
+        });
+        log::info!(
+            "delivered {} report {} ({} packages) to {}",
+            delivery.vm,
+            delivery.report_id,
+            delivery.package_count,
+            self.sink.describe()
+        );
+        Ok(())
+    }
+
+    /// When the cached report of `vm` may be attempted next.
+    fn due_at(&self, vm: &str, now: Instant) -> Instant {
+        self.with_vm(vm, |s| {
+            let retry = s.retry_at.unwrap_or(now);
+            // A retry after a sink failure is paced by backoff alone; the rate limit applies to
+            // first attempts.
+            let rate = if s.failures > 0 {
+                now
+            } else {
+                s.bucket.as_mut().map_or(now, |b| now + b.wait(now))
+            };
+            retry.max(rate)
+        })
+    }
+
+    /// Delivers cached reports on the relay's own schedule, until `stop`.
+    pub async fn run_retrier(&self, stop: CancellationToken) {
+        loop {
+            let now = Instant::now();
+            let vms = self.cache(|c| c.vms(now));
+            let mut next: Option<Instant> = None;
+            for vm in vms {
+                let due = self.due_at(&vm, now);
+                if due > now {
+                    next = Some(next.map_or(due, |n: Instant| n.min(due)));
+                    continue;
+                }
+                self.retry(&vm).await;
+            }
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.wake.notified() => {}
+                () = sleep => {}
+            }
+        }
+    }
+
+    async fn retry(&self, vm: &str) {
+        let lock = self.with_vm(vm, |s| s.lock.clone());
+        let _serial = lock.lock().await;
+        let now = Instant::now();
+        let Some(delivery) = self.cache(|c| c.get(vm, now).map(|e| e.value.clone())) else {
+            return;
+        };
+        if self.sink_has(vm, &delivery.content_hash).await {
+            let key = content_key(&delivery.content_hash);
+            if let Some(d) = self.cache(|c| c.confirm(vm, &key, now)) {
+                self.departed(&d);
+            }
+            return;
+        }
+        let first_attempt = self.with_vm(vm, |s| s.failures == 0);
+        if first_attempt && !self.with_vm(vm, |s| s.bucket.as_mut().is_none_or(|b| b.take(now))) {
+            return;
+        }
+        if let Err(e) = self.write(&delivery).await {
+            self.failed(vm, &e);
+        }
+    }
+
+    /// Removes expired cache entries every TTL/2, until `stop`.
+    pub async fn run_sweeper(&self, stop: CancellationToken) {
+        let every = self.cache(|c| c.sweep_interval());
+        let mut interval = tokio::time::interval_at(Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = interval.tick() => {
+                    for (vm, d) in self.cache(|c| c.sweep(Instant::now())) {
+                        log::warn!("report of {vm} expired undelivered after {:?} (its guest will retransmit)", d.lifetime);
+                        Metrics::reason(&self.metrics.cache_evictions, "expired");
+                        self.departed(&d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Cached reports not yet delivered (for shutdown logging and tests).
+    pub fn undelivered(&self) -> usize {
+        self.cache(|c| c.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::{dir::DirSink, tests::delivery};
+
+    async fn deliverer(dir: &std::path::Path, config: DeliveryConfig) -> Arc<Deliverer> {
+        let sink = Sink::Dir(DirSink::open(dir.to_path_buf()).await.unwrap());
+        Arc::new(Deliverer::new(sink, config, Metrics::new()))
+    }
+
+    fn hash(n: u32) -> String {
+        format!("{n:064x}")
+    }
+
+    fn deliveries(dir: &std::path::Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("deliveries.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    async fn eventually(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn delivered_then_duplicate_and_known_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = deliverer(dir.path(), DeliveryConfig::default()).await;
+        assert_eq!(
+            d.submit(delivery("vm1", 1, &hash(1))).await,
+            Outcome::Delivered
+        );
+        assert_eq!(
+            d.submit(delivery("vm1", 1, &hash(1))).await,
+            Outcome::Duplicate
+        );
+        assert_eq!(deliveries(dir.path()).len(), 1);
+        assert_eq!(d.undelivered(), 0);
+        // A new relay over the same sink recognises the retransmission.
+        let d2 = deliverer(dir.path(), DeliveryConfig::default()).await;
+        assert_eq!(
+            d2.submit(delivery("vm1", 1, &hash(1))).await,
+            Outcome::Duplicate
+        );
+        assert_eq!(
+            d2.submit(delivery("vm1", 2, &hash(2))).await,
+            Outcome::Delivered
+        );
+        assert_eq!(deliveries(dir.path()).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn rate_limited_reports_are_kept_and_the_newest_delivered_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = DeliveryConfig {
+            reports_per_minute: 120,
+            ..DeliveryConfig::default()
+        };
+        let d = deliverer(dir.path(), config).await;
+        let stop = CancellationToken::new();
+        let retrier = tokio::spawn({
+            let d = d.clone();
+            let stop = stop.clone();
+            async move { d.run_retrier(stop).await }
+        });
+        let mut deferred = 0;
+        for n in 1..=25 {
+            match d.submit(delivery("vm1", u64::from(n), &hash(n))).await {
+                Outcome::Delivered => {}
+                Outcome::Deferred {
+                    reason: Deferral::RateLimited,
+                    retry_after,
+                } => {
+                    assert!(retry_after <= Duration::from_secs(1));
+                    deferred += 1;
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(deferred >= 4, "the burst is 20: {deferred} deferred");
+        // The newest report is delivered by the relay itself.
+        eventually("the newest report in the sink", || {
+            deliveries(dir.path())
+                .last()
+                .is_some_and(|l| l["content_hash"] == hash(25))
+        })
+        .await;
+        // ...and the guest's retransmission of it is a duplicate.
+        assert_eq!(
+            d.submit(delivery("vm1", 25, &hash(25))).await,
+            Outcome::Duplicate
+        );
+        stop.cancel();
+        retrier.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn sink_failure_is_retried_from_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = DeliveryConfig {
+            retry_base: Duration::from_millis(50),
+            ..DeliveryConfig::default()
+        };
+        let d = deliverer(dir.path(), config).await;
+        let stop = CancellationToken::new();
+        tokio::spawn({
+            let d = d.clone();
+            let stop = stop.clone();
+            async move { d.run_retrier(stop).await }
+        });
+        // A real I/O failure: the VM's directory is a file.
+        let blocker = dir.path().join("vms/vm1");
+        std::fs::write(&blocker, b"in the way").unwrap();
+        match d.submit(delivery("vm1", 1, &hash(1))).await {
+            Outcome::Deferred {
+                reason: Deferral::SinkUnavailable(_),
+                ..
+            } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(d.undelivered(), 1);
+        // Another VM is not held up.
+        assert_eq!(
+            d.submit(delivery("vm2", 1, &hash(7))).await,
+            Outcome::Delivered
+        );
+        std::fs::remove_file(&blocker).unwrap();
+        eventually("the retrier to deliver", || d.undelivered() == 0).await;
+        assert_eq!(
+            d.submit(delivery("vm1", 1, &hash(1))).await,
+            Outcome::Duplicate
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn without_cache_deferred_reports_stay_with_the_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = DeliveryConfig {
+            cache_slots: 0,
+            ..DeliveryConfig::default()
+        };
+        let d = deliverer(dir.path(), config).await;
+        std::fs::write(dir.path().join("vms/vm1"), b"x").unwrap();
+        assert!(matches!(
+            d.submit(delivery("vm1", 1, &hash(1))).await,
+            Outcome::Deferred { .. }
+        ));
+        assert_eq!(d.undelivered(), 0);
+    }
+}

@@ -1,0 +1,190 @@
+//! The relay's Prometheus metrics. No per-VM labels: a fleet's size must not become the
+//! metrics' cardinality.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupResult {
+    pub result: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Arc<Mutex<Registry>>,
+    pub cache_slots_used: Gauge,
+    pub cache_slots_capacity: Gauge,
+    pub cache_residency_seconds: Histogram,
+    pub cache_lifetime_seconds: Histogram,
+    pub cache_lookups: Family<LookupResult, Counter>,
+    pub cache_evictions: Family<Reason, Counter>,
+    pub reports_received: Counter,
+    pub reports_delivered: Counter,
+    pub reports_duplicate: Counter,
+    pub reports_deferred: Family<Reason, Counter>,
+    pub reports_rejected: Family<Reason, Counter>,
+    pub sink_latency_seconds: Histogram,
+    pub sink_errors: Family<Reason, Counter>,
+    pub connections: Gauge,
+    pub connections_rejected: Family<Reason, Counter>,
+    pub e2e_latency_seconds: Histogram,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ]
+    .into_iter()
+}
+
+fn age_buckets() -> impl Iterator<Item = f64> {
+    [
+        0.1,
+        1.0,
+        10.0,
+        60.0,
+        300.0,
+        900.0,
+        3600.0,
+        4.0 * 3600.0,
+        24.0 * 3600.0,
+    ]
+    .into_iter()
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("guestwatch_relay");
+        let cache_slots_used = Gauge::default();
+        r.register(
+            "cache_slots_used",
+            "Cache slots holding a report",
+            cache_slots_used.clone(),
+        );
+        let cache_slots_capacity = Gauge::default();
+        r.register(
+            "cache_slots_capacity",
+            "Cache slots configured",
+            cache_slots_capacity.clone(),
+        );
+        let cache_residency_seconds = Histogram::new(age_buckets());
+        r.register(
+            "cache_residency_seconds",
+            "Time an entry held its last payload when it left the cache",
+            cache_residency_seconds.clone(),
+        );
+        let cache_lifetime_seconds = Histogram::new(age_buckets());
+        r.register(
+            "cache_lifetime_seconds",
+            "Time from an entry's creation to its removal (confirmed, evicted or expired)",
+            cache_lifetime_seconds.clone(),
+        );
+        let cache_lookups = Family::<LookupResult, Counter>::default();
+        r.register(
+            "cache_lookups",
+            "Cache lookups on report arrival by result",
+            cache_lookups.clone(),
+        );
+        let cache_evictions = Family::<Reason, Counter>::default();
+        r.register(
+            "cache_evictions",
+            "Entries removed without delivery (evicted, expired)",
+            cache_evictions.clone(),
+        );
+        let reports_received = Counter::default();
+        r.register(
+            "reports_received",
+            "Reports received from guests",
+            reports_received.clone(),
+        );
+        let reports_delivered = Counter::default();
+        r.register(
+            "reports_delivered",
+            "Reports the sink accepted",
+            reports_delivered.clone(),
+        );
+        let reports_duplicate = Counter::default();
+        r.register(
+            "reports_duplicate",
+            "Retransmissions the sink already had",
+            reports_duplicate.clone(),
+        );
+        let reports_deferred = Family::<Reason, Counter>::default();
+        r.register(
+            "reports_deferred",
+            "Reports answered with Nack/retry-after by reason",
+            reports_deferred.clone(),
+        );
+        let reports_rejected = Family::<Reason, Counter>::default();
+        r.register(
+            "reports_rejected",
+            "Frames or reports refused by reason",
+            reports_rejected.clone(),
+        );
+        let sink_latency_seconds = Histogram::new(latency_buckets());
+        r.register(
+            "sink_latency_seconds",
+            "Time the sink took to accept a report",
+            sink_latency_seconds.clone(),
+        );
+        let sink_errors = Family::<Reason, Counter>::default();
+        r.register("sink_errors", "Sink failures by kind", sink_errors.clone());
+        let connections = Gauge::default();
+        r.register("connections", "Open guest connections", connections.clone());
+        let connections_rejected = Family::<Reason, Counter>::default();
+        r.register(
+            "connections_rejected",
+            "Guest connections refused by reason",
+            connections_rejected.clone(),
+        );
+        let e2e_latency_seconds = Histogram::new(latency_buckets());
+        r.register(
+            "e2e_latency_seconds",
+            "From the guest's scan time to the sink's acceptance",
+            e2e_latency_seconds.clone(),
+        );
+        Self {
+            registry: Arc::new(Mutex::new(r)),
+            cache_slots_used,
+            cache_slots_capacity,
+            cache_residency_seconds,
+            cache_lifetime_seconds,
+            cache_lookups,
+            cache_evictions,
+            reports_received,
+            reports_delivered,
+            reports_duplicate,
+            reports_deferred,
+            reports_rejected,
+            sink_latency_seconds,
+            sink_errors,
+            connections,
+            connections_rejected,
+            e2e_latency_seconds,
+        }
+    }
+
+    pub fn reason(family: &Family<Reason, Counter>, reason: &str) {
+        family
+            .get_or_create(&Reason {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
