@@ -3,5 +3,6 @@
 pub mod cache;
 pub mod deliver;
 pub mod identity;
+pub mod listen;
 pub mod metrics;
 pub mod sink;
