@@ -1,6 +1,7 @@
 //! The guestwatch host relay as a library; `main.rs` is a thin CLI over it.
 
 pub mod cache;
+pub mod config;
 pub mod deliver;
 pub mod identity;
 pub mod listen;

@@ -1,0 +1,407 @@
+//! `guestwatch-relay run` settings: flags, `GUESTWATCH_*` environment variables (via clap) and an
+//! optional TOML file (`--config`, same keys as the long options with underscores), in that
+//! order of precedence over built-in defaults.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Args;
+use serde::Deserialize;
+
+use crate::{deliver::DeliveryConfig, listen::ConnectionLimits, sink::SinkOptions};
+
+/// Flags of `guestwatch-relay run`.
+#[derive(Args, Debug, Default)]
+pub struct RunArgs {
+    /// Listen on this AF_VSOCK port (QEMU/KVM vhost-vsock hosts: libvirt, KubeVirt).
+    #[arg(long, env = "GUESTWATCH_RELAY_VSOCK_PORT", value_name = "PORT")]
+    pub vsock_port: Option<u32>,
+    /// A hybrid-vsock VM (Firecracker, Cloud Hypervisor): listen on UDS_PATH_PORT for VM NAME.
+    /// Repeatable; the environment variable takes a comma-separated list.
+    #[arg(
+        long,
+        env = "GUESTWATCH_RELAY_HYBRID",
+        value_name = "NAME=UDS_PATH",
+        value_delimiter = ','
+    )]
+    pub hybrid: Vec<String>,
+    /// The host port guests connect to on hybrid sockets. [default: 919]
+    #[arg(long, env = "GUESTWATCH_RELAY_PORT", value_name = "PORT")]
+    pub port: Option<u32>,
+    /// Where reports go: dir:DIR, http(s)://URL or redis://HOST[:PORT][/DB].
+    /// [default: dir:/var/lib/guestwatch-relay]
+    #[arg(long, env = "GUESTWATCH_RELAY_SINK", value_name = "SINK")]
+    pub sink: Option<String>,
+    /// Serve Prometheus metrics and /healthz on this address (e.g. 127.0.0.1:9918).
+    #[arg(long, env = "GUESTWATCH_RELAY_METRICS", value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// File of `CID NAME` lines naming AF_VSOCK guests (unnamed CIDs become cid-N).
+    #[arg(long, env = "GUESTWATCH_RELAY_CID_MAP", value_name = "FILE")]
+    pub cid_map: Option<PathBuf>,
+    /// Payload cache slots, one per VM; 0 disables the cache. [default: 100]
+    #[arg(long, env = "GUESTWATCH_RELAY_CACHE_SLOTS", value_name = "N")]
+    pub cache_slots: Option<usize>,
+    /// Payload cache TTL; a sweep runs every TTL/2. [default: 4h]
+    #[arg(long, env = "GUESTWATCH_RELAY_CACHE_TTL", value_parser = parse_duration, value_name = "DURATION")]
+    pub cache_ttl: Option<Duration>,
+    /// Reports per minute per VM; the excess is kept and delivered later. [default: 60]
+    #[arg(long, env = "GUESTWATCH_RELAY_REPORTS_PER_MINUTE", value_name = "N")]
+    pub reports_per_minute: Option<u32>,
+    /// Open guest connections in total. [default: 1024]
+    #[arg(long, env = "GUESTWATCH_RELAY_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Open connections per VM. [default: 4]
+    #[arg(
+        long,
+        env = "GUESTWATCH_RELAY_MAX_CONNECTIONS_PER_VM",
+        value_name = "N"
+    )]
+    pub max_connections_per_vm: Option<usize>,
+    /// Largest frame accepted from a guest, in bytes. [default: 16777216]
+    #[arg(long, env = "GUESTWATCH_RELAY_MAX_FRAME", value_name = "BYTES")]
+    pub max_frame: Option<u32>,
+    /// A frame must arrive completely within this long once it started. [default: 30s]
+    #[arg(long, env = "GUESTWATCH_RELAY_READ_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub read_timeout: Option<Duration>,
+    /// A connection with no message for this long is closed. [default: 120s]
+    #[arg(long, env = "GUESTWATCH_RELAY_IDLE_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub idle_timeout: Option<Duration>,
+    /// A sink write slower than this counts as failed. [default: 15s]
+    #[arg(long, env = "GUESTWATCH_RELAY_SINK_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub sink_timeout: Option<Duration>,
+    /// HTTP sink: file holding a bearer token.
+    #[arg(long, env = "GUESTWATCH_RELAY_HTTP_TOKEN_FILE", value_name = "FILE")]
+    pub http_token_file: Option<PathBuf>,
+    /// HTTP sink: extra CA certificates (PEM) to trust.
+    #[arg(long, env = "GUESTWATCH_RELAY_HTTP_CA_FILE", value_name = "FILE")]
+    pub http_ca_file: Option<PathBuf>,
+    /// Redis sink: stream name. [default: guestwatch:reports]
+    #[arg(long, env = "GUESTWATCH_RELAY_REDIS_STREAM", value_name = "KEY")]
+    pub redis_stream: Option<String>,
+    /// Redis sink: approximate stream length cap (XADD MAXLEN ~). [default: 100000]
+    #[arg(long, env = "GUESTWATCH_RELAY_REDIS_MAXLEN", value_name = "N")]
+    pub redis_maxlen: Option<u64>,
+    /// Redis sink: TTL of the per-VM latest-report keys. [default: 7d]
+    #[arg(long, env = "GUESTWATCH_RELAY_REDIS_LATEST_TTL", value_parser = parse_duration, value_name = "DURATION")]
+    pub redis_latest_ttl: Option<Duration>,
+    /// Redis sink: key prefix. [default: guestwatch]
+    #[arg(long, env = "GUESTWATCH_RELAY_REDIS_PREFIX", value_name = "PREFIX")]
+    pub redis_prefix: Option<String>,
+    /// TOML configuration file (same keys as the options).
+    #[arg(long, env = "GUESTWATCH_RELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The TOML file's keys.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub vsock_port: Option<u32>,
+    pub hybrid: Option<Vec<String>>,
+    pub port: Option<u32>,
+    pub sink: Option<String>,
+    pub metrics: Option<String>,
+    pub cid_map: Option<PathBuf>,
+    pub cache_slots: Option<usize>,
+    pub cache_ttl: Option<String>,
+    pub reports_per_minute: Option<u32>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_vm: Option<usize>,
+    pub max_frame: Option<u32>,
+    pub read_timeout: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub sink_timeout: Option<String>,
+    pub http_token_file: Option<PathBuf>,
+    pub http_ca_file: Option<PathBuf>,
+    pub redis_stream: Option<String>,
+    pub redis_maxlen: Option<u64>,
+    pub redis_latest_ttl: Option<String>,
+    pub redis_prefix: Option<String>,
+}
+
+/// A hybrid-vsock VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HybridVm {
+    pub name: String,
+    pub uds_path: PathBuf,
+}
+
+/// Resolved settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub vsock_port: Option<u32>,
+    pub hybrid: Vec<HybridVm>,
+    pub port: u32,
+    pub sink: String,
+    pub sink_options: SinkOptions,
+    pub metrics: Option<SocketAddr>,
+    pub cid_map: Option<PathBuf>,
+    pub delivery: DeliveryConfig,
+    pub limits: ConnectionLimits,
+    pub max_frame: u32,
+    pub read_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// Durations like `150ms`, `4h`, or plain seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e} (examples: 150ms, 30s, 4h)"))
+}
+
+fn duration(
+    flag: Option<Duration>,
+    file: &Option<String>,
+    key: &'static str,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match (flag, file) {
+        (Some(d), _) => Ok(d),
+        (None, Some(text)) => {
+            parse_duration(text).map_err(|message| ConfigError::Invalid { key, message })
+        }
+        (None, None) => Ok(default),
+    }
+}
+
+fn parse_hybrid(spec: &str) -> Result<HybridVm, ConfigError> {
+    let (name, path) = spec.split_once('=').ok_or_else(|| ConfigError::Invalid {
+        key: "hybrid",
+        message: format!("`{spec}`: expected NAME=UDS_PATH"),
+    })?;
+    if !crate::identity::valid_vm_name(name) {
+        return Err(ConfigError::Invalid {
+            key: "hybrid",
+            message: format!("`{name}` is not a valid VM name (letters, digits, . _ -)"),
+        });
+    }
+    if path.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: "hybrid",
+            message: format!("`{spec}`: empty socket path"),
+        });
+    }
+    Ok(HybridVm {
+        name: name.to_owned(),
+        uds_path: PathBuf::from(path),
+    })
+}
+
+impl Settings {
+    pub fn resolve(args: &RunArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string().lines().collect::<Vec<_>>().join(" "),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        let hybrid_specs = if args.hybrid.is_empty() {
+            file.hybrid.clone().unwrap_or_default()
+        } else {
+            args.hybrid.clone()
+        };
+        let hybrid = hybrid_specs
+            .iter()
+            .map(|s| parse_hybrid(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut names = std::collections::HashSet::new();
+        for vm in &hybrid {
+            if !names.insert(vm.name.clone()) {
+                return Err(ConfigError::Invalid {
+                    key: "hybrid",
+                    message: format!("VM `{}` is listed twice", vm.name),
+                });
+            }
+        }
+        let vsock_port = args.vsock_port.or(file.vsock_port);
+        if vsock_port.is_none() && hybrid.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "listeners",
+                message:
+                    "nothing to listen on: give --vsock-port PORT and/or --hybrid NAME=UDS_PATH"
+                        .into(),
+            });
+        }
+        let metrics = match (args.metrics, &file.metrics) {
+            (Some(a), _) => Some(a),
+            (None, Some(text)) => Some(text.parse().map_err(|e| ConfigError::Invalid {
+                key: "metrics",
+                message: format!("`{text}`: {e}"),
+            })?),
+            (None, None) => None,
+        };
+        let token_file = args
+            .http_token_file
+            .clone()
+            .or(file.http_token_file.clone());
+        let bearer_token = match token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|source| ConfigError::Read {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .trim()
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        let defaults = SinkOptions::defaults();
+        let delivery_defaults = DeliveryConfig::default();
+        let sink_timeout = duration(
+            args.sink_timeout,
+            &file.sink_timeout,
+            "sink_timeout",
+            delivery_defaults.sink_timeout,
+        )?;
+        Ok(Self {
+            vsock_port,
+            hybrid,
+            port: args.port.or(file.port).unwrap_or(919),
+            sink: args
+                .sink
+                .clone()
+                .or(file.sink.clone())
+                .unwrap_or_else(|| "dir:/var/lib/guestwatch-relay".into()),
+            sink_options: SinkOptions {
+                bearer_token,
+                ca_file: args.http_ca_file.clone().or(file.http_ca_file.clone()),
+                timeout: sink_timeout,
+                redis_stream: args
+                    .redis_stream
+                    .clone()
+                    .or(file.redis_stream.clone())
+                    .unwrap_or(defaults.redis_stream),
+                redis_maxlen: args
+                    .redis_maxlen
+                    .or(file.redis_maxlen)
+                    .unwrap_or(defaults.redis_maxlen),
+                redis_latest_ttl: duration(
+                    args.redis_latest_ttl,
+                    &file.redis_latest_ttl,
+                    "redis_latest_ttl",
+                    defaults.redis_latest_ttl,
+                )?,
+                redis_prefix: args
+                    .redis_prefix
+                    .clone()
+                    .or(file.redis_prefix.clone())
+                    .unwrap_or(defaults.redis_prefix),
+            },
+            metrics,
+            cid_map: args.cid_map.clone().or(file.cid_map.clone()),
+            delivery: DeliveryConfig {
+                reports_per_minute: args
+                    .reports_per_minute
+                    .or(file.reports_per_minute)
+                    .unwrap_or(delivery_defaults.reports_per_minute),
+                sink_timeout,
+                cache_slots: args
+                    .cache_slots
+                    .or(file.cache_slots)
+                    .unwrap_or(delivery_defaults.cache_slots),
+                cache_ttl: duration(
+                    args.cache_ttl,
+                    &file.cache_ttl,
+                    "cache_ttl",
+                    delivery_defaults.cache_ttl,
+                )?,
+                ..delivery_defaults
+            },
+            limits: ConnectionLimits {
+                total: args
+                    .max_connections
+                    .or(file.max_connections)
+                    .unwrap_or(1024)
+                    .max(1),
+                per_vm: args
+                    .max_connections_per_vm
+                    .or(file.max_connections_per_vm)
+                    .unwrap_or(4)
+                    .max(1),
+            },
+            max_frame: args
+                .max_frame
+                .or(file.max_frame)
+                .unwrap_or(16 * 1024 * 1024),
+            read_timeout: duration(
+                args.read_timeout,
+                &file.read_timeout,
+                "read_timeout",
+                Duration::from_secs(30),
+            )?,
+            idle_timeout: duration(
+                args.idle_timeout,
+                &file.idle_timeout,
+                "idle_timeout",
+                Duration::from_secs(120),
+            )?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hybrid_specs() {
+        assert_eq!(
+            parse_hybrid("vm1=/run/fc/vm1.vsock").unwrap(),
+            HybridVm {
+                name: "vm1".into(),
+                uds_path: "/run/fc/vm1.vsock".into()
+            }
+        );
+        assert!(parse_hybrid("vm1").is_err());
+        assert!(parse_hybrid("../x=/run/x").is_err());
+        assert!(parse_hybrid("vm1=").is_err());
+    }
+
+    #[test]
+    fn needs_a_listener_and_merges_file_and_flags() {
+        assert!(Settings::resolve(&RunArgs::default()).is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(&path, "hybrid = [\"a=/run/a.sock\"]\ncache_slots = 7\ncache_ttl = \"1h\"\nsink = \"dir:/srv\"\n").unwrap();
+        let args = RunArgs {
+            config: Some(path),
+            cache_slots: Some(3),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&args).unwrap();
+        assert_eq!(s.hybrid[0].name, "a");
+        assert_eq!(s.delivery.cache_slots, 3, "flags win");
+        assert_eq!(
+            s.delivery.cache_ttl,
+            Duration::from_secs(3600),
+            "file wins over defaults"
+        );
+        assert_eq!(s.sink, "dir:/srv");
+        assert_eq!(s.port, 919);
+        assert_eq!(s.max_frame, 16 * 1024 * 1024);
+    }
+}
