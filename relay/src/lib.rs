@@ -6,4 +6,6 @@ pub mod deliver;
 pub mod identity;
 pub mod listen;
 pub mod metrics;
+pub mod server;
+pub mod session;
 pub mod sink;

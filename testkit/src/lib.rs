@@ -14,6 +14,9 @@ use std::{
 
 use tempfile::TempDir;
 
+mod redis;
+pub use redis::RedisServer;
+
 /// What can go wrong while making fixtures.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -58,7 +61,7 @@ pub fn have_rpm_tools() -> bool {
     which("rpm").is_some() && which("rpmbuild").is_some()
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+pub(crate) fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(program))

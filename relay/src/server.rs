@@ -1,0 +1,164 @@
+//! The relay's top level: sink, delivery engine, listeners, metrics endpoint, retrier and
+//! sweeper, sessions, and a clean shutdown on SIGTERM/SIGINT.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use tokio::{sync::mpsc, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Settings,
+    deliver::Deliverer,
+    identity::CidMap,
+    listen::{self, Admitter, Incoming},
+    metrics::Metrics,
+    session::{self, SessionConfig},
+    sink::Sink,
+};
+
+/// How long sessions get to finish their current exchange at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs the relay until SIGTERM or SIGINT.
+pub async fn run(settings: Settings) -> Result<()> {
+    let stop = CancellationToken::new();
+    let signals = stop.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        log::info!("shutting down");
+        signals.cancel();
+    });
+    serve(settings, stop).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+/// Runs the relay until `stop` is cancelled (tests drive this directly).
+pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
+    let metrics = Metrics::new();
+    let sink = Sink::open(&settings.sink, &settings.sink_options)
+        .await
+        .with_context(|| format!("opening the sink {}", settings.sink))?;
+    log::info!("sink: {}", sink.describe());
+    let deliverer = Arc::new(Deliverer::new(
+        sink,
+        settings.delivery.clone(),
+        metrics.clone(),
+    ));
+    let admitter = Admitter::new(settings.limits.clone(), metrics.clone());
+    let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(64);
+    let mut tasks = JoinSet::new();
+    let mut sockets = Vec::new();
+
+    for vm in &settings.hybrid {
+        let path = listen::hybrid_socket_path(&vm.uds_path, settings.port);
+        let listener =
+            listen::bind_unix(&path).with_context(|| format!("listening on {}", path.display()))?;
+        log::info!("listening for VM {} on {}", vm.name, path.display());
+        sockets.push(path.clone());
+        tasks.spawn(listen::serve_hybrid(
+            vm.name.clone(),
+            listener,
+            path,
+            admitter.clone(),
+            incoming_tx.clone(),
+            stop.clone(),
+        ));
+    }
+    if let Some(port) = settings.vsock_port {
+        let cids = match &settings.cid_map {
+            Some(path) => CidMap::load(path)?,
+            None => CidMap::default(),
+        };
+        let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
+            tokio_vsock::VMADDR_CID_ANY,
+            port,
+        ))
+        .with_context(|| format!("listening on vsock port {port}"))?;
+        log::info!("listening on vsock port {port}");
+        tasks.spawn(listen::serve_vsock(
+            listener,
+            Arc::new(cids),
+            admitter.clone(),
+            incoming_tx.clone(),
+            stop.clone(),
+            metrics.clone(),
+        ));
+    }
+    drop(incoming_tx);
+
+    if let Some(addr) = settings.metrics {
+        let server = guestwatch_telemetry::MetricsServer::bind(
+            addr,
+            metrics.registry.clone(),
+            Arc::new(|| Ok(())),
+        )
+        .await
+        .with_context(|| format!("metrics endpoint on {addr}"))?;
+        log::info!(
+            "metrics on http://{}/metrics",
+            server.local_addr().unwrap_or(addr)
+        );
+        tasks.spawn(server.serve(stop.clone()));
+    }
+    tasks.spawn({
+        let d = deliverer.clone();
+        let stop = stop.clone();
+        async move { d.run_retrier(stop).await }
+    });
+    tasks.spawn({
+        let d = deliverer.clone();
+        let stop = stop.clone();
+        async move { d.run_sweeper(stop).await }
+    });
+
+    let session_config = SessionConfig {
+        max_frame: settings.max_frame,
+        read_timeout: settings.read_timeout,
+        idle_timeout: settings.idle_timeout,
+    };
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            next = incoming.recv() => match next {
+                Some(conn) => {
+                    sessions.spawn(session::serve(conn, deliverer.clone(), metrics.clone(), session_config.clone(), stop.clone()));
+                }
+                None => break,
+            },
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+        }
+    }
+    stop.cancel();
+    // Sessions finish the exchange in progress (a report being delivered gets its answer).
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    sessions.abort_all();
+    while tasks.join_next().await.is_some() {}
+    for path in sockets {
+        let _ = std::fs::remove_file(path);
+    }
+    let undelivered = deliverer.undelivered();
+    if undelivered > 0 {
+        log::warn!("{undelivered} report(s) were not delivered; their guests will retransmit them");
+    }
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! The HTTP(S) and Redis sinks against real servers: a TLS HTTP server written here, and a
+//! real redis-server started by the test on a loopback port.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use guestwatch_relay::{
+    identity::IdentitySource,
+    sink::{Delivery, Sink, SinkError, SinkOptions},
+};
+use guestwatch_testkit::{RedisServer, in_ci};
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, body::Bytes, service::service_fn};
+use hyper_util::rt::TokioIo;
+
+fn delivery(vm: &str, generation: u64, hash: &str) -> Delivery {
+    Delivery {
+        vm: vm.to_owned(),
+        identity: IdentitySource::Hybrid {
+            socket: PathBuf::from("/run/vm.sock_919"),
+        },
+        report_id: format!("00000000000000aa-{generation}"),
+        content_hash: hash.to_owned(),
+        trigger: serde_json::json!({"kind": "transaction"}),
+        claims: serde_json::json!({}),
+        scanned_at: Some(SystemTime::now()),
+        received_at: SystemTime::now(),
+        package_count: 1,
+        report: bytes::Bytes::from_static(br#"{"packages":{},"success":true}"#),
+    }
+}
+
+/// What the test HTTP server saw: (idempotency key, authorization, body) per request.
+type Seen = Arc<Mutex<Vec<(String, String, serde_json::Value)>>>;
+
+/// A TLS HTTP server with a self-signed certificate for 127.0.0.1; `status` decides the answer.
+async fn https_server(status: Arc<Mutex<u16>>) -> (SocketAddr, PathBuf, Seen, tempfile::TempDir) {
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, cert.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Seen = Arc::default();
+    let seen_server = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let seen = seen_server.clone();
+            let status = status.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    let status = status.clone();
+                    async move {
+                        let header = |name: &str| {
+                            req.headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("")
+                                .to_owned()
+                        };
+                        let (key, auth) = (header("idempotency-key"), header("authorization"));
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let code = *status.lock().unwrap();
+                        if code == 200 {
+                            seen.lock().unwrap().push((
+                                key,
+                                auth,
+                                serde_json::from_slice(&body).unwrap(),
+                            ));
+                        }
+                        let mut response = Response::new(Full::new(Bytes::from_static(b"")));
+                        *response.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+                        if code == 503 {
+                            response
+                                .headers_mut()
+                                .insert("Retry-After", "7".parse().unwrap());
+                        }
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    (addr, ca_path, seen, dir)
+}
+
+#[tokio::test]
+async fn https_sink_posts_with_token_and_idempotency_key_and_reports_outages() {
+    let status = Arc::new(Mutex::new(200));
+    let (addr, ca, seen, _dir) = https_server(status.clone()).await;
+    let url = format!("https://127.0.0.1:{}/reports", addr.port());
+
+    // Without our CA the server's certificate is refused.
+    let untrusting = Sink::open(&url, &SinkOptions::defaults()).await.unwrap();
+    assert!(matches!(
+        untrusting.deliver(&delivery("vm1", 1, "aa")).await,
+        Err(SinkError::Http(_))
+    ));
+
+    let options = SinkOptions {
+        ca_file: Some(ca),
+        bearer_token: Some("s3cret".into()),
+        ..SinkOptions::defaults()
+    };
+    let sink = Sink::open(&url, &options).await.unwrap();
+    sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
+    sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].0, "00000000000000aa-1");
+        assert_eq!(
+            seen[0].0, seen[1].0,
+            "a retransmission carries the same idempotency key"
+        );
+        assert_eq!(seen[0].1, "Bearer s3cret");
+        assert_eq!(seen[0].2["report"]["success"], true);
+        assert_eq!(seen[0].2["delivery"]["vm"], "vm1");
+    }
+    *status.lock().unwrap() = 503;
+    match sink.deliver(&delivery("vm1", 2, "bb")).await {
+        Err(e @ SinkError::HttpStatus { status: 503, .. }) => {
+            assert_eq!(e.retry_after(), Some(Duration::from_secs(7)))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    *status.lock().unwrap() = 200;
+    sink.deliver(&delivery("vm1", 2, "bb")).await.unwrap();
+    assert_eq!(seen.lock().unwrap().len(), 3);
+}
+
+fn redis_or_skip() -> Option<RedisServer> {
+    match RedisServer::start() {
+        Ok(server) => Some(server),
+        Err(e) if !in_ci() => {
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+        Err(e) => panic!("CI must run the Redis tests: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn redis_sink_streams_keeps_latest_and_survives_an_outage() {
+    let Some(mut redis) = redis_or_skip() else {
+        return;
+    };
+    let options = SinkOptions {
+        redis_stream: "gw:test".into(),
+        redis_prefix: "gwt".into(),
+        ..SinkOptions::defaults()
+    };
+    let sink = Sink::open(&redis.url(), &options).await.unwrap();
+    assert_eq!(sink.latest_hash("vm1").await.unwrap(), None);
+    sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
+    sink.deliver(&delivery("vm2", 1, "cc")).await.unwrap();
+    assert_eq!(
+        sink.latest_hash("vm1").await.unwrap().as_deref(),
+        Some("aa")
+    );
+    assert!(redis.command("XLEN gw:test").unwrap().starts_with(":2"));
+    let ttl = redis.command("TTL gwt:latest:vm1").unwrap();
+    assert!(
+        ttl.trim_start_matches(':').trim().parse::<i64>().unwrap() > 0,
+        "{ttl}"
+    );
+
+    // Redis goes away: deliveries fail (and the relay will retry); then it comes back empty.
+    redis.stop();
+    assert!(matches!(
+        sink.deliver(&delivery("vm1", 2, "bb")).await,
+        Err(SinkError::Redis(_))
+    ));
+    redis.restart().unwrap();
+    let mut delivered = false;
+    for _ in 0..50 {
+        if sink.deliver(&delivery("vm1", 2, "bb")).await.is_ok() {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(delivered, "the sink reconnects after the outage");
+    assert_eq!(
+        sink.latest_hash("vm1").await.unwrap().as_deref(),
+        Some("bb")
+    );
+    let entries = redis.command("XRANGE gw:test - +").unwrap();
+    assert!(entries.contains("00000000000000aa-2"), "{entries}");
+}
