@@ -1,0 +1,381 @@
+//! The wire protocol: round trips, limits, hostile input, and `Connection` over in-memory
+//! streams with partial reads, cancellation and timeouts.
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    io::Write,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use guestwatch_protocol::{
+    Ack, AckStatus, AgentInfo, ChangeCounts, Connection, ContentHash, ErrorCode, ErrorMessage,
+    HEADER_LEN, Hello, Limits, MAGIC, Message, Nack, PayloadEncoding, ProtocolError, Report,
+    ReportFacts, ReportId, Timeout, TriggerFacts, Welcome, frame,
+};
+use tokio::io::AsyncWriteExt;
+
+/// Tracks the largest single allocation, to prove limits hold before allocation.
+struct PeakAlloc;
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: delegates to the system allocator unchanged; only records sizes.
+unsafe impl GlobalAlloc for PeakAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        // SAFETY: same layout contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: ptr was allocated by System with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: PeakAlloc = PeakAlloc;
+
+/// Runs `f` and returns the largest allocation it made (tests in this file that measure run
+/// on their own thread but share the counter, so the bound asserted is generous).
+fn largest_allocation(f: impl FnOnce()) -> usize {
+    LARGEST.store(0, Ordering::SeqCst);
+    f();
+    LARGEST.load(Ordering::SeqCst)
+}
+
+fn report(generation: u64, payload: Vec<u8>) -> Report {
+    let (encoding, payload) = Report::encode_payload(payload);
+    Report {
+        id: ReportId {
+            epoch: 0xfeed,
+            generation,
+        },
+        content_hash: ContentHash([7; 32]),
+        facts: ReportFacts {
+            trigger: TriggerFacts {
+                kind: "transaction".into(),
+                pid: Some(42),
+                comm: Some("rpm".into()),
+                return_code: Some(0),
+                paths: vec![],
+                coalesced: 1,
+                ..Default::default()
+            },
+            scanned_at_ms: 1_700_000_000_000,
+            package_count: 3,
+            changes: ChangeCounts {
+                added: 1,
+                removed: 0,
+                changed: 0,
+            },
+            agent_version: "0.1.0".into(),
+            detector: "ebpf".into(),
+        },
+        encoding,
+        payload,
+    }
+}
+
+fn all_messages() -> Vec<Message> {
+    vec![
+        Message::Hello(Hello {
+            versions: vec![1],
+            epoch: 0xfeed,
+            agent: AgentInfo {
+                agent_version: "0.1.0".into(),
+                hostname: "vm".into(),
+                ..Default::default()
+            },
+            extensions: vec![("k".into(), "v".into())],
+        }),
+        Message::Welcome(Welcome {
+            version: 1,
+            max_frame: 1 << 20,
+            max_report_payload: 1 << 22,
+            features: vec!["zstd".into()],
+            ping_interval_secs: 30,
+            relay_version: "0.1.0".into(),
+        }),
+        Message::Report(Box::new(report(5, br#"{"packages":{}}"#.to_vec()))),
+        Message::Ack(Ack {
+            id: ReportId {
+                epoch: 1,
+                generation: 2,
+            },
+            status: AckStatus::Duplicate,
+        }),
+        Message::Nack(Nack {
+            id: ReportId {
+                epoch: 1,
+                generation: 2,
+            },
+            reason: "sink down".into(),
+            retry_after_ms: 500,
+        }),
+        Message::Ping(9),
+        Message::Pong(9),
+        Message::Error(ErrorMessage {
+            code: ErrorCode::Busy,
+            message: "later".into(),
+        }),
+    ]
+}
+
+#[test]
+fn every_message_round_trips_and_every_prefix_is_incomplete() {
+    for message in all_messages() {
+        let bytes = frame::encode(1, &message, 1 << 20).unwrap();
+        assert_eq!(&bytes[..4], &MAGIC);
+        for cut in 0..bytes.len() {
+            assert!(
+                frame::decode(&bytes[..cut], 1 << 20).unwrap().is_none(),
+                "{message:?} cut at {cut}"
+            );
+        }
+        let decoded = frame::decode(&bytes, 1 << 20).unwrap().unwrap();
+        assert_eq!(decoded.consumed, bytes.len());
+        assert_eq!(decoded.message.unwrap(), message);
+    }
+}
+
+#[test]
+fn report_ids_and_hashes_have_stable_text_forms() {
+    let id = ReportId {
+        epoch: 0xfeed,
+        generation: 12,
+    };
+    assert_eq!(id.to_string(), "000000000000feed-12");
+    assert!(
+        ReportId {
+            epoch: 1,
+            generation: 3
+        } > ReportId {
+            epoch: 1,
+            generation: 2
+        }
+    );
+    let hash = ContentHash([0xab; 32]);
+    assert_eq!(ContentHash::from_hex(&hash.to_hex()), Some(hash));
+    assert_eq!(ContentHash::from_hex("xyz"), None);
+}
+
+#[test]
+fn header_checks_come_before_the_payload() {
+    // A 1 GiB claim is refused from the 12 header bytes alone.
+    let mut header = MAGIC.to_vec();
+    header.extend_from_slice(&1u16.to_be_bytes());
+    header.extend_from_slice(&3u16.to_be_bytes());
+    header.extend_from_slice(&(1u32 << 30).to_be_bytes());
+    let peak = largest_allocation(|| {
+        assert!(matches!(
+            frame::decode(&header, 16 << 20),
+            Err(ProtocolError::TooLarge { len, max }) if len == 1 << 30 && max == 16 << 20
+        ));
+    });
+    assert!(peak < 1 << 20, "allocated {peak} bytes");
+
+    let mut bad = header.clone();
+    bad[..4].copy_from_slice(b"HTTP");
+    assert!(matches!(
+        frame::decode(&bad, 16 << 20),
+        Err(ProtocolError::BadMagic(_))
+    ));
+    let mut future = header.clone();
+    future[4..6].copy_from_slice(&99u16.to_be_bytes());
+    assert!(matches!(
+        frame::decode(&future, 16 << 20),
+        Err(ProtocolError::UnsupportedVersion(99))
+    ));
+}
+
+#[test]
+fn unknown_types_and_malformed_payloads_keep_the_stream_in_step() {
+    let mut stream = Vec::new();
+    // Type 77 with a 3-byte payload, then garbage for a Hello, then trailing bytes on a Ping,
+    // then a good Ping.
+    for (kind, payload) in [(77u16, vec![1, 2, 3]), (1, vec![0xff; 9]), (6, vec![5, 0])] {
+        stream.extend_from_slice(&MAGIC);
+        stream.extend_from_slice(&1u16.to_be_bytes());
+        stream.extend_from_slice(&kind.to_be_bytes());
+        stream.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        stream.extend_from_slice(&payload);
+    }
+    stream.extend(frame::encode(1, &Message::Ping(4), 1 << 20).unwrap());
+    let mut at = 0;
+    let mut results = Vec::new();
+    while let Some(decoded) = frame::decode(&stream[at..], 1 << 20).unwrap() {
+        at += decoded.consumed;
+        results.push(decoded.message);
+    }
+    assert_eq!(at, stream.len());
+    assert!(matches!(results[0], Err(ProtocolError::UnknownType(77))));
+    assert!(matches!(results[1], Err(ProtocolError::Malformed { .. })));
+    assert!(
+        matches!(&results[2], Err(ProtocolError::Malformed { reason, .. }) if reason.contains("trailing"))
+    );
+    assert_eq!(results[3].as_ref().unwrap(), &Message::Ping(4));
+    assert!(
+        results[..3]
+            .iter()
+            .all(|r| r.as_ref().unwrap_err().is_recoverable())
+    );
+}
+
+#[test]
+fn a_small_frame_claiming_a_huge_string_allocates_nothing_like_it() {
+    // Hello { versions: [], epoch: 0, agent.agent_version: <claims 1 GiB> }.
+    let mut payload = vec![0u8, 0u8];
+    payload.push(253); // bincode varint: u64 follows
+    payload.extend_from_slice(&(1u64 << 30).to_le_bytes());
+    payload.extend_from_slice(b"short");
+    let mut bytes = MAGIC.to_vec();
+    bytes.extend_from_slice(&1u16.to_be_bytes());
+    bytes.extend_from_slice(&1u16.to_be_bytes());
+    bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(&payload);
+    let peak = largest_allocation(|| {
+        let decoded = frame::decode(&bytes, 16 << 20).unwrap().unwrap();
+        assert!(matches!(
+            decoded.message,
+            Err(ProtocolError::Malformed { .. })
+        ));
+    });
+    assert!(
+        peak < 64 * 1024,
+        "allocated {peak} bytes for a {}-byte frame",
+        bytes.len()
+    );
+}
+
+#[test]
+fn large_payloads_are_compressed_and_a_zstd_bomb_is_bounded() {
+    let big = br#"{"name":"package","version":"1.0"},"#.repeat(10_000);
+    let r = report(1, big.clone());
+    assert_eq!(r.encoding, PayloadEncoding::JsonZstd);
+    assert!(r.payload.len() < big.len() / 10);
+    assert_eq!(r.payload_json(1 << 24).unwrap().as_ref(), big.as_slice());
+    let small = report(2, b"{}".to_vec());
+    assert_eq!(small.encoding, PayloadEncoding::Json);
+
+    // 256 MiB of zeros compresses to a few KiB; decompression must stop at the limit.
+    let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        encoder.write_all(&chunk).unwrap();
+    }
+    let bomb = encoder.finish().unwrap();
+    drop(chunk);
+    let r = Report {
+        encoding: PayloadEncoding::JsonZstd,
+        payload: bomb,
+        ..report(3, vec![])
+    };
+    let peak = largest_allocation(|| {
+        assert!(r.payload_json(4 << 20).is_err());
+    });
+    assert!(peak <= 16 << 20, "allocated {peak} bytes for a 4 MiB limit");
+}
+
+#[tokio::test]
+async fn connection_over_a_one_byte_pipe() {
+    let (a, b) = tokio::io::duplex(1);
+    let mut left = Connection::new(a, Limits::default());
+    let mut right = Connection::new(b, Limits::default());
+    let sent = all_messages();
+    let to_send = sent.clone();
+    let writer = tokio::spawn(async move {
+        for m in &to_send {
+            left.write_message(m).await.unwrap();
+        }
+        left
+    });
+    for expected in &sent {
+        assert_eq!(&right.read_message().await.unwrap().unwrap(), expected);
+    }
+    let left = writer.await.unwrap();
+    drop(left);
+    assert!(
+        right.read_message().await.unwrap().is_none(),
+        "clean close between frames"
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_read_loses_nothing() {
+    let (mut raw, b) = tokio::io::duplex(1024);
+    let mut conn = Connection::new(b, Limits::default());
+    let bytes = frame::encode(1, &Message::Ping(77), 1 << 20).unwrap();
+    raw.write_all(&bytes[..5]).await.unwrap();
+    // The read is cancelled with half a frame buffered...
+    let cancelled = tokio::time::timeout(Duration::from_millis(50), conn.read_message()).await;
+    assert!(cancelled.is_err());
+    assert!(conn.mid_frame());
+    // ...and resumes where it was.
+    raw.write_all(&bytes[5..]).await.unwrap();
+    assert_eq!(conn.read_message().await.unwrap(), Some(Message::Ping(77)));
+}
+
+#[tokio::test]
+async fn closing_mid_frame_is_reported_as_such() {
+    let (mut raw, b) = tokio::io::duplex(1024);
+    let mut conn = Connection::new(b, Limits::default());
+    let bytes = frame::encode(1, &Message::Ping(1), 1 << 20).unwrap();
+    raw.write_all(&bytes[..HEADER_LEN]).await.unwrap();
+    drop(raw);
+    assert!(matches!(
+        conn.read_message().await,
+        Err(ProtocolError::ClosedMidFrame { .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_and_slow_writer_timeouts() {
+    let (mut raw, b) = tokio::io::duplex(1024);
+    let mut conn = Connection::new(b, Limits::default());
+    let idle = conn
+        .read_message_within(Duration::from_secs(120), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(idle, Err(Timeout::Idle(Duration::from_secs(120))));
+    // A slow writer trickling a frame is cut off after the frame timeout, not the idle one.
+    let bytes = frame::encode(1, &Message::Ping(1), 1 << 20).unwrap();
+    let trickle = tokio::spawn(async move {
+        for b in &bytes[..bytes.len() - 1] {
+            raw.write_all(&[*b]).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+        raw
+    });
+    let started = tokio::time::Instant::now();
+    let slow = conn
+        .read_message_within(Duration::from_secs(120), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(slow, Err(Timeout::Frame(Duration::from_secs(30))));
+    assert!(started.elapsed() <= Duration::from_secs(41));
+    trickle.abort();
+}
+
+#[tokio::test]
+async fn the_frame_limit_applies_to_writes_and_can_change() {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let mut left = Connection::new(a, Limits { max_frame: 64 });
+    let mut right = Connection::new(b, Limits::default());
+    let big = Message::Report(Box::new(report(1, vec![b'x'; 100])));
+    assert!(matches!(
+        left.write_message(&big).await,
+        Err(ProtocolError::TooLarge { .. })
+    ));
+    left.set_max_frame(1 << 20);
+    left.write_message(&big).await.unwrap();
+    right.set_max_frame(64);
+    assert!(matches!(
+        right.read_message().await,
+        Err(ProtocolError::TooLarge { .. })
+    ));
+}
