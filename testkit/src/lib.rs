@@ -183,9 +183,10 @@ pub fn build_packages(specs: &[PackageSpec], out_dir: &Path) -> Result<Vec<PathB
         .arg(format!("_topdir {}", top.path().display()))
         .arg("--define")
         .arg(format!("_rpmdir {}", rpms.display()))
-        // Flat output: RPMS/<name>-<v>-<r>.<arch>.rpm.
+        // Flat output: RPMS/<name>-<v>-<r>.<arch>.rpm. `%%` keeps the tags for rpm to expand
+        // per package (a single `%` would expand the main package's macros for all of them).
         .arg("--define")
-        .arg("_build_name_fmt %{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}.rpm")
+        .arg("_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm")
         .arg("--quiet")
         .arg("-bb")
         .arg(&spec_path))?;
