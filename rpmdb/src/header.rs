@@ -173,7 +173,7 @@ fn check_entry(e: &Entry, data: &[u8]) -> Result<(), &'static str> {
         0 => return Err("NULL type"),
         _ => return Err("unknown type"),
     };
-    if size > 1 && e.offset % size != 0 {
+    if size > 1 && !e.offset.is_multiple_of(size) {
         return Err("misaligned");
     }
     if size > 0 {
@@ -239,7 +239,7 @@ mod tests {
         let mut data = Vec::new();
         let mut index = Vec::new();
         for (tag, kind, count, bytes) in entries {
-            while data.len() % 8 != 0 {
+            while !data.len().is_multiple_of(8) {
                 data.push(0);
             }
             index.extend_from_slice(&tag.to_be_bytes());
