@@ -35,6 +35,7 @@ fn start(
         choice,
         dbdir: dbdir.to_path_buf(),
         disable_bpf: disable_bpf.map(str::to_owned),
+        rediscover: None,
     })
     .expect("detector starts");
     let status = detector.status().clone();

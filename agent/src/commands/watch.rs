@@ -1,9 +1,128 @@
-//! `guestwatch-agent watch`: detection and scanning locally, one JSON line per event.
+//! `guestwatch-agent watch`: detection and scanning locally, one JSON line per event on stdout:
+//! a `detector` line first (mode and, if eBPF is not used, why), then `trigger` and `scan` lines.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-use crate::cli::WatchArgs;
+use crate::{
+    cli::WatchArgs,
+    config::WatchSettings,
+    detect::{
+        Detector, DetectorConfig,
+        pipeline::{self, PipelineConfig, PipelineEvent},
+    },
+    inventory::{self, ChangeSummary},
+    scan::{Snapshot, SystemScanner},
+};
 
-pub async fn watch(_args: &WatchArgs) -> Result<()> {
-    anyhow::bail!("watch is being rebuilt")
+pub async fn watch(args: &WatchArgs) -> Result<()> {
+    let settings = WatchSettings::resolve(args)?;
+    let scanner = SystemScanner::new(settings.target.clone());
+    let detector = Detector::start(&DetectorConfig {
+        choice: settings.detect.choice,
+        dbdir: scanner.dbdir(),
+        disable_bpf: settings.detect.disable_bpf.clone(),
+        rediscover: settings.detect.periodic,
+    })
+    .context("starting detection")?;
+    let mut status = serde_json::to_value(detector.status())?;
+    status["event"] = json!("detector");
+    println!("{status}");
+
+    let stop = CancellationToken::new();
+    spawn_signal_handler(stop.clone());
+    let (trigger_tx, trigger_rx) = mpsc::channel(1024);
+    let (event_tx, mut events) = mpsc::channel(256);
+    tokio::spawn(detector.run(trigger_tx, stop.clone()));
+    let config = PipelineConfig {
+        schedule: settings.detect.schedule.clone(),
+        periodic: settings.detect.periodic,
+        startup_scan: true,
+    };
+    let pipeline = tokio::spawn(pipeline::run(
+        config,
+        scanner,
+        trigger_rx,
+        event_tx,
+        stop.clone(),
+    ));
+
+    let mut previous: Option<Snapshot> = None;
+    while let Some(event) = events.recv().await {
+        match event {
+            PipelineEvent::Trigger(trigger) => {
+                let mut line = serde_json::to_value(&trigger)?;
+                line["event"] = json!("trigger");
+                println!("{line}");
+            }
+            PipelineEvent::Scan {
+                batch,
+                result,
+                duration,
+            } => match result {
+                Ok(snapshot) => {
+                    let changes = previous
+                        .as_ref()
+                        .map(|p| ChangeSummary::between(&p.scan.packages, &snapshot.scan.packages))
+                        .unwrap_or_default();
+                    let changed = previous
+                        .as_ref()
+                        .is_none_or(|p| p.content_hash != snapshot.content_hash);
+                    if !changed {
+                        log::info!(
+                            "scan after {} trigger: package set unchanged",
+                            batch.cause.kind.as_str()
+                        );
+                    }
+                    println!(
+                        "{}",
+                        json!({
+                            "event": "scan",
+                            "changed": changed,
+                            "packages": snapshot.scan.packages.len(),
+                            "content_hash": hex::encode(snapshot.content_hash),
+                            "backend": snapshot.scan.backend.as_str(),
+                            "database": snapshot.scan.path,
+                            "errors": snapshot.scan.errors,
+                            "trigger": batch.cause,
+                            "coalesced": batch.counts,
+                            "duration_ms": inventory::millis(duration),
+                            "changes": changes,
+                        })
+                    );
+                    previous = Some(snapshot);
+                }
+                Err(e) => {
+                    log::error!("scan failed: {e}");
+                    println!(
+                        "{}",
+                        json!({"event": "scan_error", "error": e.to_string(), "trigger": batch.cause})
+                    );
+                }
+            },
+        }
+    }
+    pipeline.await.context("the scan pipeline crashed")?;
+    Ok(())
+}
+
+/// Cancels `stop` on SIGTERM or SIGINT.
+pub fn spawn_signal_handler(stop: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        log::info!("shutting down");
+        stop.cancel();
+    });
 }

@@ -95,6 +95,8 @@ pub struct DetectorConfig {
     /// When set, BPF loading fails with this reason: a switch for exercising the fallback and
     /// for operators who must keep BPF off without changing `--detector`.
     pub disable_bpf: Option<String>,
+    /// How often to look for new librpm copies (the periodic rescan interval).
+    pub rediscover: Option<Duration>,
 }
 
 /// Names of files in an rpm database directory, for the tamper programs' relative-path check.
@@ -113,6 +115,7 @@ pub struct Detector {
     ebpf: Option<EbpfSource>,
     inotify: Option<DbDirWatcher>,
     status: DetectorStatus,
+    rediscover: Option<Duration>,
 }
 
 impl Detector {
@@ -191,21 +194,46 @@ impl Detector {
     }
 
     /// Feeds triggers into `triggers` until `stop` is cancelled or the receiver is gone.
+    ///
+    /// Beside eBPF, an inotify change is held for [`EXPLAINED_WINDOW`]: a transaction that
+    /// starts or ends meanwhile (rpm opens its database before `rpmtsRun`, and SQLite
+    /// checkpoints after it) explains it and it is dropped; otherwise it becomes an `inotify`
+    /// trigger, a change the probes did not see.
     pub async fn run(mut self, triggers: mpsc::Sender<Trigger>, stop: CancellationToken) {
         let mut active_tx: u32 = 0;
-        let mut last_tx_end: Option<Instant> = None;
+        let mut last_tx: Option<Instant> = None;
+        let mut held: Option<(Instant, Trigger)> = None;
+        let mut rediscover = self
+            .rediscover
+            .map(|every| tokio::time::interval_at(Instant::now() + every, every));
         loop {
+            let release_at = held.as_ref().map(|(at, _)| *at + EXPLAINED_WINDOW);
             let trigger = tokio::select! {
                 () = stop.cancelled() => return,
+                () = tick(&mut rediscover) => {
+                    // New librpm copies (another soname, a container) are found on the periodic
+                    // schedule; replaced ones are caught after every transaction.
+                    if let Some(ebpf) = &mut self.ebpf {
+                        ebpf.rediscover_libraries();
+                    }
+                    continue;
+                }
+                () = sleep_until(release_at) => match held.take() {
+                    Some((_, t)) if active_tx == 0 && !last_tx.is_some_and(|l| l.elapsed() < EXPLAINED_WINDOW) => t,
+                    Some(_) | None => continue,
+                },
                 signal = next_bpf(&mut self.ebpf) => match signal {
                     Ok(Signal::TxStarted) => {
                         active_tx = active_tx.saturating_add(1);
+                        last_tx = Some(Instant::now());
+                        held = None;
                         continue;
                     }
                     Ok(Signal::Trigger(t)) => {
                         if t.kind == TriggerKind::Transaction {
                             active_tx = active_tx.saturating_sub(1);
-                            last_tx_end = Some(Instant::now());
+                            last_tx = Some(Instant::now());
+                            held = None;
                         }
                         *t
                     }
@@ -218,16 +246,20 @@ impl Detector {
                 },
                 event = next_dir(&mut self.inotify) => match event {
                     Ok(event) => {
-                        let explained = self.ebpf.is_some()
-                            && (active_tx > 0 || last_tx_end.is_some_and(|t| t.elapsed() < EXPLAINED_WINDOW));
                         if let DirEvent::Moved { now_at } = &event {
                             log::info!("the rpm database directory moved; now watching {}",
                                 now_at.as_deref().map_or("its nearest ancestor".to_owned(), |p| p.display().to_string()));
                         }
-                        if explained && matches!(event, DirEvent::Changed { .. }) {
+                        let trigger = inotify_trigger(&event);
+                        let explainable = matches!(event, DirEvent::Changed { .. });
+                        if self.ebpf.is_some() && explainable {
+                            let recent = active_tx > 0 || last_tx.is_some_and(|l| l.elapsed() < EXPLAINED_WINDOW);
+                            if !recent && held.is_none() {
+                                held = Some((Instant::now(), trigger));
+                            }
                             continue;
                         }
-                        inotify_trigger(&event)
+                        trigger
                     }
                     Err(e) => {
                         log::error!("inotify failed: {e}; relying on the other detectors");
@@ -236,15 +268,26 @@ impl Detector {
                     }
                 },
             };
-            if trigger.kind == TriggerKind::Periodic
-                && let Some(ebpf) = &mut self.ebpf
-            {
-                ebpf.rediscover_libraries();
-            }
             if triggers.send(trigger).await.is_err() {
                 return;
             }
         }
+    }
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
