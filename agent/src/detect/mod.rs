@@ -186,6 +186,7 @@ impl Detector {
             ebpf,
             inotify,
             status,
+            rediscover: config.rediscover.filter(|d| !d.is_zero()),
         })
     }
 
