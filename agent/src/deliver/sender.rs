@@ -150,7 +150,7 @@ pub async fn run(
                 }
                 Err(e) => {
                     let delay = reconnect.next_delay();
-                    if reconnect.attempts() <= 1 || reconnect.attempts() % 20 == 0 {
+                    if reconnect.attempts() <= 1 || reconnect.attempts().is_multiple_of(20) {
                         log::warn!(
                             "relay {} unreachable ({e}); retrying in {delay:.1?}",
                             config.relay

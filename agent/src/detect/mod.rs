@@ -220,7 +220,7 @@ impl Detector {
                     continue;
                 }
                 () = sleep_until(release_at) => match held.take() {
-                    Some((_, t)) if active_tx == 0 && !last_tx.is_some_and(|l| l.elapsed() < EXPLAINED_WINDOW) => t,
+                    Some((_, t)) if active_tx == 0 && last_tx.is_none_or(|l| l.elapsed() >= EXPLAINED_WINDOW) => t,
                     Some(_) | None => continue,
                 },
                 signal = next_bpf(&mut self.ebpf) => match signal {
