@@ -29,7 +29,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             runtime()?.block_on(commands::watch::watch(&args))
         }
-        Command::Run(_) => anyhow::bail!("run is not available in this build yet"),
+        Command::Run(args) => {
+            if !bpf::built_with_bpf() {
+                log::warn!("{}", bpf::BpfError::NotBuilt);
+            }
+            runtime()?.block_on(commands::run::run(&args))
+        }
     }
 }
 

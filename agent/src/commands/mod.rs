@@ -1,4 +1,5 @@
 //! One module per subcommand; each takes its parsed arguments and runs to completion.
 
+pub mod run;
 pub mod scan;
 pub mod watch;

@@ -117,8 +117,9 @@ pub async fn run(
                 break p;
             }
             metrics.pending_reports.set(0);
-            let idle = async {
-                match conn.is_some() {
+            let connected = conn.is_some();
+            let idle = async move {
+                match connected {
                     true => tokio::time::sleep(ping_interval).await,
                     false => std::future::pending().await,
                 }

@@ -1,0 +1,322 @@
+//! `guestwatch-agent run`: the daemon. Detects changes, scans, and delivers each new report to
+//! the relay until it is acknowledged — surviving relay outages, restarts and reboots.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use guestwatch_protocol::{
+    AgentInfo, ChangeCounts, ContentHash, Report, ReportFacts, ReportId, TriggerFacts,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    cli::RunArgs,
+    config::{RunSettings, TargetSpec},
+    deliver::{
+        sender::{self, Outbox, SenderConfig},
+        state::StateDir,
+    },
+    detect::{
+        Detector, DetectorConfig, DetectorMode,
+        pipeline::{self, PipelineConfig, PipelineEvent},
+        schedule::Batch,
+        trigger::Trigger,
+    },
+    inventory::{self, ChangeSummary, Facts},
+    metrics::Metrics,
+    scan::{Snapshot, SystemScanner, shown_path},
+};
+
+pub async fn run(args: &RunArgs) -> Result<()> {
+    let settings = RunSettings::resolve(args)?;
+    let state = StateDir::open(&settings.state).context("opening the state directory")?;
+    let epoch = state.epoch();
+    let state = Arc::new(Mutex::new(state));
+    let metrics = Metrics::new();
+    let stop = CancellationToken::new();
+    super::watch::spawn_signal_handler(stop.clone());
+
+    let scanner = SystemScanner::new(settings.target.clone());
+    let detector = Detector::start(&DetectorConfig {
+        choice: settings.detect.choice,
+        dbdir: scanner.dbdir(),
+        disable_bpf: settings.detect.disable_bpf.clone(),
+        rediscover: settings.detect.periodic,
+    })
+    .context("starting detection")?;
+    let mode = detector.status().mode;
+    metrics.set_mode(mode);
+
+    if let Some(addr) = settings.metrics {
+        let server = guestwatch_telemetry::MetricsServer::bind(
+            addr,
+            metrics.registry.clone(),
+            Arc::new(|| Ok(())),
+        )
+        .await
+        .with_context(|| format!("metrics endpoint on {addr}"))?;
+        log::info!(
+            "metrics on http://{}/metrics",
+            server.local_addr().unwrap_or(addr)
+        );
+        tokio::spawn(server.serve(stop.clone()));
+    }
+
+    let (outbox, outbox_rx) = Outbox::new();
+    // A report that was not acknowledged before the last stop is sent again first.
+    let mut baseline = {
+        let state = state.lock().unwrap_or_else(|p| p.into_inner());
+        let restored = state
+            .load_pending()
+            .ok()
+            .flatten()
+            .and_then(|bytes| sender::restore(&bytes));
+        match restored {
+            Some(report) if report.id.epoch == epoch => {
+                log::info!(
+                    "resending report {} left unacknowledged by the previous run",
+                    report.id
+                );
+                let hash = report.content_hash;
+                outbox.offer(report);
+                Some(hash)
+            }
+            _ => state
+                .load_acked()
+                .ok()
+                .flatten()
+                .and_then(|a| ContentHash::from_hex(&a.content_hash)),
+        }
+    };
+
+    let sender_config = SenderConfig {
+        relay: settings.relay.clone(),
+        connect_timeout: settings.connect_timeout,
+        ack_timeout: settings.ack_timeout,
+        max_backoff: settings.max_backoff,
+        agent: agent_info(&settings.target, mode),
+        epoch,
+    };
+    log::info!(
+        "delivering to {} (state in {})",
+        settings.relay,
+        settings.state.display()
+    );
+    let sending = tokio::spawn(sender::run(
+        sender_config,
+        state.clone(),
+        outbox_rx,
+        metrics.clone(),
+        stop.clone(),
+    ));
+
+    let (trigger_tx, trigger_rx) = mpsc::channel(1024);
+    let (event_tx, mut events) = mpsc::channel(256);
+    tokio::spawn(detector.run(trigger_tx, stop.clone()));
+    let config = PipelineConfig {
+        schedule: settings.detect.schedule.clone(),
+        periodic: settings.detect.periodic,
+        startup_scan: true,
+    };
+    let target = settings.target.clone();
+    let pipeline = tokio::spawn(pipeline::run(
+        config,
+        scanner,
+        trigger_rx,
+        event_tx,
+        stop.clone(),
+    ));
+
+    let mut previous: Option<Snapshot> = None;
+    while let Some(event) = events.recv().await {
+        match event {
+            PipelineEvent::Trigger(trigger) => metrics.trigger(trigger.kind),
+            PipelineEvent::Scan {
+                batch,
+                result,
+                duration,
+            } => match result {
+                Ok(snapshot) => {
+                    let hash = ContentHash(snapshot.content_hash);
+                    let changes = previous
+                        .as_ref()
+                        .map(|p| ChangeSummary::between(&p.scan.packages, &snapshot.scan.packages))
+                        .unwrap_or_default();
+                    if baseline == Some(hash) {
+                        metrics.scan("unchanged", duration.as_secs_f64());
+                        log::info!(
+                            "scan after {} trigger: package set unchanged",
+                            batch.cause.kind.as_str()
+                        );
+                    } else {
+                        metrics.scan("changed", duration.as_secs_f64());
+                        let generation = state
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .next_generation()
+                            .context("persisting the report generation")?;
+                        let report = build_report(
+                            &target,
+                            &snapshot,
+                            &batch,
+                            &changes,
+                            mode,
+                            ReportId { epoch, generation },
+                            duration,
+                        );
+                        match sender::persistable(&report) {
+                            Some(bytes) => {
+                                if let Err(e) = state
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .save_pending(&bytes)
+                                {
+                                    log::error!("persisting report {}: {e}", report.id);
+                                }
+                            }
+                            None => log::error!(
+                                "report {} cannot be encoded for persistence",
+                                report.id
+                            ),
+                        }
+                        log::info!(
+                            "report {} ({} packages, {}) after {} trigger",
+                            report.id,
+                            snapshot.scan.packages.len(),
+                            changes.short(),
+                            batch.cause.kind.as_str()
+                        );
+                        outbox.offer(report);
+                        baseline = Some(hash);
+                    }
+                    previous = Some(snapshot);
+                }
+                Err(e) => {
+                    metrics.scan("failed", duration.as_secs_f64());
+                    log::error!("scan failed: {e}");
+                }
+            },
+        }
+    }
+    pipeline.await.context("the scan pipeline crashed")?;
+    stop.cancel();
+    sending.await.context("the sender crashed")?;
+    log::info!("stopped");
+    Ok(())
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| inventory::millis(d))
+        .unwrap_or(0)
+}
+
+fn trigger_facts(cause: &Trigger, coalesced: u32) -> TriggerFacts {
+    let a = cause.attribution.clone().unwrap_or_default();
+    let has = cause.attribution.is_some();
+    TriggerFacts {
+        kind: cause.kind.as_str().into(),
+        detail: cause.detail.clone(),
+        pid: has.then_some(a.pid),
+        tid: has.then_some(a.tid),
+        uid: has.then_some(a.uid),
+        gid: has.then_some(a.gid),
+        comm: has.then_some(a.comm),
+        exe: a.exe,
+        return_code: a.return_code,
+        started_at_ms: a.started_at.map(unix_ms),
+        ended_at_ms: a.ended_at.map(unix_ms),
+        library: a.library,
+        operation: a.operation,
+        paths: a.paths,
+        coalesced,
+    }
+}
+
+fn build_report(
+    target: &TargetSpec,
+    snapshot: &Snapshot,
+    batch: &Batch,
+    changes: &ChangeSummary,
+    mode: DetectorMode,
+    id: ReportId,
+    duration: Duration,
+) -> Report {
+    let database = shown_path(target, &snapshot.scan.path);
+    let trigger = trigger_facts(&batch.cause, batch.total());
+    let facts = Facts {
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        detector: mode.as_str().into(),
+        trigger: serde_json::to_value(&batch.cause).unwrap_or_default(),
+        backend: snapshot.scan.backend.as_str().into(),
+        database: database.clone(),
+        package_count: snapshot.scan.packages.len(),
+        scan_duration_ms: inventory::millis(duration),
+        content_hash: hex::encode(snapshot.content_hash),
+        errors: snapshot
+            .scan
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.entry, e.reason))
+            .collect(),
+        generation: Some(id.generation),
+        changes: changes.clone(),
+    };
+    let json = serde_json::to_vec(&inventory::document(
+        &snapshot.scan.packages,
+        &database,
+        &facts,
+    ))
+    .unwrap_or_default();
+    let (encoding, payload) = Report::encode_payload(json);
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Report {
+        id,
+        content_hash: ContentHash(snapshot.content_hash),
+        facts: ReportFacts {
+            trigger,
+            scanned_at_ms: unix_ms(snapshot.finished_at),
+            package_count: count(snapshot.scan.packages.len()),
+            changes: ChangeCounts {
+                added: count(changes.added.len()),
+                removed: count(changes.removed.len()),
+                changed: count(changes.changed.len()),
+            },
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            detector: mode.as_str().into(),
+        },
+        encoding,
+        payload,
+    }
+}
+
+/// What the agent tells the relay about itself (recorded there as claims).
+fn agent_info(target: &TargetSpec, mode: DetectorMode) -> AgentInfo {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let os_release = match target {
+        TargetSpec::Root(root) => {
+            std::fs::read_to_string(root.join("etc/os-release")).unwrap_or_default()
+        }
+        TargetSpec::DbPath(_) => std::fs::read_to_string("/etc/os-release").unwrap_or_default(),
+    };
+    let os = os_release
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_owned())
+        .unwrap_or_default();
+    AgentInfo {
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        hostname: read("/proc/sys/kernel/hostname"),
+        os,
+        kernel: read("/proc/sys/kernel/osrelease"),
+        detector: mode.as_str().into(),
+    }
+}
