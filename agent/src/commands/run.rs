@@ -211,7 +211,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
 
 fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
-        .map(|d| inventory::millis(d))
+        .map(inventory::millis)
         .unwrap_or(0)
 }
 
