@@ -122,7 +122,8 @@ pub struct RunArgs {
     /// A report not acknowledged within this long is retransmitted. [default: 10s]
     #[arg(long, env = "GUESTWATCH_ACK_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
     pub ack_timeout: Option<Duration>,
-    /// Cap of the exponential reconnect/retransmit backoff. [default: 60s]
+    /// Cap of the exponential reconnect/retransmit backoff: a relay that comes back is found
+    /// within this long. [default: 5s]
     #[arg(long, env = "GUESTWATCH_MAX_BACKOFF", value_parser = parse_duration, value_name = "DURATION")]
     pub max_backoff: Option<Duration>,
     /// TOML configuration file (same keys as the options).

@@ -271,7 +271,7 @@ impl RunSettings {
             ack_timeout: pick_duration(args.ack_timeout, &file.ack_timeout, "ack_timeout")?
                 .unwrap_or(Duration::from_secs(10)),
             max_backoff: pick_duration(args.max_backoff, &file.max_backoff, "max_backoff")?
-                .unwrap_or(Duration::from_secs(60)),
+                .unwrap_or(Duration::from_secs(5)),
         })
     }
 }

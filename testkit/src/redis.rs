@@ -20,7 +20,7 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts a server on a free loopback port, with persistence off.
+    /// Starts a server on a free loopback port, with an fsynced append-only file.
     pub fn start() -> Result<Self> {
         if which("redis-server").is_none() {
             return Err(Error::Missing {
@@ -57,22 +57,23 @@ impl RedisServer {
         }
     }
 
-    /// Starts the server again on the same port (data kept in memory is lost, as after a crash
-    /// with persistence off).
+    /// Starts the server again on the same port, with the data it had written.
     pub fn restart(&mut self) -> Result<()> {
         self.stop();
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
+            // Durable like a production sink: every write is on disk before it is acknowledged,
+            // so a restart (an outage) loses nothing.
             .args([
                 "--save",
                 "",
                 "--appendonly",
-                "no",
-                "--protected-mode",
                 "yes",
-                "--dir",
+                "--appendfsync",
+                "always",
             ])
+            .args(["--protected-mode", "yes", "--dir"])
             .arg(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
