@@ -1,0 +1,163 @@
+//! Delivery guarantees under faults: killing the relay and the agent at random points never
+//! loses the newest report; an agent waiting for a relay costs almost no CPU and delivers
+//! within seconds of the relay appearing.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use guestwatch_tests::{
+    Agent, PackageSpec, Relay, RpmDb, build_packages, package_versions, testkit, wait_for,
+};
+
+fn prerequisites() -> bool {
+    if testkit::have_rpm_tools() {
+        return true;
+    }
+    assert!(!testkit::in_ci(), "CI must have rpm and rpmbuild");
+    eprintln!("SKIPPED: rpm/rpmbuild are not installed");
+    false
+}
+
+fn db_state(db: &RpmDb) -> BTreeMap<String, String> {
+    db.query("%{NAME} %|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\n")
+        .unwrap()
+        .into_iter()
+        .filter_map(|l| l.split_once(' ').map(|(n, v)| (n.to_owned(), v.to_owned())))
+        .collect()
+}
+
+/// CPU seconds a process has used (user + system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[test]
+fn an_agent_waiting_for_a_relay_is_idle_and_delivers_soon_after_it_appears() {
+    if !prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let db = RpmDb::at(work.path().join("rpmdb")).unwrap();
+    db.install(
+        &build_packages(
+            &testkit::generated_specs("idle", 5),
+            &work.path().join("rpms"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let socket = work.path().join("vm1.vsock_919");
+    // The agent starts first, with default settings, and waits for a relay that is not there.
+    let agent = Agent::start(work.path(), "vm1", db.path(), &socket, &[]);
+    let pid = agent.process.pid().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let before = cpu_seconds(pid);
+    let window = Duration::from_secs(10);
+    std::thread::sleep(window);
+    let used = cpu_seconds(pid) - before;
+    println!(
+        "agent waiting for a relay: {used:.3} s CPU over {window:?} ({:.2}%)",
+        used / window.as_secs_f64() * 100.0
+    );
+    assert!(
+        used < 0.2,
+        "waiting must not spin: {used} s CPU in {window:?}"
+    );
+
+    let appeared = Instant::now();
+    let relay = Relay::start(work.path(), &["vm1"], None, &[]);
+    let want = db_state(&db);
+    wait_for(
+        "delivery after the relay appeared",
+        Duration::from_secs(15),
+        || (package_versions(&relay.latest("vm1")?["report"]) == want).then_some(()),
+    );
+    let took = appeared.elapsed();
+    println!("delivered {took:.2?} after the relay appeared");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}
+
+#[test]
+fn killing_relay_and_agent_at_random_never_loses_the_newest_report() {
+    if !prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let db = RpmDb::at(work.path().join("rpmdb")).unwrap();
+    let specs: Vec<PackageSpec> = (0..8)
+        .map(|i| PackageSpec::new(format!("chaos-{i}"), "1.0", "1"))
+        .collect();
+    let rpms = build_packages(&specs, &work.path().join("rpms")).unwrap();
+    let mut relay = Relay::start(work.path(), &["vm1"], None, &[]);
+    let mut agent = Agent::start(
+        work.path(),
+        "vm1",
+        db.path(),
+        &relay.socket("vm1"),
+        &["--max-backoff", "1s"],
+    );
+    let seed = std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("chaos seed {seed} (set CHAOS_SEED to replay)");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut installed = vec![false; rpms.len()];
+    let toggle = |rng: &mut fastrand::Rng, installed: &mut Vec<bool>| {
+        let i = rng.usize(..installed.len());
+        if installed[i] {
+            db.erase(&[&format!("chaos-{i}")]).unwrap();
+        } else {
+            db.install(&rpms[i..=i]).unwrap();
+        }
+        installed[i] = !installed[i];
+    };
+    let iterations = 60;
+    for _ in 0..iterations {
+        match rng.u8(..6) {
+            0 => agent.restart(),
+            1 => relay.restart(),
+            2 => {
+                relay.process.kill();
+                toggle(&mut rng, &mut installed);
+                relay.restart();
+            }
+            3 => {
+                agent.process.kill();
+                toggle(&mut rng, &mut installed);
+                agent.restart();
+            }
+            _ => toggle(&mut rng, &mut installed),
+        }
+        std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
+    }
+    let want = db_state(&db);
+    wait_for(
+        "the newest state at the sink after the chaos",
+        Duration::from_secs(30),
+        || (package_versions(&relay.latest("vm1")?["report"]) == want).then_some(()),
+    );
+    // The newest report is never superseded by an older one at the sink: generations only grow.
+    let mut last_generation = 0u64;
+    for d in relay.deliveries() {
+        let id = d["report_id"].as_str().unwrap();
+        let generation: u64 = id.rsplit('-').next().unwrap().parse().unwrap();
+        assert!(
+            generation > last_generation,
+            "an older report overwrote a newer one: {id} after {last_generation}"
+        );
+        last_generation = generation;
+    }
+    println!(
+        "{iterations} iterations, {} deliveries",
+        relay.deliveries().len()
+    );
+}
