@@ -33,7 +33,9 @@ struct Measured {
 
 fn measure(detector: &str, work: &Path) -> Option<Measured> {
     let db = RpmDb::at(work.join(format!("db-{detector}"))).ok()?;
-    let specs: Vec<PackageSpec> = (0..RUNS).map(|i| PackageSpec::new(format!("lat-{detector}-{i:02}"), "1.0", "1")).collect();
+    let specs: Vec<PackageSpec> = (0..RUNS)
+        .map(|i| PackageSpec::new(format!("lat-{detector}-{i:02}"), "1.0", "1"))
+        .collect();
     let rpms = build_packages(&specs, &work.join(format!("rpms-{detector}"))).ok()?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_guestwatch-agent"))
         .args(["watch", "--detector", detector, "--dbpath"])
@@ -63,7 +65,11 @@ fn measure(detector: &str, work: &Path) -> Option<Measured> {
     let detector_line = wait(&|v| v["event"] == "detector");
     detector_line?;
     wait(&|v| v["event"] == "scan")?;
-    let mut m = Measured { exit_to_scan: Vec::new(), before_exit: 0, tx_end_to_scan: Vec::new() };
+    let mut m = Measured {
+        exit_to_scan: Vec::new(),
+        before_exit: 0,
+        tx_end_to_scan: Vec::new(),
+    };
     for (i, rpm) in rpms.iter().enumerate() {
         let mut tx = db.spawn_transaction("-i", std::slice::from_ref(rpm)).ok()?;
         tx.wait().ok()?;
@@ -71,14 +77,21 @@ fn measure(detector: &str, work: &Path) -> Option<Measured> {
         let name = format!("lat-{detector}-{i:02}");
         let (seen, seen_wall, scan) = wait(&|v| {
             v["event"] == "scan"
-                && v["changes"]["added"].as_array().is_some_and(|a| a.iter().any(|p| p.as_str().is_some_and(|p| p.starts_with(&name))))
+                && v["changes"]["added"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|p| p.as_str().is_some_and(|p| p.starts_with(&name)))
+                })
         })?;
         if seen < exited {
             m.before_exit += 1;
         }
         m.exit_to_scan.push(seen.saturating_duration_since(exited));
-        if let Some(end) = scan["trigger"]["attribution"]["ended_at"].as_str().and_then(|t| humantime::parse_rfc3339(t).ok()) {
-            m.tx_end_to_scan.push(seen_wall.duration_since(end).unwrap_or_default());
+        if let Some(end) = scan["trigger"]["attribution"]["ended_at"]
+            .as_str()
+            .and_then(|t| humantime::parse_rfc3339(t).ok())
+        {
+            m.tx_end_to_scan
+                .push(seen_wall.duration_since(end).unwrap_or_default());
         }
         // Spaced like separate administrator actions, so the storm limit (a separate concern,
         // covered by the storm test) does not enter the measurement.
@@ -96,10 +109,12 @@ fn cost(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rfind(')').map_or("", |i| &stat[i + 2..]);
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|t| t.parse::<f64>().ok()).unwrap_or(0.0) + f.get(12).and_then(|t| t.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = f.get(11).and_then(|t| t.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|t| t.parse::<f64>().ok()).unwrap_or(0.0);
     // The event loop runs on the main thread (current-thread runtime): its voluntary context
     // switches are the agent's wake-ups.
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).unwrap_or_default();
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).unwrap_or_default();
     let switches = status
         .lines()
         .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
@@ -109,7 +124,9 @@ fn cost(pid: u32) -> (f64, u64) {
 }
 
 fn idle(work: &Path) {
-    let Ok(db) = RpmDb::at(work.join("db-idle")) else { return };
+    let Ok(db) = RpmDb::at(work.join("db-idle")) else {
+        return;
+    };
     let Ok(mut child) = Command::new(env!("CARGO_BIN_EXE_guestwatch-agent"))
         .args(["watch", "--dbpath"])
         .arg(db.path())
@@ -140,7 +157,10 @@ fn main() {
     }
     let work = tempfile::tempdir().expect("temp dir");
     println!("detection latency: rpm exit -> `scan` event, {RUNS} transactions per detector");
-    println!("{:<10} {:>10} {:>10} {:>10} {:>14}   target p50", "detector", "p50", "p99", "max", "before exit");
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>14}   target p50",
+        "detector", "p50", "p99", "max", "before exit"
+    );
     let mut p50s = Vec::new();
     for (detector, target) in [("ebpf", 100u64), ("inotify", 300)] {
         if detector == "ebpf" && !is_root() {
@@ -151,7 +171,11 @@ fn main() {
             Some(m) if !m.exit_to_scan.is_empty() => {
                 let l = &m.exit_to_scan;
                 let (p50, p99, max) = (percentile(l, 0.5), percentile(l, 0.99), l[l.len() - 1]);
-                let verdict = if p50.as_millis() < u128::from(target) { "ok" } else { "MISSED" };
+                let verdict = if p50.as_millis() < u128::from(target) {
+                    "ok"
+                } else {
+                    "MISSED"
+                };
                 println!(
                     "{detector:<10} {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>9}/{RUNS}   < {target} ms {verdict}",
                     ms(p50),
@@ -170,12 +194,17 @@ fn main() {
                 }
                 p50s.push((detector, p50));
             }
-            _ => println!("{detector:<10} FAILED to measure (is the agent built with BPF? run as root?)"),
+            _ => println!(
+                "{detector:<10} FAILED to measure (is the agent built with BPF? run as root?)"
+            ),
         }
     }
     if let [(a, pa), (b, pb)] = p50s.as_slice() {
         // Clamp at 1 ms: eBPF's scan often lands before rpm has exited (0 ms).
-        println!("ratio p50 {b}/{a}: {:.0}x (eBPF p50 clamped to >= 1 ms)", pb.as_secs_f64() / pa.as_secs_f64().max(0.001));
+        println!(
+            "ratio p50 {b}/{a}: {:.0}x (eBPF p50 clamped to >= 1 ms)",
+            pb.as_secs_f64() / pa.as_secs_f64().max(0.001)
+        );
     }
     idle(work.path());
 }

@@ -27,6 +27,8 @@ pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        // Benchmarks run from target/release: measure release binaries there.
+        let release = bin_dir().ends_with("release");
         let status = Command::new(cargo)
             .args([
                 "build",
@@ -36,6 +38,7 @@ pub fn binary(name: &str) -> PathBuf {
                 "-p",
                 "guestwatch-relay",
             ])
+            .args(release.then_some("--release"))
             .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
             .status()
             .expect("running cargo build");
