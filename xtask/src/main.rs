@@ -7,6 +7,7 @@ mod fuzz;
 mod setup;
 mod test;
 mod util;
+mod vmtest;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -46,6 +47,24 @@ enum Cmd {
         /// Targets to run; none runs all.
         targets: Vec<String>,
     },
+    /// Boot a QEMU guest (Debian 6.1 kernel, TCG) and run the agent there: eBPF in the guest
+    /// kernel, AF_VSOCK to the host through vhost-device-vsock. See docs/vm-test.md.
+    VmTest {
+        /// Scenarios to run (see --list); none runs all.
+        scenarios: Vec<String>,
+        /// List the scenarios and what each proves, then exit.
+        #[arg(long)]
+        list: bool,
+        /// After the scenarios, keep the guest running with its shell on this terminal.
+        #[arg(long)]
+        keep: bool,
+        /// Print every guest console line as it arrives.
+        #[arg(long, short)]
+        verbose: bool,
+        /// Fail when a scenario is skipped because what it needs is not built yet.
+        #[arg(long)]
+        strict: bool,
+    },
 }
 
 fn main() {
@@ -57,6 +76,19 @@ fn main() {
         Cmd::Demo => demo::demo(),
         Cmd::Bench { names } => bench::bench(&names),
         Cmd::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
+        Cmd::VmTest {
+            scenarios,
+            list,
+            keep,
+            verbose,
+            strict,
+        } => vmtest::vm_test(&vmtest::Options {
+            scenarios,
+            list,
+            keep,
+            verbose,
+            strict,
+        }),
     };
     if let Err(e) = result {
         eprintln!("\nerror: {e:#}");
