@@ -1,7 +1,10 @@
-//! Static guestwatch binaries for the guest, with the BPF object embedded.
+//! The guestwatch binaries for the guest.
 //!
-//! Static (`+crt-static`) so the guest needs no glibc of a particular version for them, built
-//! in their own target directory so this build never invalidates the normal one.
+//! The agent is static (`+crt-static`, release, BPF object embedded), built in its own target
+//! directory so this build never invalidates the normal one. The relay is the workspace's
+//! ordinary dev build, shared with `cargo build`/`cargo test` (a static release relay would
+//! compile its whole dependency tree a second time, minutes on two cores); it serves as the
+//! host relay as it is, and goes into the guest with its `ldd` closure like rpm does.
 
 use std::{
     path::{Path, PathBuf},
@@ -21,7 +24,7 @@ const TARGET: &str = "x86_64-unknown-linux-gnu";
 /// What the scenarios can use.
 pub struct Binaries {
     pub agent: PathBuf,
-    /// `None` until the relay crate has its `guestwatch-relay` binary.
+    /// A dynamically linked dev build; `None` until the relay crate has its binary.
     pub relay: Option<PathBuf>,
     /// The agent has its daemon, `guestwatch-agent run --relay …`.
     pub agent_daemon: bool,
@@ -35,11 +38,7 @@ pub fn build(dirs: &Dirs) -> Result<Binaries> {
     let mut build = cargo();
     build
         .args(["build", "--release", "--target", TARGET])
-        .args(["--package", "guestwatch-agent"]);
-    if relay_has_binary {
-        build.args(["--package", "guestwatch-relay"]);
-    }
-    build
+        .args(["--package", "guestwatch-agent"])
         .env("CARGO_TARGET_DIR", &dirs.cargo)
         // With --target, RUSTFLAGS reach only the target crates, not build scripts.
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
@@ -53,9 +52,14 @@ pub fn build(dirs: &Dirs) -> Result<Binaries> {
     let agent = out.join("guestwatch-agent");
     check_static(&agent)?;
     let relay = if relay_has_binary {
-        let relay = out.join("guestwatch-relay");
-        check_static(&relay)?;
-        Some(relay)
+        run(
+            cargo().args(["build", "--package", "guestwatch-relay"]),
+            "see the build error above",
+        )?;
+        let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        Some(target_dir.join("debug/guestwatch-relay"))
     } else {
         note(
             "relay/src/main.rs does not exist yet: scenarios that need guestwatch-relay are skipped",

@@ -36,6 +36,19 @@ pub fn add_with_libraries(archive: &mut Archive, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Adds the host ELF file `host` at `guest`, and its `ldd` closure at the host paths.
+pub fn add_as_with_libraries(archive: &mut Archive, host: &Path, guest: &str) -> Result<()> {
+    let mode = fs::metadata(host)
+        .with_context(|| format!("reading {}", host.display()))?
+        .permissions()
+        .mode();
+    archive.file(guest, Source::Host(host.to_path_buf()), mode)?;
+    for library in ldd(host)? {
+        add_path(archive, &library)?;
+    }
+    Ok(())
+}
+
 /// Adds every file under a host directory (e.g. `/usr/lib/rpm`: rpmrc, macros, platforms).
 pub fn add_tree(archive: &mut Archive, dir: &Path) -> Result<()> {
     let mut stack = vec![dir.to_path_buf()];

@@ -77,11 +77,7 @@ pub fn build(contents: &Contents, out: &Path) -> Result<u64> {
         0o755,
     )?;
     if let Some(relay) = &contents.binaries.relay {
-        fs.file(
-            "/usr/local/bin/guestwatch-relay",
-            Source::Host(relay.clone()),
-            0o755,
-        )?;
+        hostfiles::add_as_with_libraries(&mut fs, relay, "/usr/local/bin/guestwatch-relay")?;
     }
 
     for module in contents.modules {

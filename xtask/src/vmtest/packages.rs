@@ -13,7 +13,9 @@ use crate::util::note;
 const NAMES: &[&str] = &[
     "gw-vmtest-base",
     "gw-vmtest-ebpf",
-    "gw-vmtest-new",
+    "gw-vmtest-new-1",
+    "gw-vmtest-new-2",
+    "gw-vmtest-new-3",
     "gw-vmtest-while-down",
     "gw-vmtest-loopback",
 ];

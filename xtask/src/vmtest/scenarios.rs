@@ -370,7 +370,8 @@ impl HostSide for FirstReport {
 #[derive(Default)]
 struct RpmDelivered {
     relay: Option<HostRelay>,
-    details: Vec<String>,
+    /// Guest change (rpm -i starting) → report naming the package at the host sink.
+    latencies: Vec<Duration>,
 }
 
 impl HostSide for RpmDelivered {
@@ -381,34 +382,40 @@ impl HostSide for RpmDelivered {
 
     fn signal(&mut self, word: &str, env: &mut HostEnv) -> Result<()> {
         let sink = env.scratch.join("sink");
-        match word {
-            "agent-started" => {
-                wait_for_sink(&sink, "gw-vmtest-base", Duration::from_secs(90))?;
-                env.release("first-delivered")
-            }
-            "installed" => {
-                let changed = env.line_at;
-                let report = wait_for_sink(&sink, "gw-vmtest-new", Duration::from_secs(60))?;
-                let latency = changed.elapsed();
-                if !has_rpm_attribution(&report) {
-                    bail!(
-                        "the delivered report does not attribute the change to comm \"rpm\" \
-                         ({}/vms/{VM_NAME}/latest.json)",
-                        sink.display()
-                    );
-                }
-                self.details.push(format!(
-                    "guest rpm -i → host sink {} (attributed to rpm)",
-                    ms(latency)
-                ));
-                env.release("delivered")
-            }
-            _ => bail!("unexpected signal '{word}'"),
+        if word == "agent-started" {
+            wait_for_sink(&sink, "gw-vmtest-base", Duration::from_secs(90))?;
+            return env.release("first-delivered");
         }
+        let Some(n) = word.strip_prefix("installing-") else {
+            bail!("unexpected signal '{word}'");
+        };
+        let changed = env.line_at;
+        let package = format!("gw-vmtest-new-{n}");
+        let report = wait_for_sink(&sink, &package, Duration::from_secs(60))?;
+        self.latencies.push(changed.elapsed());
+        if !has_rpm_attribution(&report) {
+            bail!(
+                "the report delivered for {package} does not attribute the change to comm \"rpm\" \
+                 ({}/vms/{VM_NAME}/latest.json)",
+                sink.display()
+            );
+        }
+        env.release(&format!("delivered-{n}"))
     }
 
     fn verdict(&mut self, _env: &mut HostEnv) -> Result<Vec<String>> {
-        Ok(std::mem::take(&mut self.details))
+        let mut sorted = self.latencies.clone();
+        sorted.sort();
+        let (Some(min), Some(max)) = (sorted.first(), sorted.last()) else {
+            bail!("no change was timed");
+        };
+        Ok(vec![format!(
+            "guest change → host sink ({} rpm -i, attributed to rpm): min {}, median {}, max {}",
+            sorted.len(),
+            ms(*min),
+            ms(sorted[sorted.len() / 2]),
+            ms(*max)
+        )])
     }
 
     fn end(&mut self, _env: &mut HostEnv) {
