@@ -195,3 +195,85 @@ impl Writer {
         self.put(&[0; 3][..pad])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (name, mode, rdev major, data) of every entry, read back from newc bytes.
+    fn read_back(bytes: &[u8]) -> Vec<(String, u32, u32, Vec<u8>)> {
+        let hex = |at: usize, field: usize| {
+            let start = at + 6 + field * 8;
+            u32::from_str_radix(std::str::from_utf8(&bytes[start..start + 8]).unwrap(), 16).unwrap()
+        };
+        let align = |n: usize| n.div_ceil(4) * 4;
+        let mut entries = Vec::new();
+        let mut at = 0;
+        loop {
+            assert_eq!(&bytes[at..at + 6], b"070701", "magic at offset {at}");
+            let (mode, size, rmajor, namesize) = (
+                hex(at, 1),
+                hex(at, 6) as usize,
+                hex(at, 9),
+                hex(at, 11) as usize,
+            );
+            let name_at = at + 110;
+            let name = String::from_utf8(bytes[name_at..name_at + namesize - 1].to_vec()).unwrap();
+            assert_eq!(bytes[name_at + namesize - 1], 0);
+            let data_at = align(name_at + namesize);
+            let data = bytes[data_at..data_at + size].to_vec();
+            at = align(data_at + size);
+            if name == "TRAILER!!!" {
+                assert_eq!(at, bytes.len());
+                return entries;
+            }
+            entries.push((name, mode, rmajor, data));
+        }
+    }
+
+    #[test]
+    fn newc_round_trip() {
+        let mut archive = Archive::default();
+        archive
+            .file("/usr/bin/tool", Source::Bytes(b"abcde".to_vec()), 0o755)
+            .unwrap();
+        archive.symlink("/bin", "usr/bin").unwrap();
+        archive.char_dev("/dev/console", 5, 1).unwrap();
+        archive.dir("/usr/bin").unwrap();
+        assert!(archive.contains("/usr/bin/tool"));
+        assert!(
+            archive
+                .file("/bin/x", Source::Bytes(Vec::new()), 0o644)
+                .is_err()
+        );
+        assert!(archive.dir("/a/../b").is_err());
+
+        let path = std::env::temp_dir().join(format!("gw-cpio-test-{}", std::process::id()));
+        let size = archive.write(&path).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        let _ = fs::remove_file(&path);
+        assert_eq!(size as usize, bytes.len());
+        let entries = read_back(&bytes);
+        let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+        // Parents come before children.
+        assert_eq!(
+            names,
+            [
+                "bin",
+                "dev",
+                "dev/console",
+                "usr",
+                "usr/bin",
+                "usr/bin/tool"
+            ]
+        );
+        assert_eq!(entries[0].1, 0o120_777);
+        assert_eq!(entries[0].3, b"usr/bin");
+        assert_eq!((entries[2].1, entries[2].2), (0o020_600, 5));
+        assert_eq!(entries[3].1, 0o040_755);
+        assert_eq!(
+            (entries[5].1, entries[5].3.as_slice()),
+            (0o100_755, &b"abcde"[..])
+        );
+    }
+}

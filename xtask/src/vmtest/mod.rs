@@ -139,6 +139,8 @@ pub fn vm_test(options: &Options) -> Result<()> {
         }
     }
 
+    // Each run starts with an empty run directory: logs and sinks are this run's only.
+    let _ = std::fs::remove_dir_all(&dirs.run);
     std::fs::create_dir_all(&dirs.run)?;
     let initramfs = dirs.run.join("initramfs.cpio");
     let size = stages.run("initramfs", || {
