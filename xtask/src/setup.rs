@@ -26,6 +26,10 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
         "socat",
         "AF_VSOCK client/listener inside the nested guest (copied from the host)",
     ),
+    (
+        "procps",
+        "`kill -TERM` for stopping the nested guest and the relay cleanly",
+    ),
 ];
 
 /// Runs every setup step.

@@ -132,12 +132,13 @@ pub fn run(
                     waiting_for = "the first scenario to begin".into();
                 }
                 Event::Begin(name) => {
-                    let Some(scenario) = scenarios.get(next).filter(|s| s.name == name) else {
+                    let expected = scenarios.get(next).filter(|s| s.name == name);
+                    let (Some(scenario), Some(control_channel)) = (expected, control.take()) else {
                         abandon(
                             &mut outcomes,
                             active.take(),
                             &scenarios[next..],
-                            &format!("the guest began unexpected scenario '{name}'"),
+                            &format!("the guest began scenario '{name}' out of order"),
                         );
                         break 'run;
                     };
@@ -150,9 +151,7 @@ pub fn run(
                         relay_binary: options.relay_binary.clone(),
                         line_at: Instant::now(),
                         scenario: scenario.name.to_owned(),
-                        control: control
-                            .take()
-                            .expect("control is returned after each scenario"),
+                        control: control_channel,
                     };
                     let mut host = (scenario.host)();
                     let host_error = host.begin(&mut env).err().map(|e| format!("host: {e:#}"));
