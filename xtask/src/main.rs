@@ -8,6 +8,7 @@ mod package;
 mod setup;
 mod test;
 mod util;
+mod vmtest;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -49,6 +50,24 @@ enum Cmd {
         /// Targets to run; none runs all.
         targets: Vec<String>,
     },
+    /// Boot a QEMU guest (Debian 6.1 kernel, TCG) and run the agent there: eBPF in the guest
+    /// kernel, AF_VSOCK to the host through vhost-device-vsock. See docs/vm-test.md.
+    VmTest {
+        /// Scenarios to run (see --list); none runs all.
+        scenarios: Vec<String>,
+        /// List the scenarios and what each proves, then exit.
+        #[arg(long)]
+        list: bool,
+        /// After the scenarios, keep the guest running with its shell on this terminal.
+        #[arg(long)]
+        keep: bool,
+        /// Print every guest console line as it arrives.
+        #[arg(long, short)]
+        verbose: bool,
+        /// Fail when a scenario is skipped because what it needs is not built yet.
+        #[arg(long)]
+        strict: bool,
+    },
 }
 
 fn main() {
@@ -61,6 +80,19 @@ fn main() {
         Cmd::PackageRpm => package::package_rpm().map(drop),
         Cmd::Bench { names } => bench::bench(&names),
         Cmd::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
+        Cmd::VmTest {
+            scenarios,
+            list,
+            keep,
+            verbose,
+            strict,
+        } => vmtest::vm_test(&vmtest::Options {
+            scenarios,
+            list,
+            keep,
+            verbose,
+            strict,
+        }),
     };
     if let Err(e) = result {
         eprintln!("\nerror: {e:#}");

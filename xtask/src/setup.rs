@@ -22,6 +22,14 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "the nested guest's userland"),
     ("cpio", "packing the nested guest's initramfs"),
     ("curl", "fetching packages for the nested guest"),
+    (
+        "socat",
+        "AF_VSOCK client/listener inside the nested guest (copied from the host)",
+    ),
+    (
+        "procps",
+        "`kill -TERM` for stopping the nested guest and the relay cleanly",
+    ),
 ];
 
 /// Runs every setup step.
@@ -29,6 +37,7 @@ pub fn setup() -> Result<()> {
     apt_packages()?;
     nightly()?;
     bpf_linker()?;
+    vhost_device_vsock()?;
     step("setup complete");
     Ok(())
 }
@@ -195,4 +204,47 @@ fn bpf_linker() -> Result<()> {
     bpf_linker_path()
         .map(|p| note(&format!("installed {}", p.display())))
         .context("bpf-linker was installed but does not run; check `ldd ~/.cargo/bin/bpf-linker`")
+}
+
+/// The version `cargo xtask vm-test` is written against (its CLI: --guest-cid, --socket,
+/// --uds-path).
+const VHOST_DEVICE_VSOCK_VERSION: &str = "0.3.0";
+
+/// The installed vhost-device-vsock, if it is the expected version.
+pub fn vhost_device_vsock_path() -> Option<PathBuf> {
+    let path = cargo_bin_dir().join("vhost-device-vsock");
+    output(Command::new(&path).arg("--version"))
+        .filter(|v| v.split_whitespace().nth(1) == Some(VHOST_DEVICE_VSOCK_VERSION))
+        .map(|_| path)
+}
+
+fn vhost_device_vsock() -> Result<()> {
+    step("checking vhost-device-vsock (the nested guest's vsock device, over Unix sockets)");
+    if let Some(path) = vhost_device_vsock_path() {
+        note(&format!(
+            "{} {VHOST_DEVICE_VSOCK_VERSION} runs",
+            path.display()
+        ));
+        return Ok(());
+    }
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            // --locked: the crate's own lock file, so newer dependencies cannot raise its
+            // MSRV. Default features: 0.3.0 does not build without them; vm-test only ever
+            // passes --uds-path, so its AF_VSOCK forwarding backend stays unused.
+            .args([
+                "install",
+                "vhost-device-vsock",
+                "--version",
+                VHOST_DEVICE_VSOCK_VERSION,
+                "--locked",
+            ])
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS"),
+        "needs network access to crates.io and a C toolchain (gcc)",
+    )?;
+    vhost_device_vsock_path()
+        .map(|p| note(&format!("installed {}", p.display())))
+        .context("vhost-device-vsock was installed but does not run: try `~/.cargo/bin/vhost-device-vsock --version`")
 }
