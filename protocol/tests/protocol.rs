@@ -379,3 +379,13 @@ async fn the_frame_limit_applies_to_writes_and_can_change() {
         Err(ProtocolError::TooLarge { .. })
     ));
 }
+
+#[test]
+fn fuzz_seeds_are_valid_frames() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/protocol_frame");
+    for name in ["ping", "hello", "report"] {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        let decoded = frame::decode(&bytes, 1 << 20).unwrap().unwrap();
+        assert!(decoded.message.is_ok(), "{name}: {:?}", decoded.message);
+    }
+}

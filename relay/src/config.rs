@@ -37,6 +37,10 @@ pub struct RunArgs {
     /// File of `CID NAME` lines naming AF_VSOCK guests (unnamed CIDs become cid-N).
     #[arg(long, env = "GUESTWATCH_RELAY_CID_MAP", value_name = "FILE")]
     pub cid_map: Option<PathBuf>,
+    /// Accept AF_VSOCK peers from CID 1 (the vsock_loopback transport): for running relay and
+    /// agent in one machine in tests only.
+    #[arg(long, env = "GUESTWATCH_RELAY_ALLOW_LOOPBACK_CID")]
+    pub allow_loopback_cid: bool,
     /// Payload cache slots, one per VM; 0 disables the cache. [default: 100]
     #[arg(long, env = "GUESTWATCH_RELAY_CACHE_SLOTS", value_name = "N")]
     pub cache_slots: Option<usize>,
@@ -101,6 +105,7 @@ pub struct FileConfig {
     pub sink: Option<String>,
     pub metrics: Option<String>,
     pub cid_map: Option<PathBuf>,
+    pub allow_loopback_cid: Option<bool>,
     pub cache_slots: Option<usize>,
     pub cache_ttl: Option<String>,
     pub reports_per_minute: Option<u32>,
@@ -135,6 +140,7 @@ pub struct Settings {
     pub sink_options: SinkOptions,
     pub metrics: Option<SocketAddr>,
     pub cid_map: Option<PathBuf>,
+    pub allow_loopback_cid: bool,
     pub delivery: DeliveryConfig,
     pub limits: ConnectionLimits,
     pub max_frame: u32,
@@ -313,6 +319,7 @@ impl Settings {
             },
             metrics,
             cid_map: args.cid_map.clone().or(file.cid_map.clone()),
+            allow_loopback_cid: args.allow_loopback_cid || file.allow_loopback_cid.unwrap_or(false),
             delivery: DeliveryConfig {
                 reports_per_minute: args
                     .reports_per_minute

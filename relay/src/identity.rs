@@ -70,6 +70,7 @@ pub fn valid_vm_name(name: &str) -> bool {
 #[derive(Clone, Debug, Default)]
 pub struct CidMap {
     names: HashMap<u32, String>,
+    allow_loopback: bool,
 }
 
 impl CidMap {
@@ -116,12 +117,23 @@ impl CidMap {
                 return Err((i + 1, format!("CID {cid} appears twice")));
             }
         }
-        Ok(Self { names })
+        Ok(Self {
+            names,
+            allow_loopback: false,
+        })
+    }
+
+    /// Accepts peers from CID 1 (`VMADDR_CID_LOCAL`): with the `vsock_loopback` transport every
+    /// local connection arrives from CID 1, which is how a relay and an agent in the same
+    /// machine are tested. Never for production: all local processes would share one identity.
+    pub fn allow_loopback(mut self, allow: bool) -> Self {
+        self.allow_loopback = allow;
+        self
     }
 
     /// The identity of an AF_VSOCK peer.
     pub fn identify(&self, cid: u32) -> Result<VmIdentity, IdentityError> {
-        if cid <= 2 {
+        if cid <= 2 && !(cid == 1 && self.allow_loopback) {
             return Err(IdentityError::ReservedCid(cid));
         }
         let name = self
@@ -163,6 +175,9 @@ mod tests {
         for cid in 0..=2 {
             assert_eq!(map.identify(cid), Err(IdentityError::ReservedCid(cid)));
         }
+        let loopback = map.clone().allow_loopback(true);
+        assert_eq!(loopback.identify(1).unwrap().name, "cid-1");
+        assert!(loopback.identify(0).is_err() && loopback.identify(2).is_err());
         assert_eq!(CidMap::parse("2 host").unwrap_err().0, 1);
         assert!(CidMap::parse("3 a\n3 b").is_err());
         assert!(CidMap::parse("3 a\n4 a").is_err());

@@ -84,7 +84,11 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
         let cids = match &settings.cid_map {
             Some(path) => CidMap::load(path)?,
             None => CidMap::default(),
-        };
+        }
+        .allow_loopback(settings.allow_loopback_cid);
+        if settings.allow_loopback_cid {
+            log::warn!("accepting vsock peers from CID 1 (vsock_loopback): for tests only");
+        }
         let listener = tokio_vsock::VsockListener::bind(tokio_vsock::VsockAddr::new(
             tokio_vsock::VMADDR_CID_ANY,
             port,

@@ -56,6 +56,7 @@ fn settings(dir: &Path, vms: &[&str], tweak: impl FnOnce(&mut Settings)) -> Sett
         sink_options: SinkOptions::defaults(),
         metrics: None,
         cid_map: None,
+        allow_loopback_cid: false,
         delivery: DeliveryConfig::default(),
         limits: ConnectionLimits::default(),
         max_frame: 16 * 1024 * 1024,

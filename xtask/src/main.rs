@@ -64,9 +64,6 @@ enum Cmd {
         /// Print every guest console line as it arrives.
         #[arg(long, short)]
         verbose: bool,
-        /// Fail when a scenario is skipped because what it needs is not built yet.
-        #[arg(long)]
-        strict: bool,
     },
 }
 
@@ -85,13 +82,11 @@ fn main() {
             list,
             keep,
             verbose,
-            strict,
         } => vmtest::vm_test(&vmtest::Options {
             scenarios,
             list,
             keep,
             verbose,
-            strict,
         }),
     };
     if let Err(e) = result {

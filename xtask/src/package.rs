@@ -12,7 +12,13 @@ use crate::{
 /// The host triple static builds target (explicit, so RUSTFLAGS do not reach build scripts).
 pub const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 
-/// Builds a statically linked release agent with the BPF object embedded; returns its path.
+/// Where static builds go: their own target directory, so they never invalidate the normal one.
+pub fn static_target_dir() -> PathBuf {
+    workspace_root().join("target/static")
+}
+
+/// Builds a statically linked release agent with the BPF object embedded (for guests of any
+/// glibc, the RPM and the nested-guest test); returns its path.
 pub fn static_agent() -> Result<PathBuf> {
     ebpf::build_ebpf()?;
     step("building a static guestwatch-agent (release, +crt-static)");
@@ -26,11 +32,16 @@ pub fn static_agent() -> Result<PathBuf> {
                 "--target",
                 STATIC_TARGET,
             ])
-            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
-        "see the build error above",
+            .env("CARGO_TARGET_DIR", static_target_dir())
+            // With --target, RUSTFLAGS reach only the target's crates, not build scripts.
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_TARGET"),
+        &format!(
+            "static builds need the {STATIC_TARGET} target: `rustup target add {STATIC_TARGET}`"
+        ),
     )?;
-    let binary = workspace_root()
-        .join("target")
+    let binary = static_target_dir()
         .join(STATIC_TARGET)
         .join("release/guestwatch-agent");
     let bytes = std::fs::read(&binary).with_context(|| format!("reading {}", binary.display()))?;
@@ -70,8 +81,10 @@ pub fn package_rpm() -> Result<PathBuf> {
                 "agent",
                 "--target",
                 STATIC_TARGET,
-                "--output",
+                "--target-dir",
             ])
+            .arg(static_target_dir())
+            .arg("--output")
             .arg(&out_dir),
         "see the cargo generate-rpm output above",
     )?;

@@ -76,7 +76,8 @@ pub fn build(contents: &Contents, out: &Path) -> Result<u64> {
         Source::Host(contents.binaries.agent.clone()),
         0o755,
     )?;
-    if let Some(relay) = &contents.binaries.relay {
+    {
+        let relay = &contents.binaries.relay;
         hostfiles::add_as_with_libraries(&mut fs, relay, "/usr/local/bin/guestwatch-relay")?;
     }
 

@@ -45,14 +45,10 @@ pub struct Options {
     pub list: bool,
     pub keep: bool,
     pub verbose: bool,
-    /// Skipped scenarios (unmet needs) count as failures.
-    pub strict: bool,
 }
 
 /// Everything vm-test keeps under `target/vm/`.
 pub struct Dirs {
-    /// The static builds' cargo target directory.
-    pub cargo: PathBuf,
     /// Downloaded `.deb`s (delete to refetch).
     pub debs: PathBuf,
     /// `dpkg -x` trees, one per `.deb`.
@@ -67,7 +63,6 @@ impl Dirs {
     fn new() -> Self {
         let vm = workspace_root().join("target/vm");
         Self {
-            cargo: vm.join("cargo"),
             debs: vm.join("debs"),
             unpacked: vm.join("unpacked"),
             rpms: vm.join("rpms"),
@@ -95,13 +90,7 @@ pub fn vm_test(options: &Options) -> Result<()> {
     let table = scenarios::table();
     if options.list {
         for s in &table {
-            let needs: Vec<&str> = s.needs.iter().map(|n| n.describe()).collect();
-            let needs = if needs.is_empty() {
-                String::new()
-            } else {
-                format!(" (needs {})", needs.join(", "))
-            };
-            println!("{:<15} {}{needs}", s.name, s.proves);
+            println!("{:<15} {}", s.name, s.proves);
         }
         return Ok(());
     }
@@ -111,7 +100,7 @@ pub fn vm_test(options: &Options) -> Result<()> {
     let mut stages = Stages(Vec::new());
 
     stages.run("setup (idempotent)", setup::setup)?;
-    let binaries = stages.run("static guest binaries", || binaries::build(&dirs))?;
+    let binaries = stages.run("static guest binaries", binaries::build)?;
     let kernel = stages.run("guest kernel", || fetch::kernel(&dirs))?;
     note(&format!("{} ({})", kernel.deb, kernel.release));
     let modules = stages.run("kernel modules", || kmod::resolve(&kernel.modules, MODULES))?;
@@ -119,25 +108,7 @@ pub fn vm_test(options: &Options) -> Result<()> {
     let packages = stages.run("test packages", || packages::build(&dirs))?;
 
     let mut outcomes: Vec<Outcome> = Vec::new();
-    let mut runnable: Vec<&Scenario> = Vec::new();
-    for scenario in selected {
-        let unmet: Vec<&str> = scenario
-            .needs
-            .iter()
-            .filter(|n| !n.met(&binaries))
-            .map(|n| n.describe())
-            .collect();
-        if unmet.is_empty() {
-            runnable.push(scenario);
-        } else {
-            outcomes.push(Outcome {
-                name: scenario.name.to_owned(),
-                status: Status::Skip(format!("needs {}", unmet.join(" and "))),
-                took: None,
-                details: Vec::new(),
-            });
-        }
-    }
+    let runnable: Vec<&Scenario> = selected;
 
     // Each run starts with an empty run directory: logs and sinks are this run's only.
     let _ = std::fs::remove_dir_all(&dirs.run);
@@ -223,17 +194,13 @@ pub fn vm_test(options: &Options) -> Result<()> {
     let count = |f: fn(&Status) -> bool| outcomes.iter().filter(|o| f(&o.status)).count();
     let passed = count(|s| matches!(s, Status::Pass));
     let failed = count(|s| matches!(s, Status::Fail(_)));
-    let skipped = count(|s| matches!(s, Status::Skip(_)));
-    let ok = failed == 0 && !(options.strict && skipped > 0);
+    let ok = failed == 0;
     println!(
-        "\nvm-test: {} — {passed} passed, {failed} failed, {skipped} skipped in {:.0}s",
+        "\nvm-test: {} — {passed} passed, {failed} failed in {:.0}s",
         if ok { "PASS" } else { "FAIL" },
         started.elapsed().as_secs_f64()
     );
     if !ok {
-        if failed == 0 {
-            bail!("--strict: {skipped} scenario(s) skipped");
-        }
         bail!(
             "{failed} scenario(s) failed; the guest console is {} and host logs are in {}",
             dirs.run.join("serial.log").display(),

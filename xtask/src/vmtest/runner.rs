@@ -26,7 +26,6 @@ const SCENARIO_SLACK: Duration = Duration::from_secs(30);
 pub enum Status {
     Pass,
     Fail(String),
-    Skip(String),
 }
 
 pub struct Outcome {
@@ -41,7 +40,6 @@ impl Outcome {
         let (word, reason) = match &self.status {
             Status::Pass => ("PASS", None),
             Status::Fail(r) => ("FAIL", Some(r.as_str())),
-            Status::Skip(r) => ("SKIP", Some(r.as_str())),
         };
         let took = self
             .took
@@ -58,7 +56,7 @@ impl Outcome {
 }
 
 pub struct RunOptions<'a> {
-    pub relay_binary: Option<PathBuf>,
+    pub relay_binary: PathBuf,
     /// Per-scenario host directories go under here.
     pub scratch: &'a Path,
     /// Print every guest console line.

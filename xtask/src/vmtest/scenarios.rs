@@ -21,41 +21,14 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::{
-    binaries::Binaries,
     machine::{Control, RELAY_PORT, VM_NAME},
     relay::HostRelay,
 };
-
-/// What a scenario needs besides the guest itself; unmet needs skip it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Need {
-    /// `guestwatch-agent run --relay …` (issue 6).
-    AgentDaemon,
-    /// The `guestwatch-relay` binary (issue 7).
-    Relay,
-}
-
-impl Need {
-    pub fn met(self, binaries: &Binaries) -> bool {
-        match self {
-            Need::AgentDaemon => binaries.agent_daemon,
-            Need::Relay => binaries.relay.is_some(),
-        }
-    }
-
-    pub fn describe(self) -> &'static str {
-        match self {
-            Need::AgentDaemon => "`guestwatch-agent run` (the agent daemon)",
-            Need::Relay => "the guestwatch-relay binary",
-        }
-    }
-}
 
 pub struct Scenario {
     pub name: &'static str,
     /// One line: what passing proves.
     pub proves: &'static str,
-    pub needs: &'static [Need],
     /// The guest script (run by `sh` with `/gw/config.sh` and `/gw/lib.sh` sourced).
     pub guest: &'static str,
     /// The guest kills the script after this long; the host allows a little more.
@@ -69,7 +42,6 @@ pub fn table() -> Vec<Scenario> {
         Scenario {
             name: "boot",
             proves: "the guest kernel boots with its vsock modules, BTF and bpf/tracing file systems",
-            needs: &[],
             guest: include_str!("guest/scenarios/boot.sh"),
             timeout: Duration::from_secs(30),
             host: || Box::new(GuestOnly),
@@ -77,7 +49,6 @@ pub fn table() -> Vec<Scenario> {
         Scenario {
             name: "ebpf-in-guest",
             proves: "the agent's BPF object loads in the guest's 6.1 kernel and sees `rpm -i`",
-            needs: &[],
             guest: include_str!("guest/scenarios/ebpf-in-guest.sh"),
             timeout: Duration::from_secs(120),
             host: || Box::new(GuestOnly),
@@ -85,17 +56,14 @@ pub fn table() -> Vec<Scenario> {
         Scenario {
             name: "vsock-path",
             proves: "guest AF_VSOCK to host CID 2 arrives on the host's <uds>_PORT; vsock_loopback works",
-            needs: &[],
             guest: include_str!("guest/scenarios/vsock-path.sh"),
             timeout: Duration::from_secs(90),
             host: || Box::new(VsockPath::default()),
         },
-        // The AF_VSOCK agent → relay scenarios of issue 9. They run as soon as the agent
-        // daemon and the relay binary exist; until then they are reported as skipped.
+        // The AF_VSOCK agent → relay scenarios.
         Scenario {
             name: "first-report",
             proves: "the agent's first report crosses AF_VSOCK to the host relay's sink",
-            needs: &[Need::AgentDaemon, Need::Relay],
             guest: include_str!("guest/scenarios/first-report.sh"),
             timeout: Duration::from_secs(120),
             host: || Box::new(FirstReport::default()),
@@ -103,7 +71,6 @@ pub fn table() -> Vec<Scenario> {
         Scenario {
             name: "rpm-delivered",
             proves: "`rpm -i` in the guest is detected by eBPF, attributed and delivered to the host sink",
-            needs: &[Need::AgentDaemon, Need::Relay],
             guest: include_str!("guest/scenarios/rpm-delivered.sh"),
             timeout: Duration::from_secs(180),
             host: || Box::new(RpmDelivered::default()),
@@ -111,7 +78,6 @@ pub fn table() -> Vec<Scenario> {
         Scenario {
             name: "relay-restart",
             proves: "a change made while the host relay is down is delivered after it restarts",
-            needs: &[Need::AgentDaemon, Need::Relay],
             guest: include_str!("guest/scenarios/relay-restart.sh"),
             timeout: Duration::from_secs(300),
             host: || Box::new(RelayRestart::default()),
@@ -119,7 +85,6 @@ pub fn table() -> Vec<Scenario> {
         Scenario {
             name: "loopback-relay",
             proves: "the relay's own AF_VSOCK listener works, agent and relay both in the guest",
-            needs: &[Need::AgentDaemon, Need::Relay],
             guest: include_str!("guest/scenarios/loopback-relay.sh"),
             timeout: Duration::from_secs(120),
             host: || Box::new(GuestOnly),
@@ -138,7 +103,7 @@ pub struct HostEnv {
     pub uds: PathBuf,
     /// A fresh directory for this scenario's host files (sinks, logs).
     pub scratch: PathBuf,
-    pub relay_binary: Option<PathBuf>,
+    pub relay_binary: PathBuf,
     /// When the guest line being handled was read (for latency measurements).
     pub line_at: Instant,
     pub(super) scenario: String,
@@ -161,11 +126,13 @@ impl HostEnv {
 
     /// Starts the host relay on the hybrid socket layout, with a `dir:` sink in `sink`.
     pub fn start_relay(&self, sink: &Path) -> Result<HostRelay> {
-        let binary = self
-            .relay_binary
-            .as_deref()
-            .context("guestwatch-relay was not built")?;
-        HostRelay::start(binary, &self.uds, RELAY_PORT, sink, &self.scratch)
+        HostRelay::start(
+            &self.relay_binary,
+            &self.uds,
+            RELAY_PORT,
+            sink,
+            &self.scratch,
+        )
     }
 }
 

@@ -1,10 +1,11 @@
 # guestwatch-relay's own AF_VSOCK listener, inside the guest: the agent connects to the
 # guest's own CID, which the kernel routes through the vsock_loopback transport. Such
-# connections come from CID 1 (VMADDR_CID_LOCAL), whatever CID was dialled.
+# connections come from CID 1 (VMADDR_CID_LOCAL), whatever CID was dialled, which the relay
+# only accepts with --allow-loopback-cid.
 db=/var/lib/gw/loopback-relay/rpm
 sink=/var/lib/gw/loopback-relay/sink
 gw_rpmdb "$db" gw-vmtest-loopback
-gw_bg relay guestwatch-relay run --vsock-port "$GW_LOOPBACK_RELAY_PORT" --sink "dir:$sink"
+gw_bg relay guestwatch-relay run --vsock-port "$GW_LOOPBACK_RELAY_PORT" --allow-loopback-cid --sink "dir:$sink"
 gw_bg agent guestwatch-agent run --dbpath "$db" --relay "vsock:$GW_GUEST_CID:$GW_LOOPBACK_RELAY_PORT" \
     --state /var/lib/gw/loopback-relay/state
 start=$(gw_now)

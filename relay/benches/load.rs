@@ -1,0 +1,203 @@
+//! `cargo xtask bench load`: N simulated guests over hybrid-vsock Unix sockets, each sending
+//! 500-package reports to a real `guestwatch-relay` process with the `dir` sink. Prints
+//! reports/s, ack latency (p50/p99) and the relay's memory for N = 100 and 1,000.
+//! Target: >= 500 reports/s on 2 cores, memory bounded by the cache size.
+
+use std::{
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use guestwatch_protocol::{
+    AgentInfo, Connection, ContentHash, Hello, Limits, Message, Report, ReportFacts, ReportId,
+    TriggerFacts,
+};
+use tokio::{net::UnixStream, sync::Mutex};
+
+/// A claircore-shaped document with `n` packages; `salt` makes each report's content unique.
+fn payload(n: usize, salt: u64) -> Vec<u8> {
+    let mut packages = serde_json::Map::new();
+    for i in 0..n {
+        packages.insert(
+            format!("{i:016x}"),
+            serde_json::json!({
+                "id": format!("{i:016x}"), "name": format!("package-{i}"), "version": format!("1.{i}.{salt}-1.el9"),
+                "kind": "binary", "arch": "x86_64", "source": {"name": format!("package-{i}-src"), "kind": "source"},
+                "package_db": "sqlite:usr/lib/sysimage/rpm", "repository_hint": "", "normalized_version": "",
+            }),
+        );
+    }
+    serde_json::to_vec(
+        &serde_json::json!({"packages": packages, "success": true, "state": "IndexFinished"}),
+    )
+    .unwrap_or_default()
+}
+
+fn rss_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+async fn guest(
+    socket: std::path::PathBuf,
+    vm: usize,
+    reports: usize,
+    latencies: Arc<Mutex<Vec<Duration>>>,
+) -> usize {
+    let Ok(stream) = UnixStream::connect(&socket).await else {
+        return 0;
+    };
+    let mut conn = Connection::new(stream, Limits::default());
+    let hello = Hello {
+        versions: vec![1],
+        epoch: vm as u64 + 1,
+        agent: AgentInfo::default(),
+        extensions: vec![],
+    };
+    if conn.write_message(&Message::Hello(hello)).await.is_err() {
+        return 0;
+    }
+    if !matches!(conn.read_message().await, Ok(Some(Message::Welcome(_)))) {
+        return 0;
+    }
+    let mut acked = 0;
+    for generation in 1..=reports as u64 {
+        let (encoding, payload) = Report::encode_payload(payload(500, generation));
+        let mut hash = [0u8; 32];
+        hash[..8].copy_from_slice(&generation.to_be_bytes());
+        hash[8..16].copy_from_slice(&(vm as u64).to_be_bytes());
+        let report = Report {
+            id: ReportId {
+                epoch: vm as u64 + 1,
+                generation,
+            },
+            content_hash: ContentHash(hash),
+            facts: ReportFacts {
+                trigger: TriggerFacts {
+                    kind: "transaction".into(),
+                    ..Default::default()
+                },
+                package_count: 500,
+                ..Default::default()
+            },
+            encoding,
+            payload,
+        };
+        let sent = Instant::now();
+        if conn
+            .write_message(&Message::Report(Box::new(report)))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match conn.read_message().await {
+            Ok(Some(Message::Ack(_))) => {
+                acked += 1;
+                latencies.lock().await.push(sent.elapsed());
+            }
+            _ => break,
+        }
+    }
+    acked
+}
+
+fn run(n: usize, per_guest: usize) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let hybrid: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "\"vm-{i}={}\"",
+                dir.path().join(format!("vm-{i}.sock")).display()
+            )
+        })
+        .collect();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hybrid = [{}]\nsink = \"dir:{}\"\nreports_per_minute = 0\ncache_slots = 100\nmax_connections = {}\n",
+            hybrid.join(","),
+            dir.path().join("sink").display(),
+            n + 16
+        ),
+    )
+    .expect("config");
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_guestwatch-relay"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("GUESTWATCH_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("relay");
+    let last = dir.path().join(format!("vm-{}.sock_919", n - 1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&last).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let idle_rss = rss_kib(relay.id(), "VmRSS:");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let acked: usize = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let socket = dir.path().join(format!("vm-{i}.sock_919"));
+            tasks.spawn(guest(socket, i, per_guest, latencies.clone()));
+        }
+        let mut total = 0;
+        while let Some(Ok(n)) = tasks.join_next().await {
+            total += n;
+        }
+        total
+    });
+    let elapsed = started.elapsed();
+    let peak = rss_kib(relay.id(), "VmHWM:");
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let mut l = runtime.block_on(async { latencies.lock().await.clone() });
+    l.sort();
+    let pct = |p: f64| {
+        l.get(((l.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let rate = acked as f64 / elapsed.as_secs_f64();
+    println!(
+        "{n:>6} {acked:>8} {:>9.1}s {rate:>10.0} {:>9.1}ms {:>9.1}ms {:>9.1} {:>10.1}   {}",
+        elapsed.as_secs_f64(),
+        pct(0.5).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        idle_rss as f64 / 1024.0,
+        peak as f64 / 1024.0,
+        if rate >= 500.0 {
+            format!("{:.1}x target", rate / 500.0)
+        } else {
+            format!("MISSED ({:.2}x of 500/s)", rate / 500.0)
+        }
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    println!(
+        "relay load: simulated guests over Unix sockets, 500-package reports, dir sink, rate limit off"
+    );
+    println!(
+        "{:>6} {:>8} {:>10} {:>10} {:>11} {:>11} {:>9} {:>10}   vs 500 reports/s",
+        "guests", "reports", "time", "reports/s", "ack p50", "ack p99", "RSS MiB", "peak MiB"
+    );
+    run(100, 20);
+    run(1000, 3);
+}
