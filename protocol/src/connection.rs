@@ -12,6 +12,8 @@ use crate::{PROTOCOL_VERSION, ProtocolError, frame, limits::Limits, message::Mes
 
 /// Read granularity: the buffer grows with what actually arrives, never by what a header claims.
 const READ_CHUNK: usize = 64 * 1024;
+/// Smallest read.
+const MIN_READ: usize = 4 * 1024;
 
 /// Why [`Connection::read_message_within`] gave up waiting.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -36,7 +38,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn new(stream: S, limits: Limits) -> Self {
         Self {
             stream,
-            buffer: BytesMut::with_capacity(8 * 1024),
+            buffer: BytesMut::with_capacity(MIN_READ),
             limits,
             version: PROTOCOL_VERSION,
         }
@@ -124,6 +126,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         match frame::decode(&self.buffer, self.limits.max_frame)? {
             Some(decoded) => {
                 self.buffer.advance(decoded.consumed);
+                // An idle connection should not keep a large frame's buffer.
+                if self.buffer.is_empty() && self.buffer.capacity() > READ_CHUNK {
+                    self.buffer = BytesMut::with_capacity(MIN_READ);
+                }
                 Ok(Some(decoded.message))
             }
             None => Ok(None),
@@ -132,8 +138,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 
     /// Reads more bytes; `false` when the peer closed cleanly between frames.
     async fn fill(&mut self) -> Result<bool, ProtocolError> {
-        if self.buffer.capacity() - self.buffer.len() == 0 {
-            self.buffer.reserve(READ_CHUNK);
+        // Room for what the current frame still needs (from its header, unverified, so capped),
+        // at least a small chunk: memory follows the bytes that arrive.
+        let needed = match self.buffer.first_chunk::<{ frame::HEADER_LEN }>() {
+            Some(head) => {
+                let len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as usize;
+                (frame::HEADER_LEN + len).saturating_sub(self.buffer.len())
+            }
+            None => frame::HEADER_LEN - self.buffer.len(),
+        };
+        let want = needed.clamp(MIN_READ, READ_CHUNK);
+        if self.buffer.capacity() - self.buffer.len() < want {
+            self.buffer.reserve(want);
         }
         if self.stream.read_buf(&mut self.buffer).await? == 0 {
             if self.buffer.is_empty() {

@@ -48,26 +48,26 @@ async fn guest(
     vm: usize,
     reports: usize,
     latencies: Arc<Mutex<Vec<Duration>>>,
+    start: Arc<tokio::sync::Barrier>,
 ) -> usize {
-    let Ok(stream) = UnixStream::connect(&socket).await else {
-        return 0;
+    let connected = async {
+        let stream = UnixStream::connect(&socket).await.ok()?;
+        let mut conn = Connection::new(stream, Limits::default());
+        let hello = Hello {
+            versions: vec![1],
+            epoch: vm as u64 + 1,
+            agent: AgentInfo::default(),
+            extensions: vec![],
+        };
+        conn.write_message(&Message::Hello(hello)).await.ok()?;
+        matches!(conn.read_message().await, Ok(Some(Message::Welcome(_)))).then_some(conn)
     };
-    let mut conn = Connection::new(stream, Limits::default());
-    let hello = Hello {
-        versions: vec![1],
-        epoch: vm as u64 + 1,
-        agent: AgentInfo::default(),
-        extensions: vec![],
-    };
-    if conn.write_message(&Message::Hello(hello)).await.is_err() {
-        return 0;
-    }
-    if !matches!(conn.read_message().await, Ok(Some(Message::Welcome(_)))) {
-        return 0;
-    }
-    let mut acked = 0;
+    let conn = connected.await;
+    // Reports are built before the clock matters: the guests' cost must not be the relay's.
+    let mut prepared = Vec::with_capacity(reports);
     for generation in 1..=reports as u64 {
-        let (encoding, payload) = Report::encode_payload(payload(500, generation));
+        let (encoding, payload) =
+            Report::encode_payload(payload(500, generation * 100_000 + vm as u64));
         let mut hash = [0u8; 32];
         hash[..8].copy_from_slice(&generation.to_be_bytes());
         hash[8..16].copy_from_slice(&(vm as u64).to_be_bytes());
@@ -88,6 +88,13 @@ async fn guest(
             encoding,
             payload,
         };
+        prepared.push(report);
+    }
+    // Everyone waits at the barrier, even a guest that failed to connect (it then sends nothing).
+    start.wait().await;
+    let Some(mut conn) = conn else { return 0 };
+    let mut acked = 0;
+    for report in prepared {
         let sent = Instant::now();
         if conn
             .write_message(&Message::Report(Box::new(report)))
@@ -147,13 +154,23 @@ fn run(n: usize, per_guest: usize) {
         .build()
         .expect("runtime");
     let latencies = Arc::new(Mutex::new(Vec::new()));
-    let started = Instant::now();
+    let start = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let mut started = Instant::now();
     let acked: usize = runtime.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
         for i in 0..n {
             let socket = dir.path().join(format!("vm-{i}.sock_919"));
-            tasks.spawn(guest(socket, i, per_guest, latencies.clone()));
+            tasks.spawn(guest(
+                socket,
+                i,
+                per_guest,
+                latencies.clone(),
+                start.clone(),
+            ));
         }
+        // Every guest is connected, greeted and has its reports ready: go.
+        start.wait().await;
+        started = Instant::now();
         let mut total = 0;
         while let Some(Ok(n)) = tasks.join_next().await {
             total += n;

@@ -60,6 +60,9 @@ pub struct RunArgs {
         value_name = "N"
     )]
     pub max_connections_per_vm: Option<usize>,
+    /// Reports decompressed and delivered at once, over all VMs (bounds memory). [default: 32]
+    #[arg(long, env = "GUESTWATCH_RELAY_MAX_INFLIGHT", value_name = "N")]
+    pub max_inflight: Option<usize>,
     /// Largest frame accepted from a guest, in bytes. [default: 16777216]
     #[arg(long, env = "GUESTWATCH_RELAY_MAX_FRAME", value_name = "BYTES")]
     pub max_frame: Option<u32>,
@@ -111,6 +114,7 @@ pub struct FileConfig {
     pub reports_per_minute: Option<u32>,
     pub max_connections: Option<usize>,
     pub max_connections_per_vm: Option<usize>,
+    pub max_inflight: Option<usize>,
     pub max_frame: Option<u32>,
     pub read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
@@ -336,6 +340,11 @@ impl Settings {
                     "cache_ttl",
                     delivery_defaults.cache_ttl,
                 )?,
+                max_inflight: args
+                    .max_inflight
+                    .or(file.max_inflight)
+                    .unwrap_or(delivery_defaults.max_inflight)
+                    .max(1),
                 ..delivery_defaults
             },
             limits: ConnectionLimits {

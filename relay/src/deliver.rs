@@ -41,6 +41,9 @@ pub struct DeliveryConfig {
     pub cache_slots: usize,
     /// Payload cache TTL.
     pub cache_ttl: Duration,
+    /// Reports decompressed, checked and delivered at once, over all VMs. Beyond it, sessions
+    /// wait holding only the compressed frame: memory stays bounded however many guests send.
+    pub max_inflight: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -52,6 +55,7 @@ impl Default for DeliveryConfig {
             retry_max: Duration::from_secs(60),
             cache_slots: 100,
             cache_ttl: Duration::from_secs(4 * 3600),
+            max_inflight: 32,
         }
     }
 }
@@ -154,6 +158,7 @@ pub struct Deliverer {
     vms: Mutex<HashMap<String, VmState>>,
     metrics: Metrics,
     wake: Notify,
+    inflight: tokio::sync::Semaphore,
 }
 
 fn content_key(hash_hex: &str) -> [u8; 32] {
@@ -169,6 +174,7 @@ fn content_key(hash_hex: &str) -> [u8; 32] {
 
 impl Deliverer {
     pub fn new(sink: Sink, config: DeliveryConfig, metrics: Metrics) -> Self {
+        let inflight = tokio::sync::Semaphore::new(config.max_inflight.max(1));
         metrics.cache_slots_capacity.set(config.cache_slots as i64);
         Self {
             sink,
@@ -177,7 +183,14 @@ impl Deliverer {
             vms: Mutex::new(HashMap::new()),
             metrics,
             wake: Notify::new(),
+            inflight,
         }
+    }
+
+    /// Waits for a delivery slot; hold it while the report is decompressed, checked and
+    /// submitted.
+    pub async fn slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.inflight.acquire().await.ok()
     }
 
     pub fn sink(&self) -> &Sink {

@@ -255,6 +255,7 @@ async fn handle_report(
     deliverer: &Deliverer,
     metrics: &Metrics,
 ) -> Result<Message, Message> {
+    let _slot = deliverer.slot().await;
     let json = report
         .payload_json(DEFAULT_MAX_REPORT_PAYLOAD)
         .map_err(|e| {

@@ -1,20 +1,27 @@
 //! The directory sink: `DIR/vms/<vm>/latest.json` (atomic, fsynced) and `DIR/deliveries.jsonl`
 //! (one line per delivery, appended and fsynced before the guest is acknowledged).
+//!
+//! Different VMs' files are written in parallel (delivery is already serialised per VM). The
+//! delivery log is group-committed: one writer thread appends every line waiting for it and
+//! fsyncs once for all of them, so its cost does not grow with the number of concurrent
+//! deliveries.
 
 use std::{
     io::Write,
     path::{Path, PathBuf},
+    sync::mpsc,
     time::SystemTime,
 };
 
-use tokio::sync::Mutex;
+use tokio::sync::oneshot;
 
 use super::{Delivery, DeliveryRecord, SinkError, envelope};
 
+type Append = (Vec<u8>, oneshot::Sender<Result<(), SinkError>>);
+
 pub struct DirSink {
     root: PathBuf,
-    /// Serialises appends to deliveries.jsonl and per-VM file replacement.
-    lock: Mutex<()>,
+    log: mpsc::Sender<Append>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
@@ -28,10 +35,18 @@ impl DirSink {
     pub async fn open(root: PathBuf) -> Result<Self, SinkError> {
         let vms = root.join("vms");
         tokio::fs::create_dir_all(&vms).await.map_err(io(&vms))?;
-        Ok(Self {
-            root,
-            lock: Mutex::new(()),
-        })
+        let path = root.join("deliveries.jsonl");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        let (log, lines) = mpsc::channel::<Append>();
+        std::thread::Builder::new()
+            .name("dir-sink-log".into())
+            .spawn(move || group_commit(file, path, lines))
+            .map_err(io(&root))?;
+        Ok(Self { root, log })
     }
 
     pub fn root(&self) -> &Path {
@@ -39,16 +54,32 @@ impl DirSink {
     }
 
     pub async fn deliver(&self, delivery: &Delivery) -> Result<(), SinkError> {
-        let _guard = self.lock.lock().await;
+        let delivered_at = SystemTime::now();
         let root = self.root.clone();
-        let delivery = delivery.clone();
+        let to_write = delivery.clone();
         // Blocking file I/O with fsync: keep it off the async workers.
-        tokio::task::spawn_blocking(move || write_delivery(&root, &delivery))
+        tokio::task::spawn_blocking(move || write_latest(&root, &to_write, delivered_at))
             .await
             .map_err(|e| SinkError::Io {
                 path: self.root.clone(),
                 source: std::io::Error::other(e),
-            })?
+            })??;
+        let mut line = serde_json::to_vec(&DeliveryRecord {
+            delivery,
+            delivered_at,
+        })
+        .map_err(|e| SinkError::Io {
+            path: self.root.join("deliveries.jsonl"),
+            source: std::io::Error::other(e),
+        })?;
+        line.push(b'\n');
+        let (done, committed) = oneshot::channel();
+        let closed = || SinkError::Io {
+            path: self.root.join("deliveries.jsonl"),
+            source: std::io::Error::other("the delivery log writer stopped"),
+        };
+        self.log.send((line, done)).map_err(|_| closed())?;
+        committed.await.map_err(|_| closed())?
     }
 
     /// The content hash recorded with the VM's latest report.
@@ -62,8 +93,35 @@ impl DirSink {
     }
 }
 
-fn write_delivery(root: &Path, delivery: &Delivery) -> Result<(), SinkError> {
-    let delivered_at = SystemTime::now();
+/// Appends every waiting line, fsyncs once, answers them all; until the sink is dropped.
+fn group_commit(mut file: std::fs::File, path: PathBuf, lines: mpsc::Receiver<Append>) {
+    while let Ok(first) = lines.recv() {
+        let mut batch = vec![first];
+        batch.extend(lines.try_iter());
+        let mut bytes = Vec::with_capacity(batch.iter().map(|(l, _)| l.len()).sum());
+        for (line, _) in &batch {
+            bytes.extend_from_slice(line);
+        }
+        // One write for the batch: with O_APPEND the lines land whole and in order.
+        let result = file.write_all(&bytes).and_then(|()| file.sync_data());
+        for (_, done) in batch {
+            let answer = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(SinkError::Io {
+                    path: path.clone(),
+                    source: std::io::Error::new(e.kind(), e.to_string()),
+                }),
+            };
+            let _ = done.send(answer);
+        }
+    }
+}
+
+fn write_latest(
+    root: &Path,
+    delivery: &Delivery,
+    delivered_at: SystemTime,
+) -> Result<(), SinkError> {
     let vm_dir = root.join("vms").join(&delivery.vm);
     std::fs::create_dir_all(&vm_dir).map_err(io(&vm_dir))?;
     let latest = vm_dir.join("latest.json");
@@ -71,45 +129,31 @@ fn write_delivery(root: &Path, delivery: &Delivery) -> Result<(), SinkError> {
         path: latest.clone(),
         source: std::io::Error::other(e),
     })?;
-    write_atomic(&latest, &body)?;
-    // A small sidecar so duplicates are recognised without parsing latest.json.
-    let id_path = vm_dir.join("latest.id");
-    write_atomic(
-        &id_path,
-        format!("{} {}\n", delivery.report_id, delivery.content_hash).as_bytes(),
-    )?;
-
-    let mut line = serde_json::to_vec(&DeliveryRecord {
-        delivery,
-        delivered_at,
-    })
-    .map_err(|e| SinkError::Io {
-        path: root.join("deliveries.jsonl"),
-        source: std::io::Error::other(e),
-    })?;
-    line.push(b'\n');
-    let log = root.join("deliveries.jsonl");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
-        .map_err(io(&log))?;
-    // One write per line: with O_APPEND the line lands whole.
-    file.write_all(&line).map_err(io(&log))?;
-    file.sync_data().map_err(io(&log))
+    // Both files are written and fsynced, then renamed into place, then the directory is
+    // fsynced once: the sidecar (report id and hash, read back to recognise duplicates
+    // without parsing latest.json) never describes a latest.json that is not there.
+    let id = format!("{} {}\n", delivery.report_id, delivery.content_hash);
+    let files = [(latest, body), (vm_dir.join("latest.id"), id.into_bytes())];
+    let tmp = |path: &Path| {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".tmp");
+        PathBuf::from(name)
+    };
+    for (path, bytes) in &files {
+        write_synced(&tmp(path), bytes).map_err(io(path))?;
+    }
+    for (path, _) in &files {
+        std::fs::rename(tmp(path), path).map_err(io(path))?;
+    }
+    std::fs::File::open(&vm_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(&vm_dir))
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    };
-    write().map_err(io(path))
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 #[cfg(test)]
@@ -150,6 +194,6 @@ mod tests {
         assert_eq!(lines[1]["content_hash"], "bb");
         assert!(lines[2]["delivered_at"].is_string());
         // No temporary files remain.
-        assert!(!dir.path().join("vms/vm1/latest.tmp").exists());
+        assert!(!dir.path().join("vms/vm1/latest.json.tmp").exists());
     }
 }
