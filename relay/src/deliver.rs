@@ -142,6 +142,8 @@ struct VmState {
     in_sink: Option<String>,
     /// Whether the sink was asked for its latest hash since the relay started.
     asked_sink: bool,
+    /// The id of the last report written for this VM.
+    last_report_id: Option<String>,
     bucket: Option<Bucket>,
     /// Sink failures in a row (for backoff), and when the next retry is due.
     failures: u32,
@@ -202,6 +204,7 @@ impl Deliverer {
         let state = vms.entry(vm.to_owned()).or_insert_with(|| VmState {
             in_sink: None,
             asked_sink: false,
+            last_report_id: None,
             bucket: Bucket::new(self.config.reports_per_minute, Instant::now()),
             failures: 0,
             retry_at: None,
@@ -251,6 +254,16 @@ impl Deliverer {
         }
     }
 
+    /// Whether the sink already has this report: the same content for the VM — except for tamper
+    /// reports, which are delivered even when the package set is unchanged (the event is the
+    /// news), and are duplicates only as retransmissions of the same report id.
+    async fn already_delivered(&self, delivery: &Delivery) -> bool {
+        if delivery.trigger["kind"] == "tamper" {
+            return self.with_vm(&delivery.vm, |s| s.last_report_id.as_deref() == Some(delivery.report_id.as_str()));
+        }
+        self.sink_has(&delivery.vm, &delivery.content_hash).await
+    }
+
     /// Handles one report from a guest; returns what to answer.
     pub async fn submit(&self, delivery: Delivery) -> Outcome {
         self.metrics.reports_received.inc();
@@ -260,7 +273,7 @@ impl Deliverer {
         let now = Instant::now();
         let key = content_key(&delivery.content_hash);
 
-        if self.sink_has(&vm, &delivery.content_hash).await {
+        if self.already_delivered(&delivery).await {
             if let Some(d) = self.cache(|c| c.confirm(&vm, &key, now)) {
                 self.departed(&d);
             }
@@ -368,6 +381,7 @@ impl Deliverer {
         }
         self.with_vm(&delivery.vm, |s| {
             s.in_sink = Some(delivery.content_hash.clone());
+            s.last_report_id = Some(delivery.report_id.clone());
             s.failures = 0;
             s.retry_at = None;
         });
@@ -431,7 +445,7 @@ impl Deliverer {
         let Some(delivery) = self.cache(|c| c.get(vm, now).map(|e| e.value.clone())) else {
             return;
         };
-        if self.sink_has(vm, &delivery.content_hash).await {
+        if self.already_delivered(&delivery).await {
             let key = content_key(&delivery.content_hash);
             if let Some(d) = self.cache(|c| c.confirm(vm, &key, now)) {
                 self.departed(&d);

@@ -31,7 +31,7 @@ enum Cmd {
     Setup,
     /// Build the BPF programs for bpfel-unknown-none and check the object has BTF.
     BuildEbpf,
-    /// Run every check CI runs: setup, build-ebpf, fmt, clippy -D warnings, all tests.
+    /// Run every check CI runs: setup, build-ebpf, fmt, clippy -D warnings, all tests, vm-test.
     Test,
     /// The main job end to end on a real rpm database, showing changes as they are detected.
     Demo,

@@ -1,4 +1,5 @@
-//! `cargo xtask test`: the whole check suite, exactly as CI runs it.
+//! `cargo xtask test`: the whole check suite, exactly as CI runs it: setup, the BPF object,
+//! formatting, lints, every test, and the nested-guest end-to-end test.
 
 use anyhow::Result;
 
@@ -35,6 +36,14 @@ pub fn test() -> Result<()> {
         cargo().args(["test", "--workspace", "--", "--show-output"]),
         "see the failing test above",
     )?;
+
+    step("the real guest kernel end to end (cargo xtask vm-test)");
+    crate::vmtest::vm_test(&crate::vmtest::Options {
+        scenarios: Vec::new(),
+        list: false,
+        keep: false,
+        verbose: false,
+    })?;
     step("all checks passed");
     Ok(())
 }

@@ -24,7 +24,7 @@ use crate::{
         Detector, DetectorConfig, DetectorMode,
         pipeline::{self, PipelineConfig, PipelineEvent},
         schedule::Batch,
-        trigger::Trigger,
+        trigger::{Trigger, TriggerKind},
     },
     inventory::{self, ChangeSummary, Facts},
     metrics::Metrics,
@@ -134,7 +134,12 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let mut previous: Option<Snapshot> = None;
     while let Some(event) = events.recv().await {
         match event {
-            PipelineEvent::Trigger(trigger) => metrics.trigger(trigger.kind),
+            PipelineEvent::Trigger(trigger) => {
+                metrics.trigger(trigger.kind);
+                if trigger.kind == TriggerKind::Tamper {
+                    log::warn!("tamper: {}", trigger.detail.as_deref().unwrap_or("database files changed outside rpm"));
+                }
+            }
             PipelineEvent::Scan {
                 batch,
                 result,
@@ -146,7 +151,10 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                         .as_ref()
                         .map(|p| ChangeSummary::between(&p.scan.packages, &snapshot.scan.packages))
                         .unwrap_or_default();
-                    if baseline == Some(hash) {
+                    // A tamper signal is reported even when the package set did not change:
+                    // the write itself is what security teams need to see.
+                    let tampered = batch.counts.contains_key(&TriggerKind::Tamper);
+                    if baseline == Some(hash) && !tampered {
                         metrics.scan("unchanged", duration.as_secs_f64());
                         log::info!(
                             "scan after {} trigger: package set unchanged",
