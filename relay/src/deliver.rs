@@ -259,7 +259,9 @@ impl Deliverer {
     /// news), and are duplicates only as retransmissions of the same report id.
     async fn already_delivered(&self, delivery: &Delivery) -> bool {
         if delivery.trigger["kind"] == "tamper" {
-            return self.with_vm(&delivery.vm, |s| s.last_report_id.as_deref() == Some(delivery.report_id.as_str()));
+            return self.with_vm(&delivery.vm, |s| {
+                s.last_report_id.as_deref() == Some(delivery.report_id.as_str())
+            });
         }
         self.sink_has(&delivery.vm, &delivery.content_hash).await
     }

@@ -21,6 +21,9 @@ use crate::{
 
 const VM: &str = "demo-vm";
 
+/// One change the demo makes to the system.
+type Step<'a> = Box<dyn Fn() -> Result<()> + 'a>;
+
 /// A child process stopped with SIGTERM on drop.
 struct Daemon {
     name: &'static str,
@@ -74,7 +77,10 @@ impl Sink {
     }
 
     fn latest(&self) -> Option<serde_json::Value> {
-        serde_json::from_slice(&std::fs::read(self.dir.join("vms").join(VM).join("latest.json")).ok()?).ok()
+        serde_json::from_slice(
+            &std::fs::read(self.dir.join("vms").join(VM).join("latest.json")).ok()?,
+        )
+        .ok()
     }
 
     /// Waits until the latest report differs from `before`; returns how long that took.
@@ -133,7 +139,14 @@ pub fn demo() -> Result<()> {
     ebpf::build_ebpf()?;
     step("building guestwatch-agent and guestwatch-relay (release)");
     run(
-        cargo().args(["build", "--release", "--package", "guestwatch-agent", "--package", "guestwatch-relay"]),
+        cargo().args([
+            "build",
+            "--release",
+            "--package",
+            "guestwatch-agent",
+            "--package",
+            "guestwatch-relay",
+        ]),
         "see the build error above",
     )?;
     let bin = workspace_root().join("target/release");
@@ -143,11 +156,20 @@ pub fn demo() -> Result<()> {
 
     step("creating a real rpm database: rpmbuild + rpm --justdb, 300 packages");
     let db = RpmDb::at(work.join("rpmdb")).context("creating the rpm database")?;
-    db.install(&build_packages(&generated_specs("demo-base", 300), &work.join("rpms"))?)?;
-    note(&format!("{} packages in {}", db.query("%{NAME}\n")?.len(), db.path().display()));
+    db.install(&build_packages(
+        &generated_specs("demo-base", 300),
+        &work.join("rpms"),
+    )?)?;
+    note(&format!(
+        "{} packages in {}",
+        db.query("%{NAME}\n")?.len(),
+        db.path().display()
+    ));
 
     step("starting guestwatch-relay: dir sink, hybrid-vsock socket for VM demo-vm");
-    let sink = Sink { dir: work.join("sink") };
+    let sink = Sink {
+        dir: work.join("sink"),
+    };
     let uds = work.join("demo-vm.vsock");
     let mut relay = Daemon::start(
         "guestwatch-relay",
@@ -163,11 +185,17 @@ pub fn demo() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         if Instant::now() > deadline {
-            bail!("the relay did not start; see {}", work.join("relay.log").display());
+            bail!(
+                "the relay did not start; see {}",
+                work.join("relay.log").display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    note(&format!("listening on {} (what a Firecracker/Cloud Hypervisor VMM exposes)", socket.display()));
+    note(&format!(
+        "listening on {} (what a Firecracker/Cloud Hypervisor VMM exposes)",
+        socket.display()
+    ));
 
     step("starting guestwatch-agent run (the guest daemon) on that database");
     let started = Instant::now();
@@ -185,29 +213,57 @@ pub fn demo() -> Result<()> {
     sink.wait_new(&None, started)?;
     let agent_log = std::fs::read_to_string(work.join("agent.log")).unwrap_or_default();
     if let Some(line) = agent_log.lines().find(|l| l.contains("detector:")) {
-        note(line.split("detector:").nth(1).map(|s| format!("detector:{s}")).as_deref().unwrap_or(line));
+        note(
+            line.split("detector:")
+                .nth(1)
+                .map(|s| format!("detector:{s}"))
+                .as_deref()
+                .unwrap_or(line),
+        );
     }
     let latest = sink.latest().context("reading the first report")?;
-    note(&format!("first report delivered {:.0?} after start: {}", started.elapsed(), describe(&latest)));
+    note(&format!(
+        "first report delivered {:.0?} after start: {}",
+        started.elapsed(),
+        describe(&latest)
+    ));
 
     let rpms = work.join("rpms");
-    let steps: Vec<(&str, Box<dyn Fn() -> Result<()>>)> = vec![
+    let steps: Vec<(&str, Step)> = vec![
         (
             "install demo-editor-1.0 (rpm -i)",
-            Box::new(|| db.install(&build_packages(&[PackageSpec::new("demo-editor", "1.0", "1")], &rpms)?).map_err(Into::into)),
+            Box::new(|| {
+                db.install(&build_packages(
+                    &[PackageSpec::new("demo-editor", "1.0", "1")],
+                    &rpms,
+                )?)
+                .map_err(Into::into)
+            }),
         ),
         (
             "upgrade demo-editor to 2.0 (rpm -U)",
-            Box::new(|| db.upgrade(&build_packages(&[PackageSpec::new("demo-editor", "2.0", "1")], &rpms)?).map_err(Into::into)),
+            Box::new(|| {
+                db.upgrade(&build_packages(
+                    &[PackageSpec::new("demo-editor", "2.0", "1")],
+                    &rpms,
+                )?)
+                .map_err(Into::into)
+            }),
         ),
         (
             "install demo-libs-1:3.4 with an epoch (rpm -i)",
             Box::new(|| {
-                db.install(&build_packages(&[PackageSpec::new("demo-libs", "3.4", "2").epoch(1)], &rpms)?)
-                    .map_err(Into::into)
+                db.install(&build_packages(
+                    &[PackageSpec::new("demo-libs", "3.4", "2").epoch(1)],
+                    &rpms,
+                )?)
+                .map_err(Into::into)
             }),
         ),
-        ("remove demo-editor (rpm -e)", Box::new(|| db.erase(&["demo-editor"]).map_err(Into::into))),
+        (
+            "remove demo-editor (rpm -e)",
+            Box::new(|| db.erase(&["demo-editor"]).map_err(Into::into)),
+        ),
         (
             "tamper: a shell appends to the database directory, bypassing rpm",
             Box::new(|| {
@@ -231,14 +287,21 @@ pub fn demo() -> Result<()> {
         match sink.wait_new(&before, exited) {
             Ok(latency) => {
                 let latest = sink.latest().context("reading the report")?;
-                println!("    ✔ {what}\n      delivered {:.1} ms after the command exited: {}", latency.as_secs_f64() * 1e3, describe(&latest));
+                println!(
+                    "    ✔ {what}\n      delivered {:.1} ms after the command exited: {}",
+                    latency.as_secs_f64() * 1e3,
+                    describe(&latest)
+                );
             }
             // The tamper write changes no package, so there is no new report to deliver; the
             // signal itself is in the agent's log.
             Err(_) if what.starts_with("tamper") => {
                 let log = std::fs::read_to_string(work.join("agent.log")).unwrap_or_default();
                 let seen = log.lines().rev().find(|l| l.contains("tamper"));
-                println!("    ✔ {what}\n      no package changed, so no new report; the agent saw: {}", seen.unwrap_or("(nothing)"));
+                println!(
+                    "    ✔ {what}\n      no package changed, so no new report; the agent saw: {}",
+                    seen.unwrap_or("(nothing)")
+                );
             }
             Err(e) => return Err(e),
         }
@@ -248,15 +311,32 @@ pub fn demo() -> Result<()> {
     agent.stop();
     relay.stop();
     step("where the reports are");
-    let rel = |p: &Path| p.strip_prefix(workspace_root()).map(Path::to_path_buf).unwrap_or_else(|_| p.to_path_buf());
+    let rel = |p: &Path| {
+        p.strip_prefix(workspace_root())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
     let latest = rel(&sink.dir.join("vms").join(VM).join("latest.json"));
     let log = rel(&sink.dir.join("deliveries.jsonl"));
-    println!("    {}    the VM's newest report (claircore IndexReport under .report, delivery metadata under .delivery)", latest.display());
+    println!(
+        "    {}    the VM's newest report (claircore IndexReport under .report, delivery metadata under .delivery)",
+        latest.display()
+    );
     println!("    {}    one line per delivery", log.display());
-    println!("    agent and relay logs: {} and {}", rel(&work.join("agent.log")).display(), rel(&work.join("relay.log")).display());
+    println!(
+        "    agent and relay logs: {} and {}",
+        rel(&work.join("agent.log")).display(),
+        rel(&work.join("relay.log")).display()
+    );
     println!("\n    try:");
     println!("      jq '.report.packages | length' {}", latest.display());
-    println!("      jq -r '.report.packages[] | \"\\(.name) \\(.version)\"' {} | grep demo-", latest.display());
-    println!("      jq -c '{{report_id, trigger: .trigger.kind, comm: .trigger.attribution.comm, packages: .package_count}}' {}", log.display());
+    println!(
+        "      jq -r '.report.packages[] | \"\\(.name) \\(.version)\"' {} | grep demo-",
+        latest.display()
+    );
+    println!(
+        "      jq -c '{{report_id, trigger: .trigger.kind, comm: .trigger.attribution.comm, packages: .package_count}}' {}",
+        log.display()
+    );
     Ok(())
 }

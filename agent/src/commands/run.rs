@@ -137,7 +137,13 @@ pub async fn run(args: &RunArgs) -> Result<()> {
             PipelineEvent::Trigger(trigger) => {
                 metrics.trigger(trigger.kind);
                 if trigger.kind == TriggerKind::Tamper {
-                    log::warn!("tamper: {}", trigger.detail.as_deref().unwrap_or("database files changed outside rpm"));
+                    log::warn!(
+                        "tamper: {}",
+                        trigger
+                            .detail
+                            .as_deref()
+                            .unwrap_or("database files changed outside rpm")
+                    );
                 }
             }
             PipelineEvent::Scan {
