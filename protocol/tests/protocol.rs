@@ -40,8 +40,14 @@ unsafe impl GlobalAlloc for PeakAlloc {
 #[global_allocator]
 static ALLOCATOR: PeakAlloc = PeakAlloc;
 
-/// Runs `f` and returns the largest allocation it made (tests in this file that measure run
-/// on their own thread but share the counter, so the bound asserted is generous).
+/// Tests of this binary run one at a time, so an allocation measured belongs to its test.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs `f` and returns the largest allocation it made.
 fn largest_allocation(f: impl FnOnce()) -> usize {
     LARGEST.store(0, Ordering::SeqCst);
     f();
@@ -128,6 +134,7 @@ fn all_messages() -> Vec<Message> {
 
 #[test]
 fn every_message_round_trips_and_every_prefix_is_incomplete() {
+    let _serial = serial();
     for message in all_messages() {
         let bytes = frame::encode(1, &message, 1 << 20).unwrap();
         assert_eq!(&bytes[..4], &MAGIC);
@@ -145,6 +152,7 @@ fn every_message_round_trips_and_every_prefix_is_incomplete() {
 
 #[test]
 fn report_ids_and_hashes_have_stable_text_forms() {
+    let _serial = serial();
     let id = ReportId {
         epoch: 0xfeed,
         generation: 12,
@@ -166,6 +174,7 @@ fn report_ids_and_hashes_have_stable_text_forms() {
 
 #[test]
 fn header_checks_come_before_the_payload() {
+    let _serial = serial();
     // A 1 GiB claim is refused from the 12 header bytes alone.
     let mut header = MAGIC.to_vec();
     header.extend_from_slice(&1u16.to_be_bytes());
@@ -195,6 +204,7 @@ fn header_checks_come_before_the_payload() {
 
 #[test]
 fn unknown_types_and_malformed_payloads_keep_the_stream_in_step() {
+    let _serial = serial();
     let mut stream = Vec::new();
     // Type 77 with a 3-byte payload, then garbage for a Hello, then trailing bytes on a Ping,
     // then a good Ping.
@@ -228,6 +238,7 @@ fn unknown_types_and_malformed_payloads_keep_the_stream_in_step() {
 
 #[test]
 fn a_small_frame_claiming_a_huge_string_allocates_nothing_like_it() {
+    let _serial = serial();
     // Hello { versions: [], epoch: 0, agent.agent_version: <claims 1 GiB> }.
     let mut payload = vec![0u8, 0u8];
     payload.push(253); // bincode varint: u64 follows
@@ -254,6 +265,7 @@ fn a_small_frame_claiming_a_huge_string_allocates_nothing_like_it() {
 
 #[test]
 fn large_payloads_are_compressed_and_a_zstd_bomb_is_bounded() {
+    let _serial = serial();
     let big = br#"{"name":"package","version":"1.0"},"#.repeat(10_000);
     let r = report(1, big.clone());
     assert_eq!(r.encoding, PayloadEncoding::JsonZstd);
@@ -382,6 +394,7 @@ async fn the_frame_limit_applies_to_writes_and_can_change() {
 
 #[test]
 fn fuzz_seeds_are_valid_frames() {
+    let _serial = serial();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/protocol_frame");
     for name in ["ping", "hello", "report"] {
         let bytes = std::fs::read(dir.join(name)).unwrap();

@@ -27,7 +27,9 @@ const MAX_DATA: u32 = 0x0fff_ffff;
 const ENTRY_LEN: usize = 16;
 
 mod tag {
+    pub const SIGPGP: i32 = 259;
     pub const SIGMD5: i32 = 261;
+    pub const RSAHEADER: i32 = 268;
     pub const NAME: i32 = 1000;
     pub const VERSION: i32 = 1001;
     pub const RELEASE: i32 = 1002;
@@ -39,6 +41,9 @@ mod tag {
     pub const LICENSE: i32 = 1014;
     pub const ARCH: i32 = 1022;
     pub const SOURCERPM: i32 = 1044;
+    pub const PROVIDENAME: i32 = 1047;
+    pub const REQUIRENAME: i32 = 1049;
+    pub const FILEDIGESTALGO: i32 = 5011;
     pub const LONGSIZE: i32 = 5009;
     pub const MODULARITYLABEL: i32 = 5096;
 }
@@ -145,13 +150,36 @@ impl<'a> Header<'a> {
         })
     }
 
-    /// A binary tag as lower-case hex.
-    pub fn hex(&self, tag: i32) -> Option<String> {
+    /// Every string of a STRING_ARRAY tag (empty when absent).
+    pub fn strings(&self, tag: i32) -> Vec<String> {
+        let Some(e) = self.find(tag).filter(|e| e.kind == kind::STRING_ARRAY) else {
+            return Vec::new();
+        };
+        // check_entry proved `count` NUL-terminated strings fit from `offset`.
+        let mut out = Vec::with_capacity(e.count.min(self.data.len()));
+        let mut rest = self.data.get(e.offset..).unwrap_or_default();
+        for _ in 0..e.count {
+            let Some(end) = rest.iter().position(|&b| b == 0) else {
+                break;
+            };
+            out.push(String::from_utf8_lossy(&rest[..end]).into_owned());
+            rest = &rest[end + 1..];
+        }
+        out
+    }
+
+    /// The bytes of a binary tag.
+    pub fn bin(&self, tag: i32) -> Option<&'a [u8]> {
         let e = self.find(tag)?;
         if e.kind != kind::BIN {
             return None;
         }
-        Some(hex::encode(self.data.get(e.offset..e.offset + e.count)?))
+        self.data.get(e.offset..e.offset + e.count)
+    }
+
+    /// A binary tag as lower-case hex.
+    pub fn hex(&self, tag: i32) -> Option<String> {
+        self.bin(tag).map(hex::encode)
     }
 }
 
@@ -227,6 +255,16 @@ pub fn package(blob: &[u8]) -> Result<Package, HeaderError> {
         sigmd5: h.hex(tag::SIGMD5),
         modularitylabel: h.string(tag::MODULARITYLABEL),
         summary: h.string(tag::SUMMARY),
+        provides: h.strings(tag::PROVIDENAME),
+        requires: h.strings(tag::REQUIRENAME),
+        filedigestalgo: h.int(tag::FILEDIGESTALGO).map(|a| {
+            format!(
+                "PGPHASHALGO_{}",
+                crate::pgp::hash_name(a as u8).replace("(unknown)", "UNKNOWN")
+            )
+        }),
+        pgp: h.bin(tag::SIGPGP).and_then(crate::pgp::summary),
+        rsaheader: h.bin(tag::RSAHEADER).and_then(crate::pgp::summary),
     })
 }
 

@@ -5,14 +5,22 @@
 //! everything strictly read-only and never creates or deletes anything next to a database.
 #![forbid(unsafe_code)]
 
+pub mod bdb;
 mod header;
 mod locate;
+pub mod ndb;
 mod package;
+mod pgp;
 mod sqlite;
 
 use std::path::{Path, PathBuf};
 
 pub use header::HeaderError;
+
+/// Decodes one header blob as stored in a database (no lead, no header magic).
+pub fn decode_header(blob: &[u8]) -> Result<Package, HeaderError> {
+    header::package(blob)
+}
 pub use locate::locate;
 pub use package::Package;
 
@@ -77,8 +85,6 @@ pub enum DbError {
     BadSchema { path: PathBuf, reason: String },
     #[error("{}: locked by a running transaction", path.display())]
     Locked { path: PathBuf },
-    #[error("{}: {backend:?} databases are not supported by this build", path.display())]
-    Unsupported { path: PathBuf, backend: Backend },
     #[error("{}: {reason}", path.display())]
     Sqlite { path: PathBuf, reason: String },
 }
@@ -107,11 +113,15 @@ fn sniff(path: &Path) -> Result<Backend, DbError> {
     if head.starts_with(b"RpmP") {
         return Ok(Backend::Ndb);
     }
-    // Berkeley DB: magic at byte 12, either byte order (hash 0x061561, btree 0x053162).
+    // Berkeley DB: magic at byte 12, either byte order (hash 0x061561; btree 0x053162 is an
+    // index file, which the reader then refuses by name).
     if head.len() >= 16 {
         let magic_le = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
         let magic_be = u32::from_be_bytes([head[12], head[13], head[14], head[15]]);
-        if magic_le == 0x0006_1561 || magic_be == 0x0006_1561 {
+        if [magic_le, magic_be]
+            .iter()
+            .any(|m| *m == 0x0006_1561 || *m == 0x0005_3162)
+        {
             return Ok(Backend::Bdb);
         }
     }
@@ -136,12 +146,8 @@ pub fn read(path: &Path) -> Result<Scan, DbError> {
     let backend = sniff(&file)?;
     let (all, errors) = match backend {
         Backend::Sqlite => sqlite::read(&file)?,
-        other => {
-            return Err(DbError::Unsupported {
-                path: file,
-                backend: other,
-            });
-        }
+        Backend::Bdb => bdb::read(&file)?,
+        Backend::Ndb => ndb::read(&file)?,
     };
     let (pubkeys, packages) = all
         .into_iter()

@@ -26,4 +26,14 @@ pub struct Package {
     /// `name:stream:version:context` for modular packages.
     pub modularitylabel: Option<String>,
     pub summary: Option<String>,
+    /// PROVIDENAME, in header order.
+    pub provides: Vec<String>,
+    /// REQUIRENAME, in header order (duplicates kept, as rpm stores them).
+    pub requires: Vec<String>,
+    /// The file digest algorithm, e.g. `PGPHASHALGO_SHA256`.
+    pub filedigestalgo: Option<String>,
+    /// Summary of the header+payload OpenPGP signature (SIGPGP), as rpm's `pgpsig` prints it.
+    pub pgp: Option<String>,
+    /// Summary of the header-only RSA signature (RSAHEADER).
+    pub rsaheader: Option<String>,
 }

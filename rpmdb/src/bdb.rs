@@ -1,0 +1,236 @@
+//! Berkeley DB hash databases (`Packages`): RHEL/CentOS 5–8, Amazon Linux 2, SLES 12.
+//!
+//! The whole file is read once (databases are megabytes) and walked page by page: every hash
+//! page's key/data pairs, with data stored inline or in overflow-page chains. Both byte orders
+//! are accepted (the metadata magic tells which); header blobs themselves are always big
+//! endian. Every page number, offset and length is checked against the file before use;
+//! overflow chains are followed at most once per page of the file, so a cycle ends; a damaged
+//! entry is skipped with an error and the rest is still read.
+
+use std::path::Path;
+
+use crate::{DbError, EntryError, Package, header};
+
+const HASH_MAGIC: u32 = 0x0006_1561;
+const BTREE_MAGIC: u32 = 0x0005_3162;
+const PAGE_HEADER: usize = 26;
+
+// Page types.
+const P_HASH_UNSORTED: u8 = 2;
+const P_OVERFLOW: u8 = 7;
+const P_HASHMETA: u8 = 8;
+const P_HASH: u8 = 13;
+
+// Hash item types.
+const H_KEYDATA: u8 = 1;
+const H_OFFPAGE: u8 = 3;
+
+#[derive(Clone, Copy)]
+enum Order {
+    Little,
+    Big,
+}
+
+struct Db<'a> {
+    data: &'a [u8],
+    page_size: usize,
+    /// Pages that exist in the file (the metadata's last page number, capped by the file size).
+    pages: usize,
+    order: Order,
+}
+
+impl<'a> Db<'a> {
+    fn u16(&self, bytes: &[u8], at: usize) -> Option<u16> {
+        let b: [u8; 2] = bytes.get(at..at + 2)?.try_into().ok()?;
+        Some(match self.order {
+            Order::Little => u16::from_le_bytes(b),
+            Order::Big => u16::from_be_bytes(b),
+        })
+    }
+
+    fn u32(&self, bytes: &[u8], at: usize) -> Option<u32> {
+        let b: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+        Some(match self.order {
+            Order::Little => u32::from_le_bytes(b),
+            Order::Big => u32::from_be_bytes(b),
+        })
+    }
+
+    fn page(&self, pgno: u32) -> Option<&'a [u8]> {
+        let pgno = pgno as usize;
+        if pgno >= self.pages {
+            return None;
+        }
+        self.data
+            .get(pgno * self.page_size..(pgno + 1) * self.page_size)
+    }
+
+    /// Follows an overflow chain from `start`, expecting `total` bytes.
+    fn overflow(&self, start: u32, total: u32) -> Result<Vec<u8>, String> {
+        self.follow(start, total)
+            .map_err(|detail| format!("bad overflow chain at {start}: {detail}"))
+    }
+
+    fn follow(&self, start: u32, total: u32) -> Result<Vec<u8>, String> {
+        if total as usize > self.data.len() {
+            return Err(format!("overflow length {total} exceeds the file"));
+        }
+        let mut out = Vec::with_capacity(total as usize);
+        let mut pgno = start;
+        // A chain can visit each page at most once: more links than pages is a cycle.
+        for _ in 0..self.pages {
+            let Some(page) = self.page(pgno).filter(|_| pgno != 0) else {
+                return Err(format!("page {pgno} is not in the file"));
+            };
+            if page[25] != P_OVERFLOW {
+                return Err(format!("page {pgno}: not an overflow page"));
+            }
+            let len = self.u16(page, 22).unwrap_or(0) as usize;
+            let Some(chunk) = page.get(PAGE_HEADER..PAGE_HEADER + len) else {
+                return Err(format!("page {pgno}: overflow length {len} > page"));
+            };
+            if out.len() + len > total as usize {
+                return Err(format!("longer than its {total} bytes"));
+            }
+            out.extend_from_slice(chunk);
+            let next = self.u32(page, 16).unwrap_or(0);
+            if next == 0 {
+                if out.len() != total as usize {
+                    return Err(format!("holds {} of its {total} bytes", out.len()));
+                }
+                return Ok(out);
+            }
+            pgno = next;
+        }
+        Err("the chain loops".into())
+    }
+
+    /// The key/data pairs of one hash page, data resolved.
+    fn entries(
+        &self,
+        pgno: u32,
+        page: &[u8],
+        packages: &mut Vec<Package>,
+        errors: &mut Vec<EntryError>,
+    ) {
+        let count = self.u16(page, 20).unwrap_or(0) as usize;
+        let index = |i: usize| self.u16(page, PAGE_HEADER + 2 * i).map(usize::from);
+        // Items are packed from the end of the page downwards: item i ends where item i-1 starts.
+        let end = |i: usize| {
+            if i == 0 {
+                Some(self.page_size)
+            } else {
+                index(i - 1)
+            }
+        };
+        let mut i = 0;
+        while i + 1 < count {
+            let entry = format!("page {pgno} entry {}", i / 2);
+            let (Some(key_at), Some(key_end), Some(data_at), Some(data_end)) =
+                (index(i), end(i), index(i + 1), end(i + 1))
+            else {
+                errors.push(EntryError {
+                    entry,
+                    reason: "item index outside the page".into(),
+                });
+                return;
+            };
+            i += 2;
+            if key_at >= key_end
+                || key_end > self.page_size
+                || data_at >= data_end
+                || data_end > self.page_size
+            {
+                errors.push(EntryError {
+                    entry,
+                    reason: "item outside the page".into(),
+                });
+                continue;
+            }
+            // Key 0 holds rpm's next-instance counter, not a package.
+            let key = &page[key_at..key_end];
+            if key.first() == Some(&H_KEYDATA) && key[1..].iter().all(|&b| b == 0) {
+                continue;
+            }
+            let blob = match page[data_at] {
+                H_KEYDATA => Ok(page[data_at + 1..data_end].to_vec()),
+                H_OFFPAGE => match (self.u32(page, data_at + 4), self.u32(page, data_at + 8)) {
+                    (Some(start), Some(len)) if data_at + 12 <= data_end => self
+                        .overflow(start, len)
+                        .map_err(|e| format!("page {pgno}: {e}")),
+                    _ => Err(format!("page {pgno}: truncated off-page item")),
+                },
+                other => Err(format!("page {pgno}: unsupported item type {other}")),
+            };
+            match blob.and_then(|b| header::package(&b).map_err(|e| e.to_string())) {
+                Ok(p) => packages.push(p),
+                Err(reason) => errors.push(EntryError { entry, reason }),
+            }
+        }
+    }
+}
+
+/// Reads every package from a Berkeley DB hash `Packages` file.
+pub fn read(path: &Path) -> Result<(Vec<Package>, Vec<EntryError>), DbError> {
+    let data = std::fs::read(path).map_err(|source| DbError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    read_bytes(&data).map_err(|reason| DbError::NotRpmDb {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
+/// Reads every package from the bytes of a `Packages` file; `Err` when the file as a whole is
+/// not a usable hash database.
+pub fn read_bytes(data: &[u8]) -> Result<(Vec<Package>, Vec<EntryError>), String> {
+    let magic = |order: Order| {
+        let b: [u8; 4] = data.get(12..16)?.try_into().ok()?;
+        Some(match order {
+            Order::Little => u32::from_le_bytes(b),
+            Order::Big => u32::from_be_bytes(b),
+        })
+    };
+    let order = match (magic(Order::Little), magic(Order::Big)) {
+        (Some(HASH_MAGIC), _) => Order::Little,
+        (_, Some(HASH_MAGIC)) => Order::Big,
+        (Some(BTREE_MAGIC), _) | (_, Some(BTREE_MAGIC)) => {
+            return Err(
+                "a Berkeley DB btree (an rpm index file), not the Packages hash database".into(),
+            );
+        }
+        _ => return Err("not a Berkeley DB hash database".into()),
+    };
+    let mut db = Db {
+        data,
+        page_size: 0,
+        pages: 0,
+        order,
+    };
+    let page_size = db.u32(data, 20).unwrap_or(0) as usize;
+    if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+        return Err(format!("bad page size {page_size}"));
+    }
+    db.page_size = page_size;
+    if data.get(25) != Some(&P_HASHMETA) {
+        return Err("the first page is not hash metadata".into());
+    }
+    let last_pgno = db.u32(data, 32).unwrap_or(0) as usize;
+    db.pages = (last_pgno + 1).min(data.len() / page_size);
+    let mut packages = Vec::new();
+    let mut errors = Vec::new();
+    for pgno in 1..db.pages as u32 {
+        let Some(page) = db.page(pgno) else { break };
+        if matches!(page[25], P_HASH | P_HASH_UNSORTED) {
+            db.entries(pgno, page, &mut packages, &mut errors);
+        }
+    }
+    if last_pgno + 1 > db.pages {
+        errors.push(EntryError {
+            entry: format!("pages {}..={last_pgno}", db.pages),
+            reason: "the file ends before its last page".into(),
+        });
+    }
+    Ok((packages, errors))
+}
