@@ -1,9 +1,10 @@
 //! What a scan found, in the forms the agent needs: a content hash of the package set, the
 //! change summary between two scans, and the report document sent to the relay.
 //!
-//! The content hash is SHA-256 over the package set in a canonical, order-independent form:
-//! one line per package, sorted, each line the reported fields separated by NUL bytes. It
-//! changes when any reported field of any package changes, never when only the order does.
+//! The content hash is order-independent: each package's reported fields are joined with NUL
+//! bytes into one canonical line and hashed (SHA-256); the per-package digests are sorted and
+//! hashed together. It changes when any reported field of any package changes, never when only
+//! the order does, and costs 32 bytes per package of memory.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,12 +17,14 @@ use sha2::{Digest, Sha256};
 
 /// SHA-256 of the package set (see the module documentation).
 pub fn content_hash(packages: &[Package]) -> [u8; 32] {
-    let mut lines: Vec<String> = packages.iter().map(canonical).collect();
-    lines.sort_unstable();
+    let mut digests: Vec<[u8; 32]> = packages
+        .iter()
+        .map(|p| Sha256::digest(canonical(p).as_bytes()).into())
+        .collect();
+    digests.sort_unstable();
     let mut hasher = Sha256::new();
-    for line in &lines {
-        hasher.update(line.as_bytes());
-        hasher.update(b"\n");
+    for digest in &digests {
+        hasher.update(digest);
     }
     hasher.finalize().into()
 }

@@ -112,6 +112,9 @@ fn read_uri(path: &Path, uri: &str) -> Result<Read, DbError> {
     .map_err(|e| classify(path, e.to_string()))?;
     conn.busy_timeout(BUSY_TIMEOUT)
         .map_err(|e| err(e.to_string()))?;
+    // Every page is read once, in order: a small page cache is enough (SQLite's default is 2 MiB).
+    conn.pragma_update(None, "cache_size", -256)
+        .map_err(|e| err(e.to_string()))?;
     // One read transaction: a consistent snapshot even while rpm writes.
     let tx = conn
         .unchecked_transaction()

@@ -112,3 +112,55 @@ fn negative_fixtures_are_typed_errors() {
         );
     }
 }
+
+#[test]
+fn scans_during_a_loop_of_installs_never_fail_or_tear() {
+    if !have_rpm_tools() {
+        assert!(!in_ci(), "CI must have rpm");
+        eprintln!("SKIPPED: rpm/rpmbuild not installed");
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let specs = guestwatch_testkit::generated_specs("race", 60);
+    let rpms = build_packages(&specs, work.path()).unwrap();
+    let db = RpmDb::temp().unwrap();
+    db.install(&rpms[..10]).unwrap();
+    let order: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+    let dbpath = db.path().to_path_buf();
+    let writer = std::thread::spawn(move || {
+        for rpm in &rpms[10..] {
+            let status = std::process::Command::new("rpm")
+                .arg("--dbpath")
+                .arg(&dbpath)
+                .args(["-i", "--justdb", "--nodeps", "--nosignature"])
+                .arg(rpm)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+    });
+    let mut scans = 0;
+    let mut last = 10;
+    while !writer.is_finished() || scans == 0 {
+        let scan = rpmdb::read(db.path())
+            .unwrap_or_else(|e| panic!("scan {scans} failed during installs: {e}"));
+        let mut names: Vec<&str> = scan.packages.iter().map(|p| p.name.as_str()).collect();
+        names.sort_unstable();
+        // Installs are sequential: every consistent snapshot is the first k packages.
+        let k = names.len();
+        let mut want: Vec<&str> = order[..k].iter().map(String::as_str).collect();
+        want.sort_unstable();
+        assert_eq!(names, want, "scan {scans} saw a torn package list");
+        assert!(
+            k >= last,
+            "the package count went backwards: {last} then {k}"
+        );
+        assert!(scan.errors.is_empty(), "{:?}", scan.errors);
+        last = k;
+        scans += 1;
+    }
+    writer.join().unwrap();
+    assert_eq!(rpmdb::read(db.path()).unwrap().packages.len(), 60);
+    println!("{scans} consistent scans during 50 concurrent installs");
+}

@@ -26,6 +26,32 @@ fn targets(fuzz_dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Every directory of `../shared/fixtures/rpmdb` (databases, damaged databases, header blobs).
+fn fixture_seed_dirs() -> Vec<std::path::PathBuf> {
+    let root = workspace_root().join("../shared/fixtures/rpmdb");
+    let mut dirs = Vec::new();
+    let mut todo = vec![root];
+    while let Some(dir) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut has_files = false;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                has_files = true;
+            }
+        }
+        if has_files {
+            dirs.push(dir);
+        }
+    }
+    dirs.sort();
+    dirs
+}
+
 fn ensure_cargo_fuzz() -> Result<()> {
     if output(Command::new("cargo").args(["fuzz", "--version"])).is_some() {
         return Ok(());
@@ -69,6 +95,13 @@ pub fn fuzz(seconds: u64, only: &[String]) -> Result<()> {
             .arg(&corpus);
         if seeds.is_dir() {
             cmd.arg(&seeds);
+        }
+        // rpm database targets start from the real databases (and damaged ones) in the shared
+        // fixtures, read in place.
+        if target.starts_with("rpmdb_") {
+            for dir in fixture_seed_dirs() {
+                cmd.arg(dir);
+            }
         }
         cmd.arg("--")
             .arg(format!("-max_total_time={seconds}"))

@@ -14,8 +14,8 @@ use crate::{
 pub fn scan(args: &ScanArgs) -> Result<()> {
     let target = TargetSpec::resolve(&args.target, &FileConfig::default())?;
     let scanner = SystemScanner::new(target.clone());
-    let snapshot = scanner.scan_now()?;
-    let mut packages = snapshot.scan.packages.clone();
+    let mut snapshot = scanner.scan_now()?;
+    let mut packages = std::mem::take(&mut snapshot.scan.packages);
     packages.sort_by(|a, b| {
         (&a.name, inventory::evr(a), &a.arch).cmp(&(&b.name, inventory::evr(b), &b.arch))
     });
