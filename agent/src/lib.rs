@@ -7,6 +7,5 @@ pub mod commands;
 pub mod config;
 pub mod deliver;
 pub mod detect;
-pub mod inventory;
 pub mod metrics;
 pub mod scan;

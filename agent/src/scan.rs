@@ -1,24 +1,32 @@
-//! Scanning the system: find the rpm database (under a root, or given directly), read it, and
-//! fingerprint the package set.
+//! Scanning the system: find the rpm database (under a root, or given directly), read it with
+//! what the root says about itself (distribution, dnf history), fingerprint the package set,
+//! and turn the result into the report documents of the `report` crate.
 
 use std::{
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
 
+use report::{Facts, ReportInput, SystemInfo, SystemReader};
+
 use crate::{
     config::TargetSpec,
     detect::{pipeline::Scanner, schedule::Batch},
-    inventory,
 };
 
 /// One scan's result.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub scan: rpmdb::Scan,
+    /// Distribution and repositories; empty for a database scanned directly.
+    pub system: SystemInfo,
     pub content_hash: [u8; 32],
     pub duration: Duration,
     pub finished_at: SystemTime,
+    /// The database file as reports show it (relative to the root when a root was scanned).
+    pub database: String,
+    /// claircore's `package_db`: `<backend>:<directory>`.
+    pub package_db: String,
 }
 
 /// Why a scan failed (only an unreadable rpm database is fatal to a scan).
@@ -29,14 +37,20 @@ pub enum ScanError {
 }
 
 /// Scans one system.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct SystemScanner {
     target: TargetSpec,
+    /// Reads the root's distribution and history again only when their files change.
+    system: Option<SystemReader>,
 }
 
 impl SystemScanner {
     pub fn new(target: TargetSpec) -> Self {
-        Self { target }
+        let system = match &target {
+            TargetSpec::Root(root) => Some(SystemReader::new(root)),
+            TargetSpec::DbPath(_) => None,
+        };
+        Self { target, system }
     }
 
     pub fn target(&self) -> &TargetSpec {
@@ -62,14 +76,27 @@ impl SystemScanner {
     }
 
     /// Scans now.
-    pub fn scan_now(&self) -> Result<Snapshot, ScanError> {
+    pub fn scan_now(&mut self) -> Result<Snapshot, ScanError> {
         let started = Instant::now();
         let scan = rpmdb::read(&self.database()?)?;
-        let content_hash = inventory::content_hash(&scan.packages);
+        let content_hash = report::content_hash(&scan.packages);
+        let system = self
+            .system
+            .as_mut()
+            .map(SystemReader::read)
+            .unwrap_or_else(SystemInfo::none);
+        let root = match &self.target {
+            TargetSpec::Root(root) => Some(root.as_path()),
+            TargetSpec::DbPath(_) => None,
+        };
+        let dir = scan.path.parent().unwrap_or(&scan.path);
         Ok(Snapshot {
             content_hash,
             duration: started.elapsed(),
             finished_at: SystemTime::now(),
+            database: shown_path(&self.target, &scan.path),
+            package_db: report::package_db(scan.backend, dir, root),
+            system,
             scan,
         })
     }
@@ -84,6 +111,28 @@ impl Scanner for SystemScanner {
     }
 }
 
+impl Snapshot {
+    /// The facts of this scan as a one-off report; continuous reporting fills in the rest.
+    pub fn facts(&self) -> Facts {
+        Facts::of_scan(
+            env!("CARGO_PKG_VERSION"),
+            &self.scan,
+            self.database.clone(),
+            &self.system.problems,
+        )
+    }
+
+    /// What the report documents are built from.
+    pub fn input<'a>(&'a self, facts: &'a Facts) -> ReportInput<'a> {
+        ReportInput {
+            packages: &self.scan.packages,
+            package_db: &self.package_db,
+            system: &self.system,
+            facts,
+        }
+    }
+}
+
 /// Path of the database as shown in reports: relative to the root when scanning a root.
 pub fn shown_path(target: &TargetSpec, database: &Path) -> String {
     match target {
@@ -93,4 +142,9 @@ pub fn shown_path(target: &TargetSpec, database: &Path) -> String {
             .unwrap_or_else(|_| database.display().to_string()),
         TargetSpec::DbPath(_) => database.display().to_string(),
     }
+}
+
+/// Milliseconds of a duration, saturating.
+pub fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -1,1 +1,63 @@
-//! guestwatch index reports (being built; see docs/architecture.md).
+//! Turning a scanned system into the reports security teams consume:
+//!
+//! - [`system`]: what the root says about itself — the distribution (`os-release`,
+//!   `system-release-cpe`) and which repository each package came from (dnf4/dnf5 history);
+//! - [`hash`]: the order-independent content hash of a package set;
+//! - [`changes`]: what changed between two scans;
+//! - [`claircore`]: a claircore-compatible IndexReport with guestwatch's facts;
+//! - [`cyclonedx`]: a CycloneDX 1.6 SBOM.
+//!
+//! Reports are deterministic: ids derive from content and maps are ordered, so the same system
+//! gives byte-identical documents.
+#![forbid(unsafe_code)]
+
+pub mod changes;
+pub mod claircore;
+pub mod cyclonedx;
+pub mod facts;
+pub mod hash;
+pub mod system;
+
+pub use changes::{Change, ChangeSummary};
+pub use facts::Facts;
+pub use hash::content_hash;
+pub use rpmdb::Package;
+pub use system::{Distribution, SystemInfo, SystemReader};
+
+/// Everything a report is built from.
+pub struct ReportInput<'a> {
+    /// Installed packages (gpg-pubkeys excluded).
+    pub packages: &'a [Package],
+    /// Where the packages were read, as `<backend>:<path relative to the root>`.
+    pub package_db: &'a str,
+    pub system: &'a SystemInfo,
+    pub facts: &'a Facts,
+}
+
+/// How claircore names a package database: `<backend>:<directory relative to the root>`,
+/// e.g. `sqlite:usr/lib/sysimage/rpm`.
+pub fn package_db(
+    backend: rpmdb::Backend,
+    dir: &std::path::Path,
+    root: Option<&std::path::Path>,
+) -> String {
+    let shown = root
+        .and_then(|r| dir.strip_prefix(r).ok())
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| dir.display().to_string());
+    format!("{}:{shown}", backend.as_str())
+}
+
+/// `[epoch:]version-release`, as rpm and claircore write an installed version.
+pub fn evr(p: &Package) -> String {
+    match p.epoch {
+        Some(e) => format!("{e}:{}-{}", p.version, p.release),
+        None => format!("{}-{}", p.version, p.release),
+    }
+}
+
+/// A short, stable id for a string: the first 8 bytes of its SHA-256, as hex.
+pub(crate) fn id_of(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
+}

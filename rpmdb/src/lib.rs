@@ -11,7 +11,7 @@ mod locate;
 pub mod ndb;
 mod package;
 mod pgp;
-mod sqlite;
+pub mod sqlite;
 
 use std::path::{Path, PathBuf};
 
@@ -21,7 +21,7 @@ pub use header::HeaderError;
 pub fn decode_header(blob: &[u8]) -> Result<Package, HeaderError> {
     header::package(blob)
 }
-pub use locate::locate;
+pub use locate::{locate, resolve_in_root};
 pub use package::Package;
 
 /// The storage format of a database.

@@ -59,25 +59,38 @@ fn fingerprint(path: &Path) -> Option<(u64, std::time::SystemTime, bool)> {
 /// - with a `-wal` but no `-shm` (a crashed writer), or when it keeps changing, read a private
 ///   copy of the database and its WAL in a temporary directory.
 pub fn read(path: &Path) -> Result<Read, DbError> {
+    with_snapshot(path, read_packages)
+}
+
+/// Runs `read` on a strictly read-only connection to the SQLite database at `path` that sees
+/// its committed content (WAL included) and creates nothing next to it (see [`read`]). Also
+/// used for other SQLite files of a system, such as dnf's history.
+pub fn with_snapshot<T>(
+    path: &Path,
+    read: impl Fn(&Path, &Connection) -> Result<T, DbError>,
+) -> Result<T, DbError> {
     let wal = sidecar(path, "-wal");
     let shm = sidecar(path, "-shm");
     if wal.exists() && shm.exists() {
-        return read_uri(path, &uri(path, "mode=ro"));
+        return read_uri(path, &uri(path, "mode=ro"), &read);
     }
     if !wal.exists() {
         for _ in 0..IMMUTABLE_ATTEMPTS {
             let before = fingerprint(path);
-            let result = read_uri(path, &uri(path, "mode=ro&immutable=1"));
+            let result = read_uri(path, &uri(path, "mode=ro&immutable=1"), &read);
             if before.is_some() && before == fingerprint(path) {
                 return result;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    read_copy(path)
+    read_copy(path, &read)
 }
 
-fn read_copy(path: &Path) -> Result<Read, DbError> {
+fn read_copy<T>(
+    path: &Path,
+    read: &impl Fn(&Path, &Connection) -> Result<T, DbError>,
+) -> Result<T, DbError> {
     let io = |source| DbError::Io {
         path: path.to_path_buf(),
         source,
@@ -89,7 +102,7 @@ fn read_copy(path: &Path) -> Result<Read, DbError> {
     if wal.exists() {
         std::fs::copy(&wal, sidecar(&copy, "-wal")).map_err(io)?;
     }
-    read_uri(path, &uri(&copy, "mode=ro")).map_err(|e| match e {
+    read_uri(path, &uri(&copy, "mode=ro"), read).map_err(|e| match e {
         DbError::Sqlite { reason, .. } => DbError::Sqlite {
             path: path.to_path_buf(),
             reason,
@@ -98,7 +111,11 @@ fn read_copy(path: &Path) -> Result<Read, DbError> {
     })
 }
 
-fn read_uri(path: &Path, uri: &str) -> Result<Read, DbError> {
+fn read_uri<T>(
+    path: &Path,
+    uri: &str,
+    read: &impl Fn(&Path, &Connection) -> Result<T, DbError>,
+) -> Result<T, DbError> {
     let err = |reason: String| DbError::Sqlite {
         path: path.to_path_buf(),
         reason,
@@ -115,6 +132,14 @@ fn read_uri(path: &Path, uri: &str) -> Result<Read, DbError> {
     // Every page is read once, in order: a small page cache is enough (SQLite's default is 2 MiB).
     conn.pragma_update(None, "cache_size", -256)
         .map_err(|e| err(e.to_string()))?;
+    read(path, &conn)
+}
+
+fn read_packages(path: &Path, conn: &Connection) -> Result<Read, DbError> {
+    let err = |reason: String| DbError::Sqlite {
+        path: path.to_path_buf(),
+        reason,
+    };
     // One read transaction: a consistent snapshot even while rpm writes.
     let tx = conn
         .unchecked_transaction()

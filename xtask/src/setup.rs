@@ -38,6 +38,7 @@ pub fn setup() -> Result<()> {
     nightly()?;
     bpf_linker()?;
     vhost_device_vsock()?;
+    cyclonedx_validator()?;
     step("setup complete");
     Ok(())
 }
@@ -247,4 +248,41 @@ fn vhost_device_vsock() -> Result<()> {
     vhost_device_vsock_path()
         .map(|p| note(&format!("installed {}", p.display())))
         .context("vhost-device-vsock was installed but does not run: try `~/.cargo/bin/vhost-device-vsock --version`")
+}
+
+/// The CycloneDX project's own Python library validates SBOMs against the official 1.6 JSON
+/// schema; the report tests run it from this venv.
+const CYCLONEDX_LIB: &str = "cyclonedx-python-lib[json-validation]==11.12.0";
+
+/// The venv's interpreter (`target/tools/cyclonedx-venv/bin/python`).
+pub fn cyclonedx_python() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("tools/cyclonedx-venv/bin/python")
+}
+
+fn cyclonedx_validator() -> Result<()> {
+    step("checking the CycloneDX schema validator (Python venv for the report tests)");
+    let python = cyclonedx_python();
+    let check = "from cyclonedx.validation.json import JsonStrictValidator";
+    if output(Command::new(&python).args(["-c", check])).is_some() {
+        note(&format!("{} has {CYCLONEDX_LIB}", python.display()));
+        return Ok(());
+    }
+    let venv = python
+        .parent()
+        .and_then(Path::parent)
+        .context("venv path has no parent")?;
+    run(
+        Command::new("python3").arg("-m").arg("venv").arg(venv),
+        "needs python3 with the venv module (Debian: apt-get install python3-venv)",
+    )?;
+    run(
+        Command::new(&python).args(["-m", "pip", "install", "--quiet", CYCLONEDX_LIB]),
+        "needs network access to PyPI",
+    )?;
+    output(Command::new(&python).args(["-c", check]))
+        .map(|_| note(&format!("installed {CYCLONEDX_LIB}")))
+        .context("the CycloneDX validator was installed but does not import")
 }

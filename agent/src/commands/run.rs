@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use guestwatch_protocol::{
     AgentInfo, ChangeCounts, ContentHash, Report, ReportFacts, ReportId, TriggerFacts,
 };
+use report::{ChangeSummary, Facts};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -26,9 +27,8 @@ use crate::{
         schedule::Batch,
         trigger::{Trigger, TriggerKind},
     },
-    inventory::{self, ChangeSummary, Facts},
     metrics::Metrics,
-    scan::{Snapshot, SystemScanner, shown_path},
+    scan::{Snapshot, SystemScanner, millis},
 };
 
 pub async fn run(args: &RunArgs) -> Result<()> {
@@ -122,7 +122,6 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         periodic: settings.detect.periodic,
         startup_scan: true,
     };
-    let target = settings.target.clone();
     let pipeline = tokio::spawn(pipeline::run(
         config,
         scanner,
@@ -174,7 +173,6 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                             .next_generation()
                             .context("persisting the report generation")?;
                         let report = build_report(
-                            &target,
                             &snapshot,
                             &batch,
                             &changes,
@@ -224,9 +222,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(inventory::millis)
-        .unwrap_or(0)
+    t.duration_since(UNIX_EPOCH).map(millis).unwrap_or(0)
 }
 
 fn trigger_facts(cause: &Trigger, coalesced: u32) -> TriggerFacts {
@@ -252,7 +248,6 @@ fn trigger_facts(cause: &Trigger, coalesced: u32) -> TriggerFacts {
 }
 
 fn build_report(
-    target: &TargetSpec,
     snapshot: &Snapshot,
     batch: &Batch,
     changes: &ChangeSummary,
@@ -260,32 +255,17 @@ fn build_report(
     id: ReportId,
     duration: Duration,
 ) -> Report {
-    let database = shown_path(target, &snapshot.scan.path);
     let trigger = trigger_facts(&batch.cause, batch.total());
     let facts = Facts {
-        agent_version: env!("CARGO_PKG_VERSION").into(),
         detector: mode.as_str().into(),
         trigger: serde_json::to_value(&batch.cause).unwrap_or_default(),
-        backend: snapshot.scan.backend.as_str().into(),
-        database: database.clone(),
-        package_count: snapshot.scan.packages.len(),
-        scan_duration_ms: inventory::millis(duration),
-        content_hash: hex::encode(snapshot.content_hash),
-        errors: snapshot
-            .scan
-            .errors
-            .iter()
-            .map(|e| format!("{}: {}", e.entry, e.reason))
-            .collect(),
+        scan_duration_ms: Some(millis(duration)),
         generation: Some(id.generation),
         changes: changes.clone(),
+        ..snapshot.facts()
     };
-    let json = serde_json::to_vec(&inventory::document(
-        &snapshot.scan.packages,
-        &database,
-        &facts,
-    ))
-    .unwrap_or_default();
+    let json = serde_json::to_vec(&report::claircore::index_report(&snapshot.input(&facts)))
+        .unwrap_or_default();
     let (encoding, payload) = Report::encode_payload(json);
     let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     Report {
@@ -315,16 +295,14 @@ fn agent_info(target: &TargetSpec, mode: DetectorMode) -> AgentInfo {
             .map(|s| s.trim().to_owned())
             .unwrap_or_default()
     };
-    let os_release = match target {
-        TargetSpec::Root(root) => {
-            std::fs::read_to_string(root.join("etc/os-release")).unwrap_or_default()
-        }
-        TargetSpec::DbPath(_) => std::fs::read_to_string("/etc/os-release").unwrap_or_default(),
+    // Resolved inside the root: an absolute os-release symlink must not reach the host's.
+    let root = match target {
+        TargetSpec::Root(root) => root.as_path(),
+        TargetSpec::DbPath(_) => std::path::Path::new("/"),
     };
-    let os = os_release
-        .lines()
-        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-        .map(|v| v.trim_matches('"').to_owned())
+    let os = report::SystemInfo::read(root)
+        .distribution
+        .map(|d| d.pretty_name)
         .unwrap_or_default();
     AgentInfo {
         agent_version: env!("CARGO_PKG_VERSION").into(),

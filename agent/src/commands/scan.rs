@@ -1,60 +1,56 @@
-//! `guestwatch-agent scan`: one report to stdout.
+//! `guestwatch-agent scan`: one report of the whole system to stdout.
+//!
+//! The output is deterministic (no durations or timestamps): scanning an unchanged system
+//! twice gives the same bytes.
 
 use std::io::Write;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result};
 
 use crate::{
     cli::{Format, ScanArgs},
     config::{FileConfig, TargetSpec},
-    inventory::{self, ChangeSummary, Facts},
-    scan::{SystemScanner, shown_path},
+    scan::SystemScanner,
 };
 
 pub fn scan(args: &ScanArgs) -> Result<()> {
     let target = TargetSpec::resolve(&args.target, &FileConfig::default())?;
-    let scanner = SystemScanner::new(target.clone());
-    let mut snapshot = scanner.scan_now()?;
-    let mut packages = std::mem::take(&mut snapshot.scan.packages);
-    packages.sort_by(|a, b| {
-        (&a.name, inventory::evr(a), &a.arch).cmp(&(&b.name, inventory::evr(b), &b.arch))
+    let mut scanner = SystemScanner::new(target);
+    let mut snapshot = scanner.scan_now().context("reading the rpm database")?;
+    snapshot.scan.packages.sort_by_cached_key(|p| {
+        (
+            p.name.clone(),
+            report::evr(p),
+            p.arch.clone(),
+            report::hash::canonical(p),
+        )
     });
+    for problem in &snapshot.system.problems {
+        log::warn!("{problem}");
+    }
+    for e in &snapshot.scan.errors {
+        log::warn!("skipped {}: {}", e.entry, e.reason);
+    }
+    let facts = snapshot.facts();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match args.format {
         Format::Packages => {
-            for p in &packages {
+            for p in &snapshot.scan.packages {
                 serde_json::to_writer(&mut out, p)?;
                 out.write_all(b"\n")?;
             }
         }
         Format::Claircore => {
-            let database = shown_path(&target, &snapshot.scan.path);
-            let facts = Facts {
-                agent_version: env!("CARGO_PKG_VERSION").into(),
-                detector: "none".into(),
-                trigger: serde_json::json!({"kind": "manual"}),
-                backend: snapshot.scan.backend.as_str().into(),
-                database: database.clone(),
-                package_count: packages.len(),
-                scan_duration_ms: 0,
-                content_hash: hex::encode(snapshot.content_hash),
-                errors: snapshot
-                    .scan
-                    .errors
-                    .iter()
-                    .map(|e| format!("{}: {}", e.entry, e.reason))
-                    .collect(),
-                generation: None,
-                changes: ChangeSummary::default(),
-            };
-            serde_json::to_writer_pretty(
-                &mut out,
-                &inventory::document(&packages, &database, &facts),
-            )?;
+            let doc = report::claircore::index_report(&snapshot.input(&facts));
+            serde_json::to_writer_pretty(&mut out, &doc)?;
             out.write_all(b"\n")?;
         }
-        Format::Cyclonedx => bail!("--format cyclonedx is not available in this build yet"),
+        Format::Cyclonedx => {
+            let bom = report::cyclonedx::bom(&snapshot.input(&facts));
+            serde_json::to_writer_pretty(&mut out, &bom)?;
+            out.write_all(b"\n")?;
+        }
     }
     out.flush()?;
     Ok(())

@@ -2,6 +2,7 @@
 //! a `detector` line first (mode and, if eBPF is not used, why), then `trigger` and `scan` lines.
 
 use anyhow::{Context, Result};
+use report::ChangeSummary;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -13,8 +14,7 @@ use crate::{
         Detector, DetectorConfig,
         pipeline::{self, PipelineConfig, PipelineEvent},
     },
-    inventory::{self, ChangeSummary},
-    scan::{Snapshot, SystemScanner},
+    scan::{Snapshot, SystemScanner, millis},
 };
 
 pub async fn watch(args: &WatchArgs) -> Result<()> {
@@ -88,7 +88,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
                             "errors": snapshot.scan.errors,
                             "trigger": batch.cause,
                             "coalesced": batch.counts,
-                            "duration_ms": inventory::millis(duration),
+                            "duration_ms": millis(duration),
                             "changes": changes,
                         })
                     );

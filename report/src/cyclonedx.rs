@@ -1,0 +1,296 @@
+//! A CycloneDX 1.6 SBOM: one `library` component per package with a `pkg:rpm` purl, the
+//! operating system as the metadata component, guestwatch's facts as properties.
+//!
+//! No timestamp and a serial number derived from the content: the same system gives the same
+//! bytes, like the claircore report.
+
+use rpmdb::Package;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::{Distribution, ReportInput, claircore, evr};
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Bom {
+    pub bom_format: &'static str,
+    pub spec_version: &'static str,
+    pub serial_number: String,
+    pub version: u32,
+    pub metadata: Metadata,
+    pub components: Vec<Component>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Metadata {
+    pub tools: Tools,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub component: Option<Component>,
+    pub properties: Vec<Property>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Tools {
+    pub components: Vec<Component>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Component {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(rename = "bom-ref", skip_serializing_if = "Option::is_none")]
+    pub bom_ref: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub supplier: Option<Entity>,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub licenses: Vec<LicenseChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpe: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub purl: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub properties: Vec<Property>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Entity {
+    pub name: String,
+}
+
+/// rpm's LICENSE is free text (often not SPDX), so it is carried as a license name.
+#[derive(Debug, Serialize)]
+pub struct LicenseChoice {
+    pub license: License,
+}
+
+#[derive(Debug, Serialize)]
+pub struct License {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Property {
+    pub name: String,
+    pub value: String,
+}
+
+fn property(name: &str, value: impl Into<String>) -> Property {
+    Property {
+        name: name.to_owned(),
+        value: value.into(),
+    }
+}
+
+/// Percent-encodes a purl segment: everything but unreserved characters (`+` included, as the
+/// purl specification requires for rpm versions like `2.0+git`).
+fn encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+/// `pkg:rpm/<distro id>/<name>@<version>-<release>?arch=…&distro=<id>-<version_id>&epoch=…`,
+/// qualifiers in the sorted order the purl specification asks for.
+pub fn purl(p: &Package, distribution: Option<&Distribution>) -> String {
+    let mut out = String::from("pkg:rpm/");
+    if let Some(d) = distribution {
+        out.push_str(&encode(&d.did.to_lowercase()));
+        out.push('/');
+    }
+    out.push_str(&encode(&p.name));
+    out.push('@');
+    out.push_str(&encode(&format!("{}-{}", p.version, p.release)));
+    let mut qualifiers = Vec::new();
+    if let Some(arch) = &p.arch {
+        qualifiers.push(format!("arch={}", encode(arch)));
+    }
+    if let Some(d) = distribution.filter(|d| !d.version_id.is_empty()) {
+        qualifiers.push(format!(
+            "distro={}",
+            encode(&format!("{}-{}", d.did.to_lowercase(), d.version_id))
+        ));
+    }
+    if let Some(epoch) = p.epoch {
+        qualifiers.push(format!("epoch={epoch}"));
+    }
+    if !qualifiers.is_empty() {
+        out.push('?');
+        out.push_str(&qualifiers.join("&"));
+    }
+    out
+}
+
+/// A version-5-style UUID URN from the content hash (stable for the same content).
+fn serial_number(seed: &str) -> String {
+    let mut b: [u8; 16] = Sha256::digest(seed.as_bytes())[..16]
+        .try_into()
+        .unwrap_or([0; 16]);
+    b[6] = (b[6] & 0x0f) | 0x50;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "urn:uuid:{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// Builds the SBOM of `input`.
+pub fn bom(input: &ReportInput<'_>) -> Bom {
+    let distribution = input.system.distribution.as_ref();
+    let facts = input.facts;
+    let mut packages: Vec<&Package> = input.packages.iter().collect();
+    packages.sort_by_cached_key(|p| {
+        (
+            p.name.clone(),
+            evr(p),
+            p.arch.clone(),
+            claircore::package_id(p),
+        )
+    });
+    let components = packages
+        .into_iter()
+        .map(|p| {
+            let mut properties = vec![property("rpm:database", input.package_db)];
+            if let Some(s) = &p.sourcerpm {
+                properties.push(property("rpm:sourcerpm", s.as_str()));
+            }
+            if let Some(m) = &p.modularitylabel {
+                properties.push(property("rpm:modularitylabel", m.as_str()));
+            }
+            if let Some(r) = input.system.repository_of(p) {
+                properties.push(property("rpm:repository", r));
+            }
+            if let Some(s) = p.rsaheader.as_ref().or(p.pgp.as_ref()) {
+                properties.push(property("rpm:signature", s.as_str()));
+            }
+            Component {
+                kind: "library",
+                bom_ref: Some(claircore::package_id(p)),
+                supplier: p.vendor.clone().map(|name| Entity { name }),
+                name: p.name.clone(),
+                version: Some(evr(p)),
+                description: p.summary.clone(),
+                licenses: p
+                    .license
+                    .iter()
+                    .map(|name| LicenseChoice {
+                        license: License { name: name.clone() },
+                    })
+                    .collect(),
+                purl: Some(purl(p, distribution)),
+                properties,
+                ..Component::default()
+            }
+        })
+        .collect();
+    let os = distribution.map(|d| Component {
+        kind: "operating-system",
+        bom_ref: Some("operating-system".into()),
+        name: d.did.clone(),
+        version: (!d.version_id.is_empty()).then(|| d.version_id.clone()),
+        description: (!d.pretty_name.is_empty()).then(|| d.pretty_name.clone()),
+        cpe: (!d.cpe.is_empty()).then(|| d.cpe.clone()),
+        ..Component::default()
+    });
+    let mut properties = vec![
+        property("guestwatch:agent_version", facts.agent_version.as_str()),
+        property("guestwatch:detector", facts.detector.as_str()),
+        property("guestwatch:backend", facts.backend.as_str()),
+        property("guestwatch:database", facts.database.as_str()),
+        property("guestwatch:package_count", facts.package_count.to_string()),
+        property("guestwatch:content_hash", facts.content_hash.as_str()),
+    ];
+    if let Some(ms) = facts.scan_duration_ms {
+        properties.push(property("guestwatch:scan_duration_ms", ms.to_string()));
+    }
+    properties.extend(
+        facts
+            .errors
+            .iter()
+            .map(|e| property("guestwatch:error", e.as_str())),
+    );
+    properties.extend(
+        facts
+            .gpg_pubkeys
+            .iter()
+            .map(|k| property("guestwatch:gpg_pubkey", k.as_str())),
+    );
+    Bom {
+        bom_format: "CycloneDX",
+        spec_version: "1.6",
+        serial_number: serial_number(&format!("{}\0{}", facts.content_hash, input.package_db)),
+        version: 1,
+        metadata: Metadata {
+            tools: Tools {
+                components: vec![Component {
+                    kind: "application",
+                    name: "guestwatch-agent".into(),
+                    version: Some(facts.agent_version.clone()),
+                    ..Component::default()
+                }],
+            },
+            component: os,
+            properties,
+        },
+        components,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purls_encode_and_sort_qualifiers() {
+        let p = Package {
+            name: "libstdc++".into(),
+            epoch: Some(1),
+            version: "2.0+git".into(),
+            release: "3.el9".into(),
+            arch: Some("x86_64".into()),
+            ..Default::default()
+        };
+        let d = Distribution {
+            did: "rhel".into(),
+            version_id: "9.4".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            purl(&p, Some(&d)),
+            "pkg:rpm/rhel/libstdc%2B%2B@2.0%2Bgit-3.el9?arch=x86_64&distro=rhel-9.4&epoch=1"
+        );
+        let q = Package {
+            name: "a".into(),
+            version: "1".into(),
+            release: "1".into(),
+            ..Default::default()
+        };
+        assert_eq!(purl(&q, None), "pkg:rpm/a@1-1");
+    }
+
+    #[test]
+    fn serial_numbers_are_version_5_uuids() {
+        let s = serial_number("x");
+        assert_eq!(s.len(), "urn:uuid:".len() + 36);
+        assert_eq!(&s[23..24], "5");
+        assert!("89ab".contains(&s[28..29]), "{s}");
+        assert_eq!(s, serial_number("x"));
+        assert_ne!(s, serial_number("y"));
+    }
+}
