@@ -205,24 +205,34 @@ fn repository_of<'a>(doc: &'a Value, name: &str, version: &str) -> Option<&'a st
     })
 }
 
+fn rhel_root_with_dnf4_history() -> Root {
+    Root::new(RHEL_OS_RELEASE).with_history(
+        "claircore_dnf4-history",
+        "history.sqlite",
+        "var/lib/dnf/history.sqlite",
+    )
+}
+
+/// Two builds of apr-util-bdb: the one dnf's history says came from appstream, and one it
+/// never installed.
+fn apr_util_bdb_builds(out: &Path) -> Vec<PathBuf> {
+    build_each(
+        &[
+            PackageSpec::new("apr-util-bdb", "1.6.1", "23.el9").host_arch(),
+            PackageSpec::new("apr-util-bdb", "1.7.1", "23.el9").host_arch(),
+        ],
+        out,
+    )
+}
+
 #[test]
 fn rhel_like_root_with_dnf4_history_reports_everything() {
     if !rpm_tools("rhel_like_root_with_dnf4_history_reports_everything") {
         return;
     }
-    let root = Root::new(RHEL_OS_RELEASE).with_history(
-        "claircore_dnf4-history",
-        "history.sqlite",
-        "var/lib/dnf/history.sqlite",
-    );
-    // Two builds of apr-util-bdb: the one dnf's history says came from appstream, and one it
-    // never installed.
+    let root = rhel_root_with_dnf4_history();
     let rpms = TempDir::new().unwrap();
-    let specs = [
-        PackageSpec::new("apr-util-bdb", "1.6.1", "23.el9").host_arch(),
-        PackageSpec::new("apr-util-bdb", "1.7.1", "23.el9").host_arch(),
-    ];
-    let built = build_each(&specs, rpms.path());
+    let built = apr_util_bdb_builds(rpms.path());
     root.rpmdb().install(&built).unwrap();
 
     let before = root.listing();
@@ -332,19 +342,9 @@ fn same_root_twice_is_byte_identical_and_one_upgrade_is_one_change() {
     if !rpm_tools("same_root_twice_is_byte_identical_and_one_upgrade_is_one_change") {
         return;
     }
-    let root = Root::new(RHEL_OS_RELEASE).with_history(
-        "claircore_dnf4-history",
-        "history.sqlite",
-        "var/lib/dnf/history.sqlite",
-    );
+    let root = rhel_root_with_dnf4_history();
     let rpms = TempDir::new().unwrap();
-    let built = build_each(
-        &[
-            PackageSpec::new("apr-util-bdb", "1.6.1", "23.el9").host_arch(),
-            PackageSpec::new("apr-util-bdb", "1.7.1", "23.el9").host_arch(),
-        ],
-        rpms.path(),
-    );
+    let built = apr_util_bdb_builds(rpms.path());
     root.rpmdb().install(&built[..1]).unwrap();
     let first = scan(root.path());
     let again = scan(root.path());
