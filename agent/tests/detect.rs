@@ -171,6 +171,45 @@ async fn ebpf_attributes_transactions_and_flags_tampering() {
     })
     .await;
     assert!(renamed.detail.unwrap().contains("Index.db"));
+
+    // Short-lived processes are often gone before /proc can say which directory their
+    // relative paths were in; inotify then confirms it. Every one must still be attributed.
+    let mut waiting = std::collections::HashMap::new();
+    for i in 0..20 {
+        let (from, to) = if i % 2 == 0 {
+            ("Index.db.moved", "Index.db")
+        } else {
+            ("Index.db", "Index.db.moved")
+        };
+        let mut mv = Command::new("mv")
+            .args([from, to])
+            .current_dir(db.path())
+            .spawn()
+            .unwrap();
+        waiting.insert(mv.id(), db.path().join(to).display().to_string());
+        assert!(mv.wait().unwrap().success());
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut through_inotify = 0;
+    while !waiting.is_empty() {
+        let t = tokio::time::timeout_at(deadline, running.triggers.recv())
+            .await
+            .unwrap_or_else(|_| panic!("renames by {:?} never attributed", waiting.keys()))
+            .expect("detector stopped");
+        let Some(who) = t.attribution.filter(|_| t.kind == TriggerKind::Tamper) else {
+            continue;
+        };
+        if let Some(to) = waiting.remove(&who.pid) {
+            assert_eq!(who.operation.as_deref(), Some("rename"));
+            assert!(who.paths.contains(&to), "{:?} lacks {to}", who.paths);
+            if t.detail.is_some_and(|d| d.contains("inotify confirmed")) {
+                through_inotify += 1;
+            }
+        }
+    }
+    println!(
+        "20 short-lived relative renames attributed, {through_inotify} located through inotify"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,9 @@ pub enum Signal {
     TxStarted,
     /// A transaction ended or tampering was seen: scan.
     Trigger(Box<Trigger>),
+    /// Tampering by a process that exited before its relative path could be resolved; it
+    /// becomes a trigger once inotify confirms the directory (see `confirm.rs`).
+    Unconfirmed(Box<UnconfirmedTamper>),
     /// Nothing to act on (e.g. a tamper record outside the watched directory).
     None,
 }
@@ -79,10 +82,7 @@ impl EbpfSource {
                 self.check_library_upgrade();
                 Signal::Trigger(Box::new(trigger))
             }
-            BpfRecord::File(file) => match self.tamper_trigger(&file) {
-                Some(trigger) => Signal::Trigger(Box::new(trigger)),
-                None => Signal::None,
-            },
+            BpfRecord::File(file) => self.tamper_signal(file),
         })
     }
 
@@ -149,66 +149,117 @@ impl EbpfSource {
         }
     }
 
-    fn tamper_trigger(&self, file: &FileRecord) -> Option<Trigger> {
+    fn tamper_signal(&self, file: FileRecord) -> Signal {
         let mut paths = Vec::new();
+        let mut unresolved = Vec::new();
+        // Read once, so that both names of a rename resolve against the same answer (the
+        // process may exit between two reads).
+        let cwd = std::fs::read_link(format!("/proc/{}/cwd", file.tgid)).ok();
         for (i, raw) in std::iter::once(&file.path)
             .chain(file.path2.iter())
             .enumerate()
         {
             let fd = if i == 0 { file.fd } else { None };
-            if let Some(path) = resolve(file.tgid, raw, fd) {
-                paths.push(path);
+            match resolve(file.tgid, raw, fd, cwd.as_deref()) {
+                Some(path) => paths.push(path),
+                None => unresolved.push(raw.clone()),
             }
         }
-        let inside: Vec<String> = paths
+        let inside: Vec<PathBuf> = paths
             .iter()
             .filter(|p| {
                 self.watch_dirs
                     .iter()
                     .any(|d| p.parent() == Some(d.as_path()))
             })
-            // Readers write these too (SQLite's shared-memory index, Berkeley DB regions).
             .filter(|p| {
                 !p.file_name()
                     .and_then(|n| n.to_str())
                     .is_some_and(reader_written)
             })
-            .map(|p| p.display().to_string())
+            .cloned()
             .collect();
-        if inside.is_empty() {
-            return None;
+        if !inside.is_empty() {
+            let how = "outside any rpm transaction";
+            return Signal::Trigger(Box::new(tamper_trigger(&file, &inside, &paths, how)));
         }
-        let operation = match file.op {
-            FileOp::Write => "write",
-            FileOp::OpenTruncate => "open-truncate",
-            FileOp::Rename => "rename",
-            FileOp::Unlink => "unlink",
-            FileOp::Truncate => "truncate",
-        };
-        let at = clock::boot_ns_to_system_time(file.now_ns);
-        Some(Trigger {
-            kind: TriggerKind::Tamper,
-            at,
-            detail: Some(format!(
-                "{} (pid {}, uid {}) did {operation} on {} outside any rpm transaction",
-                file.comm,
-                file.tgid,
-                file.uid,
-                inside.join(", ")
-            )),
-            attribution: Some(Attribution {
-                pid: file.tgid,
-                tid: file.pid,
-                uid: file.uid,
-                gid: file.gid,
-                comm: file.comm.clone(),
-                exe: exe_of(file.tgid),
-                ended_at: Some(at),
-                operation: Some(operation.to_owned()),
-                paths: paths.iter().map(|p| p.display().to_string()).collect(),
-                ..Default::default()
-            }),
-        })
+        // Only a bare database file name reaches userspace unresolved (the kernel side matched
+        // it against the watched names); its directory died with the process.
+        let names: Vec<String> = unresolved
+            .into_iter()
+            .filter(|n| !n.is_empty() && !n.contains('/') && !reader_written(n))
+            .collect();
+        if names.is_empty() {
+            return Signal::None;
+        }
+        Signal::Unconfirmed(Box::new(UnconfirmedTamper::new(file, paths, names)))
+    }
+}
+
+/// A tamper record whose process exited before `/proc` could say which directory its relative
+/// path was in.
+#[derive(Debug)]
+pub struct UnconfirmedTamper {
+    file: FileRecord,
+    /// The paths of the record that did resolve (absolute ones).
+    resolved: Vec<PathBuf>,
+    /// Bare file names the process used relative to a directory it no longer has.
+    pub names: Vec<String>,
+}
+
+impl UnconfirmedTamper {
+    pub(super) fn new(file: FileRecord, resolved: Vec<PathBuf>, names: Vec<String>) -> Self {
+        Self {
+            file,
+            resolved,
+            names,
+        }
+    }
+
+    /// The trigger, now that a file of one of these names changed in `dir`.
+    pub fn confirm(&self, dir: &Path) -> Trigger {
+        let inside: Vec<PathBuf> = self.names.iter().map(|n| dir.join(n)).collect();
+        let paths: Vec<PathBuf> = self.resolved.iter().chain(&inside).cloned().collect();
+        let how =
+            "outside any rpm transaction (the process had exited; inotify confirmed the directory)";
+        tamper_trigger(&self.file, &inside, &paths, how)
+    }
+}
+
+/// A tamper trigger for `file`: `inside` are its paths in a watched directory, `paths` all of
+/// them.
+fn tamper_trigger(file: &FileRecord, inside: &[PathBuf], paths: &[PathBuf], how: &str) -> Trigger {
+    let operation = match file.op {
+        FileOp::Write => "write",
+        FileOp::OpenTruncate => "open-truncate",
+        FileOp::Rename => "rename",
+        FileOp::Unlink => "unlink",
+        FileOp::Truncate => "truncate",
+    };
+    let at = clock::boot_ns_to_system_time(file.now_ns);
+    let inside: Vec<String> = inside.iter().map(|p| p.display().to_string()).collect();
+    Trigger {
+        kind: TriggerKind::Tamper,
+        at,
+        detail: Some(format!(
+            "{} (pid {}, uid {}) did {operation} on {} {how}",
+            file.comm,
+            file.tgid,
+            file.uid,
+            inside.join(", ")
+        )),
+        attribution: Some(Attribution {
+            pid: file.tgid,
+            tid: file.pid,
+            uid: file.uid,
+            gid: file.gid,
+            comm: file.comm.clone(),
+            exe: exe_of(file.tgid),
+            ended_at: Some(at),
+            operation: Some(operation.to_owned()),
+            paths: paths.iter().map(|p| p.display().to_string()).collect(),
+            ..Default::default()
+        }),
     }
 }
 
@@ -219,8 +270,8 @@ fn exe_of(tgid: u32) -> Option<String> {
 }
 
 /// An absolute, lexically normalised path for what the process named: through its open
-/// descriptor when there is one, else relative to its working directory.
-fn resolve(tgid: u32, raw: &str, fd: Option<i32>) -> Option<PathBuf> {
+/// descriptor when there is one, else relative to its working directory `cwd`.
+fn resolve(tgid: u32, raw: &str, fd: Option<i32>, cwd: Option<&Path>) -> Option<PathBuf> {
     if let Some(fd) = fd
         && let Ok(path) = std::fs::read_link(format!("/proc/{tgid}/fd/{fd}"))
     {
@@ -230,8 +281,7 @@ fn resolve(tgid: u32, raw: &str, fd: Option<i32>) -> Option<PathBuf> {
     if raw.is_absolute() {
         return Some(normalize(raw));
     }
-    let cwd = std::fs::read_link(format!("/proc/{tgid}/cwd")).ok()?;
-    Some(normalize(&cwd.join(raw)))
+    Some(normalize(&cwd?.join(raw)))
 }
 
 fn normalize(path: &Path) -> PathBuf {
@@ -262,10 +312,17 @@ mod tests {
     }
 
     #[test]
-    fn resolves_relative_to_cwd_of_a_live_process() {
+    fn relative_paths_resolve_against_the_working_directory_read() {
         let me = std::process::id();
         let cwd = std::env::current_dir().unwrap();
-        assert_eq!(resolve(me, "x/y", None), Some(normalize(&cwd.join("x/y"))));
-        assert_eq!(resolve(me, "/abs/z", None), Some(PathBuf::from("/abs/z")));
+        assert_eq!(
+            resolve(me, "x/y", None, Some(&cwd)),
+            Some(normalize(&cwd.join("x/y")))
+        );
+        assert_eq!(resolve(me, "x/y", None, None), None);
+        assert_eq!(
+            resolve(me, "/abs/z", None, None),
+            Some(PathBuf::from("/abs/z"))
+        );
     }
 }

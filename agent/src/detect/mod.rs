@@ -8,6 +8,7 @@
 //!
 //! Triggers are coalesced into scans by `schedule.rs`, driven by `pipeline.rs`.
 
+pub mod confirm;
 pub mod ebpf;
 pub mod inotify;
 pub mod pipeline;
@@ -24,6 +25,7 @@ use tokio::{sync::mpsc, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use self::{
+    confirm::TamperConfirmer,
     ebpf::{EbpfSource, Signal},
     inotify::{DbDirWatcher, DirEvent},
     trigger::{Trigger, TriggerKind},
@@ -199,8 +201,10 @@ impl Detector {
     /// Beside eBPF, an inotify change is held for [`EXPLAINED_WINDOW`]: a transaction that
     /// starts or ends meanwhile (rpm opens its database before `rpmtsRun`, and SQLite
     /// checkpoints after it) explains it and it is dropped; otherwise it becomes an `inotify`
-    /// trigger, a change the probes did not see.
+    /// trigger, a change the probes did not see. Inotify changes also confirm tamper records
+    /// whose process exited too soon to be located (`confirm.rs`).
     pub async fn run(mut self, triggers: mpsc::Sender<Trigger>, stop: CancellationToken) {
+        let mut confirmer = TamperConfirmer::default();
         let mut active_tx: u32 = 0;
         let mut last_tx: Option<Instant> = None;
         let mut held: Option<(Instant, Trigger)> = None;
@@ -238,6 +242,10 @@ impl Detector {
                         }
                         *t
                     }
+                    Ok(Signal::Unconfirmed(record)) => match confirmer.record(Instant::now(), *record) {
+                        Some(t) => t,
+                        None => continue,
+                    },
                     Ok(Signal::None) => continue,
                     Err(e) => {
                         log::error!("reading BPF events failed: {e}; continuing with inotify");
@@ -250,6 +258,17 @@ impl Detector {
                         if let DirEvent::Moved { now_at } = &event {
                             log::info!("the rpm database directory moved; now watching {}",
                                 now_at.as_deref().map_or("its nearest ancestor".to_owned(), |p| p.display().to_string()));
+                        }
+                        if let (DirEvent::Changed { file, .. }, Some(dir), true) = (
+                            &event,
+                            self.inotify.as_ref().and_then(DbDirWatcher::watched_dir),
+                            self.ebpf.is_some(),
+                        ) {
+                            for tamper in confirmer.change(Instant::now(), file, dir) {
+                                if triggers.send(tamper).await.is_err() {
+                                    return;
+                                }
+                            }
                         }
                         let trigger = inotify_trigger(&event);
                         let explainable = matches!(event, DirEvent::Changed { .. });
