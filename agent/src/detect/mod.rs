@@ -1,6 +1,7 @@
 //! Change detection: one trigger stream from three sources, chosen at start.
 //!
-//! - eBPF (`ebpf.rs`): transaction ends from `rpmtsRun`, and tampering from syscall tracepoints.
+//! - eBPF (`ebpf.rs`): transaction ends from `rpmtsRun`, and tampering from syscall tracepoints
+//!   (`confirm.rs` locates records of processes gone before /proc could be read).
 //! - inotify (`inotify.rs`): the fallback, and beside eBPF a safety net for changes the
 //!   probes cannot see (an unattached librpm copy, a writer BPF misses). In eBPF mode an inotify
 //!   event during or just after a transaction is explained by it and dropped.
