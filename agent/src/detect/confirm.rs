@@ -96,7 +96,7 @@ mod tests {
     use super::*;
     use crate::{bpf::FileRecord, detect::trigger::TriggerKind};
 
-    /// A rename of `from` to `to` by a process that is gone (pid far above any real one).
+    /// A rename of `from` to `to` by process `pid`, neither name located.
     fn record(pid: u32, from: &str, to: &str) -> UnconfirmedTamper {
         let file = FileRecord {
             op: FileOp::Rename,

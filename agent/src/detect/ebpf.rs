@@ -172,6 +172,7 @@ impl EbpfSource {
                     .iter()
                     .any(|d| p.parent() == Some(d.as_path()))
             })
+            // Readers write these too (SQLite's shared-memory index, Berkeley DB regions).
             .filter(|p| {
                 !p.file_name()
                     .and_then(|n| n.to_str())
