@@ -111,7 +111,7 @@ mod tests {
             path: from.to_owned(),
             path2: Some(to.to_owned()),
         };
-        UnconfirmedTamper::new(file, Vec::new(), vec![from.to_owned(), to.to_owned()])
+        UnconfirmedTamper::new(file, None, Vec::new(), vec![from.to_owned(), to.to_owned()])
     }
 
     const DB: &str = "/var/lib/rpm";

@@ -153,8 +153,15 @@ impl EbpfSource {
         let mut paths = Vec::new();
         let mut unresolved = Vec::new();
         // Read once, so that both names of a rename resolve against the same answer (the
-        // process may exit between two reads).
-        let cwd = std::fs::read_link(format!("/proc/{}/cwd", file.tgid)).ok();
+        // process may exit between two reads); not at all when every name is absolute.
+        let relative = std::iter::once(&file.path)
+            .chain(file.path2.iter())
+            .any(|raw| !raw.starts_with('/'));
+        let cwd = relative
+            .then(|| std::fs::read_link(format!("/proc/{}/cwd", file.tgid)).ok())
+            .flatten();
+        // The executable as the process stood now: a later read could find its pid reused.
+        let exe = exe_of(file.tgid);
         for (i, raw) in std::iter::once(&file.path)
             .chain(file.path2.iter())
             .enumerate()
@@ -182,7 +189,7 @@ impl EbpfSource {
             .collect();
         if !inside.is_empty() {
             let how = "outside any rpm transaction";
-            return Signal::Trigger(Box::new(tamper_trigger(&file, &inside, &paths, how)));
+            return Signal::Trigger(Box::new(tamper_trigger(&file, exe, &inside, &paths, how)));
         }
         // Only a bare database file name reaches userspace unresolved (the kernel side matched
         // it against the watched names); its directory died with the process.
@@ -193,7 +200,7 @@ impl EbpfSource {
         if names.is_empty() {
             return Signal::None;
         }
-        Signal::Unconfirmed(Box::new(UnconfirmedTamper::new(file, paths, names)))
+        Signal::Unconfirmed(Box::new(UnconfirmedTamper::new(file, exe, paths, names)))
     }
 }
 
@@ -202,6 +209,8 @@ impl EbpfSource {
 #[derive(Debug)]
 pub struct UnconfirmedTamper {
     file: FileRecord,
+    /// Read with the record (usually `None`: the process is gone).
+    exe: Option<String>,
     /// The paths of the record that did resolve (absolute ones).
     resolved: Vec<PathBuf>,
     /// Bare file names the process used relative to a directory it no longer has.
@@ -209,9 +218,15 @@ pub struct UnconfirmedTamper {
 }
 
 impl UnconfirmedTamper {
-    pub(super) fn new(file: FileRecord, resolved: Vec<PathBuf>, names: Vec<String>) -> Self {
+    pub(super) fn new(
+        file: FileRecord,
+        exe: Option<String>,
+        resolved: Vec<PathBuf>,
+        names: Vec<String>,
+    ) -> Self {
         Self {
             file,
+            exe,
             resolved,
             names,
         }
@@ -223,13 +238,19 @@ impl UnconfirmedTamper {
         let paths: Vec<PathBuf> = self.resolved.iter().chain(&inside).cloned().collect();
         let how =
             "outside any rpm transaction (the process had exited; inotify confirmed the directory)";
-        tamper_trigger(&self.file, &inside, &paths, how)
+        tamper_trigger(&self.file, self.exe.clone(), &inside, &paths, how)
     }
 }
 
-/// A tamper trigger for `file`: `inside` are its paths in a watched directory, `paths` all of
-/// them.
-fn tamper_trigger(file: &FileRecord, inside: &[PathBuf], paths: &[PathBuf], how: &str) -> Trigger {
+/// A tamper trigger for `file` by the process running `exe`: `inside` are its paths in a
+/// watched directory, `paths` all of them.
+fn tamper_trigger(
+    file: &FileRecord,
+    exe: Option<String>,
+    inside: &[PathBuf],
+    paths: &[PathBuf],
+    how: &str,
+) -> Trigger {
     let operation = match file.op {
         FileOp::Write => "write",
         FileOp::OpenTruncate => "open-truncate",
@@ -255,7 +276,7 @@ fn tamper_trigger(file: &FileRecord, inside: &[PathBuf], paths: &[PathBuf], how:
             uid: file.uid,
             gid: file.gid,
             comm: file.comm.clone(),
-            exe: exe_of(file.tgid),
+            exe,
             ended_at: Some(at),
             operation: Some(operation.to_owned()),
             paths: paths.iter().map(|p| p.display().to_string()).collect(),
