@@ -24,6 +24,11 @@ pub fn boot_ns_to_system_time(ns: u64) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
+/// The same as a protocol [`Timestamp`](guestwatch_protocol::Timestamp).
+pub fn boot_ns_to_timestamp(ns: u64) -> guestwatch_protocol::Timestamp {
+    guestwatch_protocol::Timestamp::from_system(boot_ns_to_system_time(ns))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

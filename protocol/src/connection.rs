@@ -8,7 +8,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{PROTOCOL_VERSION, ProtocolError, frame, limits::Limits, message::Message};
+use crate::{ProtocolError, SUPPORTED_VERSIONS, frame, limits::Limits, message::Message};
 
 /// Read granularity: the buffer grows with what actually arrives, never by what a header claims.
 const READ_CHUNK: usize = 64 * 1024;
@@ -35,12 +35,15 @@ pub struct Connection<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// A connection that writes frames in the oldest version (in which `Hello` must go, so
+    /// that every peer can read it) until [`Self::set_version`] is called with the one the
+    /// handshake chose.
     pub fn new(stream: S, limits: Limits) -> Self {
         Self {
             stream,
             buffer: BytesMut::with_capacity(MIN_READ),
             limits,
-            version: PROTOCOL_VERSION,
+            version: SUPPORTED_VERSIONS[0],
         }
     }
 

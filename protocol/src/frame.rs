@@ -64,7 +64,7 @@ impl FrameHeader {
 
 /// Encodes `message` as one frame of protocol `version`.
 pub fn encode(version: u16, message: &Message, max_frame: u32) -> Result<Vec<u8>, ProtocolError> {
-    let payload = encode_payload(message)?;
+    let payload = encode_payload(version, message)?;
     let len = u32::try_from(payload.len())
         .map_err(|_| ProtocolError::Encode("payload over 4 GiB".into()))?;
     if len > max_frame {
@@ -89,6 +89,8 @@ pub fn encode(version: u16, message: &Message, max_frame: u32) -> Result<Vec<u8>
 pub struct Decoded {
     /// Bytes the frame occupied (consume them whatever `message` is).
     pub consumed: usize,
+    /// The protocol version of the frame.
+    pub version: u16,
     /// The message, or a recoverable error ([`ProtocolError::UnknownType`],
     /// [`ProtocolError::Malformed`]): the stream is still in step after it.
     pub message: Result<Message, ProtocolError>,
@@ -107,11 +109,12 @@ pub fn decode(buf: &[u8], max_frame: u32) -> Result<Option<Decoded>, ProtocolErr
         return Ok(None);
     };
     let message = match MessageType::from_u16(header.kind) {
-        Some(kind) => decode_payload(kind, payload),
+        Some(kind) => decode_payload(header.version, kind, payload),
         None => Err(ProtocolError::UnknownType(header.kind)),
     };
     Ok(Some(Decoded {
         consumed: end,
+        version: header.version,
         message,
     }))
 }

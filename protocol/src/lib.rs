@@ -6,7 +6,9 @@
 //! anything is allocated. [`Connection`] owns the framing over any async byte stream; [`frame`]
 //! offers the same as pure functions. The byte-level specification is `docs/protocol.md`.
 //!
-//! This crate knows nothing about sockets, VSOCK, sinks or BPF.
+//! The trigger and attribution schema (`trigger.rs`) is defined here once and used by the
+//! agent, the relay and every sink. This crate knows nothing about sockets, VSOCK, sinks or
+//! BPF.
 #![forbid(unsafe_code)]
 
 mod codec;
@@ -15,20 +17,25 @@ pub mod frame;
 mod limits;
 mod message;
 mod payload;
+mod trigger;
+pub mod v1;
 
+pub use codec::encoded_len;
 pub use connection::{Connection, Timeout};
 pub use frame::{FrameHeader, HEADER_LEN, MAGIC};
-pub use limits::{DEFAULT_MAX_FRAME, DEFAULT_MAX_REPORT_PAYLOAD, Limits};
+pub use limits::{DEFAULT_MAX_FRAME, DEFAULT_MAX_REPORT_PAYLOAD, LimitError, Limits, guest};
 pub use message::{
     Ack, AckStatus, AgentInfo, ChangeCounts, ContentHash, ErrorCode, ErrorMessage, Hello, Message,
-    MessageType, Nack, PayloadEncoding, Report, ReportFacts, ReportId, TriggerFacts, Welcome,
+    MessageType, Nack, NackReason, Payload, PayloadEncoding, Report, ReportBody, ReportFacts,
+    ReportId, Welcome,
 };
 pub use payload::{COMPRESSION_THRESHOLD, PayloadError};
+pub use trigger::{Ancestor, Attribution, Evidence, Timestamp, Trigger, TriggerKind};
 
-/// The protocol version this build speaks (and the highest it understands).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build prefers (the highest it speaks).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Versions this build can speak, oldest first.
-pub const SUPPORTED_VERSIONS: &[u16] = &[1];
+pub const SUPPORTED_VERSIONS: &[u16] = &[1, 2];
 
 /// Why a frame or message could not be read or written.
 #[derive(Debug, thiserror::Error)]

@@ -1,10 +1,14 @@
-//! The messages. Field order is the wire order (bincode encodes fields in declaration order):
-//! never reorder or remove fields within a protocol version; new fields mean a new version
-//! (see `docs/protocol.md`, "Versions").
+//! The messages, as protocol version 2 defines them: the model both sides work with. Field
+//! order is the wire order (bincode encodes fields in declaration order): never reorder or
+//! remove fields within a protocol version; new fields mean a new version (see
+//! `docs/protocol.md`, "Versions"). Version 1's different shapes live in `v1.rs`, converted to
+//! and from these.
 
 use std::fmt;
 
 use bincode::{Decode, Encode};
+
+use crate::trigger::{Attribution, Timestamp, Trigger, TriggerKind};
 
 /// Message type codes (the header's `type` field).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -129,61 +133,110 @@ pub enum PayloadEncoding {
     JsonZstd,
 }
 
-/// The trigger of a scan and who caused it, as the agent saw it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode)]
-pub struct TriggerFacts {
-    /// `startup`, `periodic`, `inotify`, `tamper` or `transaction`.
-    pub kind: String,
-    pub detail: Option<String>,
-    pub pid: Option<u32>,
-    pub tid: Option<u32>,
-    pub uid: Option<u32>,
-    pub gid: Option<u32>,
-    pub comm: Option<String>,
-    pub exe: Option<String>,
-    /// `rpmtsRun`'s return value.
-    pub return_code: Option<i32>,
-    /// Unix milliseconds.
-    pub started_at_ms: Option<u64>,
-    /// Unix milliseconds.
-    pub ended_at_ms: Option<u64>,
-    pub library: Option<String>,
-    /// Tamper: the file operation.
-    pub operation: Option<String>,
-    /// Tamper: the files touched.
-    pub paths: Vec<String>,
-    /// How many triggers this scan answers.
-    pub coalesced: u32,
+/// A report's payload: the bytes and how they are encoded.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub struct Payload {
+    pub encoding: PayloadEncoding,
+    pub bytes: Vec<u8>,
 }
 
-/// How the package set changed since the previous report.
+/// What a report carries (protocol version 2; version 1 knows only `Full`).
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+pub enum ReportBody {
+    /// The whole document.
+    Full(Payload),
+    /// Package records added, removed and changed since `base`, a report the relay
+    /// acknowledged, whose content hash was `base_hash` (see `docs/protocol.md`, "Delta
+    /// reports").
+    Delta {
+        base: ReportId,
+        base_hash: ContentHash,
+        payload: Payload,
+    },
+}
+
+impl ReportBody {
+    pub fn payload(&self) -> &Payload {
+        match self {
+            Self::Full(p) | Self::Delta { payload: p, .. } => p,
+        }
+    }
+}
+
+/// How the package set changed since the previous report, in rpm's version order.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Encode, Decode)]
 pub struct ChangeCounts {
     pub added: u32,
     pub removed: u32,
-    pub changed: u32,
+    pub upgraded: u32,
+    pub downgraded: u32,
+    /// Same version, different content (digest or install time).
+    pub reinstalled: u32,
 }
 
-/// Facts the relay needs without parsing the payload.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode)]
+impl ChangeCounts {
+    /// Packages present before and after whose record changed.
+    pub fn changed(&self) -> u32 {
+        self.upgraded
+            .saturating_add(self.downgraded)
+            .saturating_add(self.reinstalled)
+    }
+}
+
+/// Facts the relay needs without parsing the payload. All of it is the guest's claim.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct ReportFacts {
-    pub trigger: TriggerFacts,
-    /// When the scan finished, Unix milliseconds.
-    pub scanned_at_ms: u64,
+    /// The most significant trigger of the scan (its cause).
+    pub trigger: Trigger,
+    /// Every transaction the scan answers, oldest first (at most
+    /// [`guest::MAX_LISTED`](crate::guest::MAX_LISTED); `coalesced` has the full count).
+    pub transactions: Vec<Attribution>,
+    /// Every tamper record the scan answers, oldest first (bounded likewise).
+    pub tampers: Vec<Attribution>,
+    /// How many triggers of each kind the scan answers.
+    pub coalesced: Vec<(TriggerKind, u32)>,
+    /// When the scan finished.
+    pub scanned_at: Timestamp,
     pub package_count: u32,
     pub changes: ChangeCounts,
     pub agent_version: String,
+    /// `ebpf`, `inotify` or `periodic`.
     pub detector: String,
+}
+
+impl Default for ReportFacts {
+    fn default() -> Self {
+        Self {
+            trigger: Trigger::new(TriggerKind::Startup).at(Timestamp(0)),
+            transactions: Vec::new(),
+            tampers: Vec::new(),
+            coalesced: Vec::new(),
+            scanned_at: Timestamp(0),
+            package_count: 0,
+            changes: ChangeCounts::default(),
+            agent_version: String::new(),
+            detector: String::new(),
+        }
+    }
+}
+
+impl ReportFacts {
+    /// The number of triggers this scan answers.
+    pub fn coalesced_total(&self) -> u32 {
+        self.coalesced
+            .iter()
+            .fold(0u32, |sum, (_, n)| sum.saturating_add(*n))
+    }
 }
 
 /// Agent → relay: one index report.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct Report {
     pub id: ReportId,
+    /// The content hash of the whole package set (for a delta: of the set it reconstructs).
     pub content_hash: ContentHash,
     pub facts: ReportFacts,
-    pub encoding: PayloadEncoding,
-    pub payload: Vec<u8>,
+    pub body: ReportBody,
 }
 
 /// What an `Ack` confirms.
@@ -202,11 +255,69 @@ pub struct Ack {
     pub status: AckStatus,
 }
 
-/// Relay → agent: not delivered yet; send it again after `retry_after_ms`.
+/// Why a report was not acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum NackReason {
+    /// The report exceeds a size limit (frame, decompressed payload, facts).
+    TooLarge,
+    /// The payload or facts do not decode, or are not what a report must be.
+    Malformed,
+    /// Well-formed but refused (a string or list over its limit, an encoding the relay does not
+    /// take).
+    Rejected,
+    /// The VM is over its rate limit (reports or sink bytes per minute); the relay keeps the
+    /// newest report and delivers it itself when the limit allows.
+    RateLimited,
+    /// The sink did not accept it yet; the relay keeps it and retries.
+    SinkUnavailable,
+    /// A delta whose base the relay does not have, or whose result does not match the content
+    /// hash: send the full report.
+    NeedFull,
+}
+
+impl NackReason {
+    pub const ALL: [NackReason; 6] = [
+        Self::TooLarge,
+        Self::Malformed,
+        Self::Rejected,
+        Self::RateLimited,
+        Self::SinkUnavailable,
+        Self::NeedFull,
+    ];
+
+    /// The label used in metrics, logs and protocol version 1's text reasons.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::Malformed => "malformed",
+            Self::Rejected => "rejected",
+            Self::RateLimited => "rate_limited",
+            Self::SinkUnavailable => "sink_unavailable",
+            Self::NeedFull => "need_full",
+        }
+    }
+
+    /// Whether sending the same report again can never succeed: the agent gives up on that
+    /// generation (until something changes) instead of retrying.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::TooLarge | Self::Malformed | Self::Rejected)
+    }
+}
+
+impl fmt::Display for NackReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Relay → agent: not delivered. Retryable reasons: send the newest report again after
+/// `retry_after_ms`; terminal ones ([`NackReason::is_terminal`]): do not send this one again.
 #[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
 pub struct Nack {
     pub id: ReportId,
-    pub reason: String,
+    pub reason: NackReason,
+    /// Human-readable detail (at most [`guest::MAX_TEXT`](crate::guest::MAX_TEXT) bytes).
+    pub detail: String,
     pub retry_after_ms: u32,
 }
 

@@ -2,7 +2,7 @@
 
 use std::io::Read;
 
-use crate::message::{PayloadEncoding, Report};
+use crate::message::{Payload, PayloadEncoding};
 
 /// Payloads larger than this are compressed (when that makes them smaller).
 pub const COMPRESSION_THRESHOLD: usize = 64 * 1024;
@@ -16,33 +16,39 @@ pub enum PayloadError {
     Corrupt(String),
 }
 
-impl Report {
-    /// Chooses the encoding for `json`: zstd when it is large and compression pays.
-    pub fn encode_payload(json: Vec<u8>) -> (PayloadEncoding, Vec<u8>) {
+impl Payload {
+    /// `json`, zstd-compressed when it is large and compression pays.
+    pub fn json(json: Vec<u8>) -> Self {
         if json.len() > COMPRESSION_THRESHOLD
             && let Ok(compressed) = zstd::bulk::compress(&json, 3)
             && compressed.len() < json.len()
         {
-            return (PayloadEncoding::JsonZstd, compressed);
+            return Self {
+                encoding: PayloadEncoding::JsonZstd,
+                bytes: compressed,
+            };
         }
-        (PayloadEncoding::Json, json)
+        Self {
+            encoding: PayloadEncoding::Json,
+            bytes: json,
+        }
     }
 
-    /// The JSON bytes of the payload, decompressing at most `max` bytes (a zstd bomb stops there
-    /// without allocating more).
-    pub fn payload_json(&self, max: u32) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> {
+    /// The JSON bytes, decompressing at most `max` bytes (a zstd bomb stops there without
+    /// allocating more).
+    pub fn to_json(&self, max: u32) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> {
         match self.encoding {
             PayloadEncoding::Json => {
-                if self.payload.len() > max as usize {
+                if self.bytes.len() > max as usize {
                     return Err(PayloadError::TooLarge { max });
                 }
-                Ok(std::borrow::Cow::Borrowed(&self.payload))
+                Ok(std::borrow::Cow::Borrowed(&self.bytes))
             }
             PayloadEncoding::JsonZstd => {
-                let decoder = zstd::stream::read::Decoder::new(self.payload.as_slice())
+                let decoder = zstd::stream::read::Decoder::new(self.bytes.as_slice())
                     .map_err(|e| PayloadError::Corrupt(e.to_string()))?;
                 let mut out =
-                    Vec::with_capacity(self.payload.len().saturating_mul(4).min(max as usize));
+                    Vec::with_capacity(self.bytes.len().saturating_mul(4).min(max as usize));
                 decoder
                     .take(u64::from(max) + 1)
                     .read_to_end(&mut out)

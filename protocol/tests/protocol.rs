@@ -9,9 +9,10 @@ use std::{
 };
 
 use guestwatch_protocol::{
-    Ack, AckStatus, AgentInfo, ChangeCounts, Connection, ContentHash, ErrorCode, ErrorMessage,
-    HEADER_LEN, Hello, Limits, MAGIC, Message, Nack, PayloadEncoding, ProtocolError, Report,
-    ReportFacts, ReportId, Timeout, TriggerFacts, Welcome, frame,
+    Ack, AckStatus, AgentInfo, Attribution, ChangeCounts, Connection, ContentHash, ErrorCode,
+    ErrorMessage, Evidence, HEADER_LEN, Hello, Limits, MAGIC, Message, Nack, NackReason, Payload,
+    PayloadEncoding, ProtocolError, Report, ReportBody, ReportFacts, ReportId, Timeout, Timestamp,
+    Trigger, TriggerKind, Welcome, frame, v1,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -54,37 +55,71 @@ fn largest_allocation(f: impl FnOnce()) -> usize {
     LARGEST.load(Ordering::SeqCst)
 }
 
+fn rpm_transaction() -> Attribution {
+    Attribution {
+        pid: 42,
+        tid: 42,
+        uid: 0,
+        gid: 0,
+        comm: "rpm".into(),
+        exe: Some("/usr/bin/rpm".into()),
+        return_code: Some(0),
+        started_at: Some(Timestamp(1_700_000_000_000)),
+        ended_at: Some(Timestamp(1_700_000_000_100)),
+        loginuid: Some(4242),
+        sessionid: Some(7),
+        tty: Some("pts/1".into()),
+        cmdline: vec!["rpm".into(), "-i".into(), "x.rpm".into()],
+        ancestors: vec![guestwatch_protocol::Ancestor {
+            pid: 40,
+            comm: "bash".into(),
+            exe: Some("/usr/bin/bash".into()),
+        }],
+        unit: Some("session-3.scope".into()),
+        database: Some("/var/lib/rpm/rpmdb.sqlite".into()),
+        library: Some("/usr/lib64/librpm.so.9".into()),
+        evidence: Some(Evidence::Syscall),
+        operation: None,
+        paths: vec![],
+    }
+}
+
+fn facts() -> ReportFacts {
+    ReportFacts {
+        trigger: Trigger {
+            kind: TriggerKind::Transaction,
+            detail: Some("rpm finished".into()),
+            at: Timestamp(1_700_000_000_100),
+            attribution: Some(rpm_transaction()),
+        },
+        transactions: vec![rpm_transaction()],
+        tampers: vec![],
+        coalesced: vec![(TriggerKind::Transaction, 1)],
+        scanned_at: Timestamp(1_700_000_000_200),
+        package_count: 3,
+        changes: ChangeCounts {
+            added: 1,
+            ..Default::default()
+        },
+        agent_version: "0.1.0".into(),
+        detector: "ebpf".into(),
+    }
+}
+
 fn report(generation: u64, payload: Vec<u8>) -> Report {
-    let (encoding, payload) = Report::encode_payload(payload);
     Report {
         id: ReportId {
             epoch: 0xfeed,
             generation,
         },
         content_hash: ContentHash([7; 32]),
-        facts: ReportFacts {
-            trigger: TriggerFacts {
-                kind: "transaction".into(),
-                pid: Some(42),
-                comm: Some("rpm".into()),
-                return_code: Some(0),
-                paths: vec![],
-                coalesced: 1,
-                ..Default::default()
-            },
-            scanned_at_ms: 1_700_000_000_000,
-            package_count: 3,
-            changes: ChangeCounts {
-                added: 1,
-                removed: 0,
-                changed: 0,
-            },
-            agent_version: "0.1.0".into(),
-            detector: "ebpf".into(),
-        },
-        encoding,
-        payload,
+        facts: facts(),
+        body: ReportBody::Full(Payload::json(payload)),
     }
+}
+
+fn payload_of(r: &Report) -> &Payload {
+    r.body.payload()
 }
 
 fn all_messages() -> Vec<Message> {
@@ -120,7 +155,8 @@ fn all_messages() -> Vec<Message> {
                 epoch: 1,
                 generation: 2,
             },
-            reason: "sink down".into(),
+            reason: NackReason::SinkUnavailable,
+            detail: "sink down".into(),
             retry_after_ms: 500,
         }),
         Message::Ping(9),
@@ -136,7 +172,7 @@ fn all_messages() -> Vec<Message> {
 fn every_message_round_trips_and_every_prefix_is_incomplete() {
     let _serial = serial();
     for message in all_messages() {
-        let bytes = frame::encode(1, &message, 1 << 20).unwrap();
+        let bytes = frame::encode(2, &message, 1 << 20).unwrap();
         assert_eq!(&bytes[..4], &MAGIC);
         for cut in 0..bytes.len() {
             assert!(
@@ -268,11 +304,14 @@ fn large_payloads_are_compressed_and_a_zstd_bomb_is_bounded() {
     let _serial = serial();
     let big = br#"{"name":"package","version":"1.0"},"#.repeat(10_000);
     let r = report(1, big.clone());
-    assert_eq!(r.encoding, PayloadEncoding::JsonZstd);
-    assert!(r.payload.len() < big.len() / 10);
-    assert_eq!(r.payload_json(1 << 24).unwrap().as_ref(), big.as_slice());
+    assert_eq!(payload_of(&r).encoding, PayloadEncoding::JsonZstd);
+    assert!(payload_of(&r).bytes.len() < big.len() / 10);
+    assert_eq!(
+        payload_of(&r).to_json(1 << 24).unwrap().as_ref(),
+        big.as_slice()
+    );
     let small = report(2, b"{}".to_vec());
-    assert_eq!(small.encoding, PayloadEncoding::Json);
+    assert_eq!(payload_of(&small).encoding, PayloadEncoding::Json);
 
     // 256 MiB of zeros compresses to a few KiB; decompression must stop at the limit.
     let mut encoder = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
@@ -282,13 +321,12 @@ fn large_payloads_are_compressed_and_a_zstd_bomb_is_bounded() {
     }
     let bomb = encoder.finish().unwrap();
     drop(chunk);
-    let r = Report {
+    let r = Payload {
         encoding: PayloadEncoding::JsonZstd,
-        payload: bomb,
-        ..report(3, vec![])
+        bytes: bomb,
     };
     let peak = largest_allocation(|| {
-        assert!(r.payload_json(4 << 20).is_err());
+        assert!(r.to_json(4 << 20).is_err());
     });
     assert!(peak <= 16 << 20, "allocated {peak} bytes for a 4 MiB limit");
 }
@@ -297,7 +335,10 @@ fn large_payloads_are_compressed_and_a_zstd_bomb_is_bounded() {
 async fn connection_over_a_one_byte_pipe() {
     let (a, b) = tokio::io::duplex(1);
     let mut left = Connection::new(a, Limits::default());
-    let mut right = Connection::new(b, Limits::default());
+    let right = Connection::new(b, Limits::default());
+    // Reports and Nacks are exact only in version 2 (version 1 is lossy: tested above).
+    left.set_version(2);
+    let mut right = right;
     let sent = all_messages();
     let to_send = sent.clone();
     let writer = tokio::spawn(async move {
@@ -392,13 +433,230 @@ async fn the_frame_limit_applies_to_writes_and_can_change() {
     ));
 }
 
+/// The fuzz target's seeds: one frame of each kind in both versions, and a stream of several.
+fn fuzz_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let one = |version, m: &Message| frame::encode(version, m, 1 << 20).unwrap();
+    let messages = all_messages();
+    let mut stream = Vec::new();
+    for m in &messages {
+        stream.extend(one(2, m));
+    }
+    vec![
+        ("ping", one(2, &Message::Ping(1))),
+        ("hello", one(1, &messages[0])),
+        ("report", one(2, &messages[2])),
+        ("report-v1", one(1, &messages[2])),
+        ("nack", one(2, &messages[4])),
+        ("stream", stream),
+    ]
+}
+
+/// `GUESTWATCH_WRITE_FUZZ_SEEDS=1 cargo test -p guestwatch-protocol fuzz_seeds` rewrites them
+/// after a change of the messages.
 #[test]
 fn fuzz_seeds_are_valid_frames() {
     let _serial = serial();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/protocol_frame");
-    for name in ["ping", "hello", "report"] {
-        let bytes = std::fs::read(dir.join(name)).unwrap();
-        let decoded = frame::decode(&bytes, 1 << 20).unwrap().unwrap();
+    for (name, bytes) in fuzz_seeds() {
+        if std::env::var_os("GUESTWATCH_WRITE_FUZZ_SEEDS").is_some() {
+            std::fs::write(dir.join(name), &bytes).unwrap();
+        }
+        let stored = std::fs::read(dir.join(name)).unwrap();
+        let decoded = frame::decode(&stored, 1 << 20).unwrap().unwrap();
         assert!(decoded.message.is_ok(), "{name}: {:?}", decoded.message);
+        assert_eq!(stored, bytes, "{name} is stale: rewrite the seeds");
     }
+}
+
+#[test]
+fn version_1_frames_still_decode_and_encode() {
+    let _serial = serial();
+    for message in all_messages() {
+        let bytes = frame::encode(1, &message, 1 << 20).unwrap();
+        assert_eq!(u16::from_be_bytes([bytes[4], bytes[5]]), 1);
+        let back = frame::decode(&bytes, 1 << 20)
+            .unwrap()
+            .unwrap()
+            .message
+            .unwrap();
+        match (&message, &back) {
+            (Message::Report(sent), Message::Report(got)) => {
+                // Version 1 carries the cause and its process, not the person or the command.
+                assert_eq!(got.id, sent.id);
+                assert_eq!(got.content_hash, sent.content_hash);
+                assert_eq!(got.body, sent.body);
+                assert_eq!(got.facts.trigger.kind, TriggerKind::Transaction);
+                let a = got.facts.trigger.attribution.as_ref().unwrap();
+                assert_eq!((a.pid, a.comm.as_str()), (42, "rpm"));
+                assert_eq!(a.exe.as_deref(), Some("/usr/bin/rpm"));
+                assert_eq!(a.loginuid, None);
+                assert!(a.cmdline.is_empty());
+                assert_eq!(got.facts.transactions.len(), 1);
+                assert_eq!(got.facts.coalesced_total(), 1);
+                assert_eq!(got.facts.changes.added, 1);
+            }
+            (Message::Nack(sent), Message::Nack(got)) => {
+                assert_eq!(got.reason, sent.reason);
+                assert_eq!(got.detail, sent.detail);
+                assert_eq!(got.retry_after_ms, sent.retry_after_ms);
+            }
+            _ => assert_eq!(back, message),
+        }
+    }
+}
+
+#[test]
+fn a_version_1_agents_report_is_read_as_version_2() {
+    let _serial = serial();
+    // Exactly what a version-1 agent puts on the wire.
+    let old = v1::Report {
+        id: ReportId {
+            epoch: 3,
+            generation: 4,
+        },
+        content_hash: ContentHash([1; 32]),
+        facts: v1::ReportFacts {
+            trigger: v1::TriggerFacts {
+                kind: "tamper".into(),
+                pid: Some(77),
+                comm: Some("sh".into()),
+                operation: Some("write".into()),
+                paths: vec!["/var/lib/rpm/Packages".into()],
+                ended_at_ms: Some(5_000),
+                coalesced: 3,
+                ..Default::default()
+            },
+            scanned_at_ms: 6_000,
+            package_count: 2,
+            changes: v1::ChangeCountsV1 {
+                added: 0,
+                removed: 1,
+                changed: 2,
+            },
+            agent_version: "0.0.9".into(),
+            detector: "ebpf".into(),
+        },
+        encoding: PayloadEncoding::Json,
+        payload: b"{}".to_vec(),
+    };
+    let payload = bincode::encode_to_vec(&old, bincode::config::standard()).unwrap();
+    let mut bytes = MAGIC.to_vec();
+    bytes.extend_from_slice(&1u16.to_be_bytes());
+    bytes.extend_from_slice(&3u16.to_be_bytes());
+    bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(&payload);
+    let Message::Report(r) = frame::decode(&bytes, 1 << 20)
+        .unwrap()
+        .unwrap()
+        .message
+        .unwrap()
+    else {
+        panic!("not a report")
+    };
+    assert_eq!(r.facts.trigger.kind, TriggerKind::Tamper);
+    assert_eq!(r.facts.trigger.at, Timestamp(5_000));
+    assert_eq!(r.facts.tampers.len(), 1);
+    assert_eq!(r.facts.tampers[0].paths, ["/var/lib/rpm/Packages"]);
+    assert_eq!(r.facts.coalesced, vec![(TriggerKind::Tamper, 3)]);
+    assert_eq!((r.facts.changes.removed, r.facts.changes.changed()), (1, 2));
+    // An unknown kind is malformed, not a panic or a guess.
+    let mut odd = old.clone();
+    odd.facts.trigger.kind = "bogus".into();
+    let payload = bincode::encode_to_vec(&odd, bincode::config::standard()).unwrap();
+    bytes.truncate(8);
+    bytes.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    bytes.extend_from_slice(&payload);
+    assert!(matches!(
+        frame::decode(&bytes, 1 << 20).unwrap().unwrap().message,
+        Err(ProtocolError::Malformed { .. })
+    ));
+}
+
+#[test]
+fn deltas_have_no_version_1_form_and_round_trip_in_version_2() {
+    let _serial = serial();
+    let delta = Message::Report(Box::new(Report {
+        body: ReportBody::Delta {
+            base: ReportId {
+                epoch: 0xfeed,
+                generation: 4,
+            },
+            base_hash: ContentHash([9; 32]),
+            payload: Payload::json(b"{}".to_vec()),
+        },
+        ..report(5, vec![])
+    }));
+    assert!(matches!(
+        frame::encode(1, &delta, 1 << 20),
+        Err(ProtocolError::Encode(_))
+    ));
+    let bytes = frame::encode(2, &delta, 1 << 20).unwrap();
+    assert_eq!(
+        frame::decode(&bytes, 1 << 20)
+            .unwrap()
+            .unwrap()
+            .message
+            .unwrap(),
+        delta
+    );
+}
+
+#[test]
+fn version_1_nack_texts_map_to_typed_reasons() {
+    let _serial = serial();
+    let id = ReportId {
+        epoch: 1,
+        generation: 1,
+    };
+    let v1 = |reason: &str| {
+        v1::Nack {
+            id,
+            reason: reason.into(),
+            retry_after_ms: 1,
+        }
+        .into_model()
+    };
+    assert_eq!(v1("rate limited").reason, NackReason::RateLimited);
+    let sink = v1("sink unavailable: connection refused");
+    assert_eq!(sink.reason, NackReason::SinkUnavailable);
+    assert_eq!(sink.detail, "connection refused");
+    assert_eq!(v1("too_large: 20 MiB").reason, NackReason::TooLarge);
+    // Unknown texts stay retryable, as version-1 agents treated every Nack.
+    assert_eq!(v1("whatever").reason, NackReason::SinkUnavailable);
+    for reason in NackReason::ALL {
+        let nack = Nack {
+            id,
+            reason,
+            detail: "d".into(),
+            retry_after_ms: 9,
+        };
+        assert_eq!(v1::Nack::from_model(&nack).into_model(), nack);
+    }
+    assert!(NackReason::TooLarge.is_terminal() && !NackReason::NeedFull.is_terminal());
+}
+
+#[test]
+fn hello_and_facts_limits_refuse_oversized_guest_strings() {
+    let _serial = serial();
+    let mut hello = Hello {
+        versions: vec![1, 2],
+        epoch: 1,
+        agent: AgentInfo {
+            hostname: "\u{7}".repeat(300),
+            ..Default::default()
+        },
+        extensions: vec![],
+    };
+    let err = hello.check_limits().unwrap_err();
+    assert_eq!((err.field, err.max), ("hostname", 256));
+    hello.agent.hostname = "vm1".into();
+    hello.check_limits().unwrap();
+
+    let mut f = facts();
+    f.check_limits().unwrap();
+    f.transactions[0].cmdline = vec!["a".into(); 65];
+    assert_eq!(f.check_limits().unwrap_err().field, "cmdline");
+    f.fit();
+    f.check_limits().unwrap();
+    assert_eq!(f.transactions[0].cmdline.len(), 64);
 }

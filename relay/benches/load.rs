@@ -10,8 +10,8 @@ use std::{
 };
 
 use guestwatch_protocol::{
-    AgentInfo, Connection, ContentHash, Hello, Limits, Message, Report, ReportFacts, ReportId,
-    TriggerFacts,
+    AgentInfo, Connection, ContentHash, Hello, Limits, Message, Payload, Report, ReportBody,
+    ReportFacts, ReportId, Trigger, TriggerKind,
 };
 use tokio::{net::UnixStream, sync::Mutex};
 
@@ -54,7 +54,7 @@ async fn guest(
         let stream = UnixStream::connect(&socket).await.ok()?;
         let mut conn = Connection::new(stream, Limits::default());
         let hello = Hello {
-            versions: vec![1],
+            versions: vec![1, 2],
             epoch: vm as u64 + 1,
             agent: AgentInfo::default(),
             extensions: vec![],
@@ -66,8 +66,6 @@ async fn guest(
     // Reports are built before the clock matters: the guests' cost must not be the relay's.
     let mut prepared = Vec::with_capacity(reports);
     for generation in 1..=reports as u64 {
-        let (encoding, payload) =
-            Report::encode_payload(payload(500, generation * 100_000 + vm as u64));
         let mut hash = [0u8; 32];
         hash[..8].copy_from_slice(&generation.to_be_bytes());
         hash[8..16].copy_from_slice(&(vm as u64).to_be_bytes());
@@ -78,15 +76,14 @@ async fn guest(
             },
             content_hash: ContentHash(hash),
             facts: ReportFacts {
-                trigger: TriggerFacts {
-                    kind: "transaction".into(),
-                    ..Default::default()
-                },
+                trigger: Trigger::new(TriggerKind::Transaction),
                 package_count: 500,
                 ..Default::default()
             },
-            encoding,
-            payload,
+            body: ReportBody::Full(Payload::json(payload(
+                500,
+                generation * 100_000 + vm as u64,
+            ))),
         };
         prepared.push(report);
     }

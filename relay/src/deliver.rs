@@ -258,7 +258,7 @@ impl Deliverer {
     /// reports, which are delivered even when the package set is unchanged (the event is the
     /// news), and are duplicates only as retransmissions of the same report id.
     async fn already_delivered(&self, delivery: &Delivery) -> bool {
-        if delivery.trigger["kind"] == "tamper" {
+        if delivery.trigger.kind == guestwatch_protocol::TriggerKind::Tamper {
             return self.with_vm(&delivery.vm, |s| {
                 s.last_report_id.as_deref() == Some(delivery.report_id.as_str())
             });

@@ -9,7 +9,8 @@ use std::{
 
 use guestwatch_protocol::{
     Ack, AckStatus, Connection, DEFAULT_MAX_REPORT_PAYLOAD, ErrorCode, Hello, Limits, Message,
-    Nack, ProtocolError, Report, SUPPORTED_VERSIONS, Timeout, Welcome,
+    Nack, NackReason, ProtocolError, Report, ReportBody, ReportId, SUPPORTED_VERSIONS, Timeout,
+    Welcome,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -18,7 +19,7 @@ use crate::{
     identity::VmIdentity,
     listen::{GuestStream, Incoming},
     metrics::Metrics,
-    sink::Delivery,
+    sink::{Claims, Delivery},
 };
 
 /// Per-connection limits.
@@ -232,15 +233,15 @@ async fn handshake(
         .then_some(hello)
 }
 
-fn claims_of(hello: &Hello) -> serde_json::Value {
-    serde_json::json!({
-        "epoch": format!("{:016x}", hello.epoch),
-        "agent_version": hello.agent.agent_version,
-        "hostname": hello.agent.hostname,
-        "os": hello.agent.os,
-        "kernel": hello.agent.kernel,
-        "detector": hello.agent.detector,
-    })
+fn claims_of(hello: &Hello) -> Claims {
+    Claims {
+        epoch: format!("{:016x}", hello.epoch),
+        agent_version: hello.agent.agent_version.clone(),
+        hostname: hello.agent.hostname.clone(),
+        os: hello.agent.os.clone(),
+        kernel: hello.agent.kernel.clone(),
+        detector: hello.agent.detector.clone(),
+    }
 }
 
 fn millis(ms: u64) -> SystemTime {
@@ -251,17 +252,27 @@ fn millis(ms: u64) -> SystemTime {
 async fn handle_report(
     report: Report,
     identity: &VmIdentity,
-    claims: &serde_json::Value,
+    claims: &Claims,
     deliverer: &Deliverer,
     metrics: &Metrics,
 ) -> Result<Message, Message> {
     let _slot = deliverer.slot().await;
-    let json = report
-        .payload_json(DEFAULT_MAX_REPORT_PAYLOAD)
-        .map_err(|e| {
-            reject(metrics, "bad_payload");
-            Message::error(ErrorCode::Malformed, format!("report {}: {e}", report.id))
-        })?;
+    let payload = match &report.body {
+        ReportBody::Full(payload) => payload,
+        ReportBody::Delta { .. } => {
+            reject(metrics, "delta_unsupported");
+            return Ok(nack(
+                &report,
+                NackReason::NeedFull,
+                "this relay takes full reports only",
+                0,
+            ));
+        }
+    };
+    let json = payload.to_json(DEFAULT_MAX_REPORT_PAYLOAD).map_err(|e| {
+        reject(metrics, "bad_payload");
+        Message::error(ErrorCode::Malformed, format!("report {}: {e}", report.id))
+    })?;
     // The sinks splice these bytes into JSON documents: they must be one JSON object.
     let is_object = json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
     if !is_object || serde_json::from_slice::<serde::de::IgnoredAny>(&json).is_err() {
@@ -271,57 +282,59 @@ async fn handle_report(
             format!("report {}: payload is not a JSON object", report.id),
         ));
     }
-    let t = &report.facts.trigger;
-    let trigger = serde_json::json!({
-        "kind": t.kind,
-        "detail": t.detail,
-        "coalesced": t.coalesced,
-        "attribution": {
-            "pid": t.pid, "tid": t.tid, "uid": t.uid, "gid": t.gid, "comm": t.comm, "exe": t.exe,
-            "return_code": t.return_code,
-            "started_at": t.started_at_ms.map(|ms| humantime::format_rfc3339_millis(millis(ms)).to_string()),
-            "ended_at": t.ended_at_ms.map(|ms| humantime::format_rfc3339_millis(millis(ms)).to_string()),
-            "library": t.library, "operation": t.operation, "paths": t.paths,
-        },
-        "changes": {
-            "added": report.facts.changes.added,
-            "removed": report.facts.changes.removed,
-            "changed": report.facts.changes.changed,
-        },
-    });
+    let facts = report.facts;
     let delivery = Delivery {
         vm: identity.name.clone(),
         identity: identity.source.clone(),
         report_id: report.id.to_string(),
         content_hash: report.content_hash.to_hex(),
-        trigger,
+        trigger: facts.trigger,
+        transactions: facts.transactions,
+        tampers: facts.tampers,
+        coalesced: facts.coalesced,
+        changes: facts.changes,
         claims: claims.clone(),
-        scanned_at: (report.facts.scanned_at_ms > 0).then(|| millis(report.facts.scanned_at_ms)),
+        scanned_at: (facts.scanned_at.0 > 0).then(|| millis(facts.scanned_at.0)),
         received_at: SystemTime::now(),
-        package_count: u64::from(report.facts.package_count),
+        package_count: u64::from(facts.package_count),
         report: bytes::Bytes::from(json.into_owned()),
     };
+    let id = report.id;
     Ok(match deliverer.submit(delivery).await {
         Outcome::Delivered => Message::Ack(Ack {
-            id: report.id,
+            id,
             status: AckStatus::Delivered,
         }),
         Outcome::Duplicate => Message::Ack(Ack {
-            id: report.id,
+            id,
             status: AckStatus::Duplicate,
         }),
         Outcome::Deferred {
             reason,
             retry_after,
-        } => Message::Nack(Nack {
-            id: report.id,
-            reason: match reason {
-                crate::deliver::Deferral::RateLimited => "rate limited".into(),
-                crate::deliver::Deferral::SinkUnavailable(why) => {
-                    format!("sink unavailable: {why}")
+        } => {
+            let retry_after_ms = retry_after.as_millis().min(u128::from(u32::MAX)) as u32;
+            match reason {
+                crate::deliver::Deferral::RateLimited => {
+                    nack_id(id, NackReason::RateLimited, "", retry_after_ms)
                 }
-            },
-            retry_after_ms: retry_after.as_millis().min(u128::from(u32::MAX)) as u32,
-        }),
+                crate::deliver::Deferral::SinkUnavailable(why) => {
+                    nack_id(id, NackReason::SinkUnavailable, &why, retry_after_ms)
+                }
+            }
+        }
+    })
+}
+
+fn nack(report: &Report, reason: NackReason, detail: &str, retry_after_ms: u32) -> Message {
+    nack_id(report.id, reason, detail, retry_after_ms)
+}
+
+fn nack_id(id: ReportId, reason: NackReason, detail: &str, retry_after_ms: u32) -> Message {
+    Message::Nack(Nack {
+        id,
+        reason,
+        detail: detail.to_owned(),
+        retry_after_ms,
     })
 }

@@ -7,8 +7,8 @@ use std::{
 };
 
 use guestwatch_protocol::{
-    AckStatus, AgentInfo, ContentHash, ErrorCode, Hello, Limits, Message, Report, ReportFacts,
-    ReportId, TriggerFacts, frame,
+    AckStatus, AgentInfo, Attribution, ContentHash, ErrorCode, Hello, Limits, Message, Payload,
+    Report, ReportBody, ReportFacts, ReportId, Timestamp, Trigger, TriggerKind, frame,
 };
 use guestwatch_relay::{
     config::{HybridVm, Settings},
@@ -89,12 +89,17 @@ async fn start(vms: &[&str], tweak: impl FnOnce(&mut Settings)) -> Relay {
 }
 
 async fn connect(relay: &Relay, vm: &str) -> Conn {
+    connect_speaking(relay, vm, &[1, 2]).await
+}
+
+/// Connects as an agent that speaks `versions`; the connection then speaks the highest.
+async fn connect_speaking(relay: &Relay, vm: &str, versions: &[u16]) -> Conn {
     let mut conn = Conn::new(
         UnixStream::connect(relay.socket(vm)).await.unwrap(),
         Limits::default(),
     );
     conn.write_message(&Message::Hello(Hello {
-        versions: vec![1],
+        versions: versions.to_vec(),
         epoch: 0xabc,
         agent: AgentInfo {
             agent_version: "test".into(),
@@ -106,7 +111,10 @@ async fn connect(relay: &Relay, vm: &str) -> Conn {
     .await
     .unwrap();
     match conn.read_message().await.unwrap() {
-        Some(Message::Welcome(w)) => assert_eq!(w.version, 1),
+        Some(Message::Welcome(w)) => {
+            assert_eq!(Some(&w.version), versions.iter().max());
+            conn.set_version(w.version);
+        }
         other => panic!("expected Welcome, got {other:?}"),
     }
     conn
@@ -114,7 +122,6 @@ async fn connect(relay: &Relay, vm: &str) -> Conn {
 
 fn report(generation: u64, packages: u32) -> Report {
     let json = format!(r#"{{"packages":{{}},"success":true,"n":{packages}}}"#).into_bytes();
-    let (encoding, payload) = Report::encode_payload(json);
     let mut hash = [0u8; 32];
     hash[..4].copy_from_slice(&packages.to_be_bytes());
     Report {
@@ -124,18 +131,16 @@ fn report(generation: u64, packages: u32) -> Report {
         },
         content_hash: ContentHash(hash),
         facts: ReportFacts {
-            trigger: TriggerFacts {
-                kind: "transaction".into(),
-                pid: Some(7),
-                comm: Some("rpm".into()),
+            trigger: Trigger::new(TriggerKind::Transaction).with_attribution(Attribution {
+                pid: 7,
+                comm: "rpm".into(),
                 ..Default::default()
-            },
-            scanned_at_ms: 1,
+            }),
+            scanned_at: Timestamp(1),
             package_count: packages,
             ..Default::default()
         },
-        encoding,
-        payload,
+        body: ReportBody::Full(Payload::json(json)),
     }
 }
 

@@ -8,9 +8,10 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use guestwatch_protocol::{ChangeCounts, Trigger, TriggerKind};
 use guestwatch_relay::{
     identity::IdentitySource,
-    sink::{Delivery, Sink, SinkError, SinkOptions},
+    sink::{Claims, Delivery, Sink, SinkError, SinkOptions},
 };
 use guestwatch_testkit::{RedisServer, in_ci};
 use http_body_util::{BodyExt, Full};
@@ -25,8 +26,12 @@ fn delivery(vm: &str, generation: u64, hash: &str) -> Delivery {
         },
         report_id: format!("00000000000000aa-{generation}"),
         content_hash: hash.to_owned(),
-        trigger: serde_json::json!({"kind": "transaction"}),
-        claims: serde_json::json!({}),
+        trigger: Trigger::new(TriggerKind::Transaction),
+        transactions: Vec::new(),
+        tampers: Vec::new(),
+        coalesced: vec![(TriggerKind::Transaction, 1)],
+        changes: ChangeCounts::default(),
+        claims: Claims::default(),
         scanned_at: Some(SystemTime::now()),
         received_at: SystemTime::now(),
         package_count: 1,

@@ -1,93 +1,129 @@
-//! What changed between two scans.
+//! What changed between two scans, in rpm's version order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    cmp::Ordering,
+    collections::{BTreeMap, BTreeSet},
+};
 
 use rpmdb::Package;
 use serde::Serialize;
 
-use crate::evr;
+use crate::{evr, hash::canonical};
 
-/// One package (same name and arch) whose version changed.
+/// One package (same name and arch) whose installed record changed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Change {
     pub name: String,
     pub arch: String,
+    /// `[epoch:]version-release` before and after.
     pub from: String,
     pub to: String,
 }
 
-/// Packages added, removed and changed between two scans.
+/// Packages added, removed, upgraded, downgraded and reinstalled between two scans.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct ChangeSummary {
     /// `name-[epoch:]version-release.arch` of packages that appeared.
     pub added: Vec<String>,
     /// The same for packages that disappeared.
     pub removed: Vec<String>,
-    pub changed: Vec<Change>,
+    /// A newer version replaced an older one (rpm's `rpmvercmp` order).
+    pub upgraded: Vec<Change>,
+    /// An older version replaced a newer one.
+    pub downgraded: Vec<Change>,
+    /// The same version, with a different record (digest, install time, any reported field).
+    pub reinstalled: Vec<Change>,
+}
+
+/// rpm's order of two installed versions (a missing epoch counts as 0).
+pub fn compare_evr(a: &Package, b: &Package) -> Ordering {
+    let e = |p: &Package| p.epoch.map(|e| e.to_string()).unwrap_or_default();
+    let (ea, eb) = (e(a), e(b));
+    rpm_version::Evr::new(ea.as_str(), a.version.as_str(), a.release.as_str()).cmp(
+        &rpm_version::Evr::new(eb.as_str(), b.version.as_str(), b.release.as_str()),
+    )
 }
 
 impl ChangeSummary {
     /// Compares two package sets. Packages are matched by name and arch (the same name can be
     /// installed for several arches); a name with several versions installed at once (kernels)
-    /// is compared as a set of versions: one out and one in is a change, anything else is
-    /// additions and removals.
+    /// is compared as a set of versions: one out and one in is an upgrade, a downgrade or (same
+    /// version by rpm's order) a reinstall; anything else is additions and removals. A version
+    /// present before and after whose record differs is a reinstall.
     pub fn between(old: &[Package], new: &[Package]) -> Self {
-        fn index(packages: &[Package]) -> BTreeMap<(String, String), BTreeSet<String>> {
-            let mut map: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
+        type Index<'a> = BTreeMap<(&'a str, &'a str), BTreeMap<String, &'a Package>>;
+        fn index(packages: &[Package]) -> Index<'_> {
+            let mut map: Index<'_> = BTreeMap::new();
             for p in packages {
-                map.entry((
-                    p.name.clone(),
-                    p.arch.clone().unwrap_or_else(|| "(none)".into()),
-                ))
-                .or_default()
-                .insert(evr(p));
+                map.entry((p.name.as_str(), p.arch.as_deref().unwrap_or("(none)")))
+                    .or_default()
+                    .insert(evr(p), p);
             }
             map
         }
         let (old, new) = (index(old), index(new));
         let mut summary = Self::default();
-        let empty = BTreeSet::new();
-        let keys: BTreeSet<&(String, String)> = old.keys().chain(new.keys()).collect();
+        let empty = BTreeMap::new();
+        let keys: BTreeSet<&(&str, &str)> = old.keys().chain(new.keys()).collect();
         for key in keys {
             let (before, after) = (
                 old.get(key).unwrap_or(&empty),
                 new.get(key).unwrap_or(&empty),
             );
-            if before == after {
+            let change = |from: &str, to: &str| Change {
+                name: key.0.to_owned(),
+                arch: key.1.to_owned(),
+                from: from.to_owned(),
+                to: to.to_owned(),
+            };
+            for (version, was) in before {
+                if let Some(is) = after.get(version)
+                    && canonical(was) != canonical(is)
+                {
+                    summary.reinstalled.push(change(version, version));
+                }
+            }
+            let gone: Vec<(&String, &&Package)> = before
+                .iter()
+                .filter(|(v, _)| !after.contains_key(*v))
+                .collect();
+            let came: Vec<(&String, &&Package)> = after
+                .iter()
+                .filter(|(v, _)| !before.contains_key(*v))
+                .collect();
+            if let ([(from, was)], [(to, is)]) = (gone.as_slice(), came.as_slice()) {
+                let list = match compare_evr(is, was) {
+                    Ordering::Greater => &mut summary.upgraded,
+                    Ordering::Less => &mut summary.downgraded,
+                    Ordering::Equal => &mut summary.reinstalled,
+                };
+                list.push(change(from, to));
                 continue;
             }
-            let gone: Vec<&String> = before.difference(after).collect();
-            let came: Vec<&String> = after.difference(before).collect();
-            if let ([from], [to]) = (gone.as_slice(), came.as_slice()) {
-                summary.changed.push(Change {
-                    name: key.0.clone(),
-                    arch: key.1.clone(),
-                    from: (*from).clone(),
-                    to: (*to).clone(),
-                });
-                continue;
-            }
-            summary
-                .removed
-                .extend(gone.iter().map(|e| format!("{}-{e}.{}", key.0, key.1)));
-            summary
-                .added
-                .extend(came.iter().map(|e| format!("{}-{e}.{}", key.0, key.1)));
+            let nevra = |v: &String| format!("{}-{v}.{}", key.0, key.1);
+            summary.removed.extend(gone.iter().map(|(v, _)| nevra(v)));
+            summary.added.extend(came.iter().map(|(v, _)| nevra(v)));
         }
         summary
     }
 
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.upgraded.is_empty()
+            && self.downgraded.is_empty()
+            && self.reinstalled.is_empty()
     }
 
-    /// `+2 -1 ~1`, for logs.
+    /// `+2 -1 ^1 v0 =0` (added, removed, upgraded, downgraded, reinstalled), for logs.
     pub fn short(&self) -> String {
         format!(
-            "+{} -{} ~{}",
+            "+{} -{} ^{} v{} ={}",
             self.added.len(),
             self.removed.len(),
-            self.changed.len()
+            self.upgraded.len(),
+            self.downgraded.len(),
+            self.reinstalled.len()
         )
     }
 }
@@ -117,7 +153,7 @@ mod tests {
         new[0].version = "5.2".into();
         let s = ChangeSummary::between(&old, &new);
         assert_eq!(
-            s.changed,
+            s.upgraded,
             vec![Change {
                 name: "bash".into(),
                 arch: "x86_64".into(),
@@ -131,7 +167,7 @@ mod tests {
         let s = ChangeSummary::between(&old, &new);
         assert_eq!(s.removed, vec!["glibc-2.34-1.i686"]);
         assert_eq!(s.added, vec!["vim-9-1.x86_64"]);
-        assert_eq!(s.short(), "+1 -1 ~1");
+        assert_eq!(s.short(), "+1 -1 ^1 v0 =0");
         assert!(ChangeSummary::between(&old, &old).is_empty());
     }
 
@@ -139,7 +175,7 @@ mod tests {
     fn several_versions_of_one_name_are_a_set() {
         let old = vec![p("kernel", "6.1", "x86_64"), p("kernel", "6.2", "x86_64")];
         let new = vec![p("kernel", "6.2", "x86_64"), p("kernel", "6.3", "x86_64")];
-        assert_eq!(ChangeSummary::between(&old, &new).changed.len(), 1);
+        assert_eq!(ChangeSummary::between(&old, &new).upgraded.len(), 1);
         let new = vec![
             p("kernel", "6.1", "x86_64"),
             p("kernel", "6.2", "x86_64"),
@@ -149,5 +185,40 @@ mod tests {
             ChangeSummary::between(&old, &new).added,
             vec!["kernel-6.3-1.x86_64"]
         );
+    }
+
+    #[test]
+    fn rpm_order_tells_upgrades_downgrades_and_reinstalls_apart() {
+        let old = vec![p("bash", "5.10", "x86_64"), p("vim", "9.1", "x86_64")];
+        // 5.9 < 5.10 in rpm's order, though not as strings.
+        let new = vec![p("bash", "5.9", "x86_64"), p("vim", "9.1", "x86_64")];
+        let s = ChangeSummary::between(&old, &new);
+        assert_eq!(s.downgraded.len(), 1, "{s:?}");
+        assert!(s.upgraded.is_empty());
+        let s = ChangeSummary::between(&new, &old);
+        assert_eq!(s.upgraded[0].to, "5.10-1");
+        // The same version with another install time is a reinstall.
+        let mut again = old.clone();
+        again[1].installtime = Some(1_700_000_000);
+        let s = ChangeSummary::between(&old, &again);
+        assert_eq!(
+            s.reinstalled,
+            vec![Change {
+                name: "vim".into(),
+                arch: "x86_64".into(),
+                from: "9.1-1".into(),
+                to: "9.1-1".into()
+            }]
+        );
+        // An epoch of 0 where there was none: equal in rpm's order, a different record.
+        let mut epoch = old.clone();
+        epoch[0].epoch = Some(0);
+        let s = ChangeSummary::between(&old, &epoch);
+        assert_eq!((s.reinstalled.len(), s.upgraded.len()), (1, 0), "{s:?}");
+        // An epoch outranks any version.
+        let mut higher = old.clone();
+        higher[0].epoch = Some(1);
+        higher[0].version = "1.0".into();
+        assert_eq!(ChangeSummary::between(&old, &higher).upgraded.len(), 1);
     }
 }

@@ -13,6 +13,10 @@ pub struct Facts {
     /// The trigger and its attribution, as the agent recorded it (`{"kind": "manual"}` for a
     /// one-off scan).
     pub trigger: serde_json::Value,
+    /// Every transaction the scan answers, with its attribution (`[]` for a one-off scan).
+    pub transactions: serde_json::Value,
+    /// Every tamper record the scan answers.
+    pub tampers: serde_json::Value,
     /// `sqlite`, `bdb` or `ndb`.
     pub backend: String,
     /// The database file, relative to the root when a root was scanned.
@@ -46,6 +50,8 @@ impl Facts {
             agent_version: agent_version.to_owned(),
             detector: "none".into(),
             trigger: serde_json::json!({ "kind": "manual" }),
+            transactions: serde_json::json!([]),
+            tampers: serde_json::json!([]),
             backend: scan.backend.as_str().into(),
             database,
             package_count: scan.packages.len(),

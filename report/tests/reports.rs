@@ -360,12 +360,12 @@ fn same_root_twice_is_byte_identical_and_one_upgrade_is_one_change() {
     let upgraded = scan(root.path());
     assert_ne!(first.claircore(), upgraded.claircore());
     let changes = ChangeSummary::between(&first.scan.packages, &upgraded.scan.packages);
-    assert_eq!(changes.changed.len(), 1, "{changes:?}");
+    assert_eq!(changes.upgraded.len(), 1, "{changes:?}");
     assert!(
         changes.added.is_empty() && changes.removed.is_empty(),
         "{changes:?}"
     );
-    let c = &changes.changed[0];
+    let c = &changes.upgraded[0];
     assert_eq!(
         (c.name.as_str(), c.from.as_str(), c.to.as_str()),
         ("apr-util-bdb", "1.6.1-23.el9", "1.7.1-23.el9")

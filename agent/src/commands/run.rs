@@ -3,12 +3,13 @@
 
 use std::{
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use guestwatch_protocol::{
-    AgentInfo, ChangeCounts, ContentHash, Report, ReportFacts, ReportId, TriggerFacts,
+    AgentInfo, ChangeCounts, ContentHash, Payload, Report, ReportBody, ReportFacts, ReportId,
+    Timestamp,
 };
 use report::{ChangeSummary, Facts};
 use tokio::sync::mpsc;
@@ -221,30 +222,36 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(millis).unwrap_or(0)
-}
-
-fn trigger_facts(cause: &Trigger, coalesced: u32) -> TriggerFacts {
-    let a = cause.attribution.clone().unwrap_or_default();
-    let has = cause.attribution.is_some();
-    TriggerFacts {
-        kind: cause.kind.as_str().into(),
-        detail: cause.detail.clone(),
-        pid: has.then_some(a.pid),
-        tid: has.then_some(a.tid),
-        uid: has.then_some(a.uid),
-        gid: has.then_some(a.gid),
-        comm: has.then_some(a.comm),
-        exe: a.exe,
-        return_code: a.return_code,
-        started_at_ms: a.started_at.map(unix_ms),
-        ended_at_ms: a.ended_at.map(unix_ms),
-        library: a.library,
-        operation: a.operation,
-        paths: a.paths,
-        coalesced,
-    }
+/// The report's facts: the cause, every transaction and tamper record, counts, fitted to the
+/// protocol's bounds.
+fn report_facts(
+    snapshot: &Snapshot,
+    batch: &Batch,
+    changes: &ChangeSummary,
+    mode: DetectorMode,
+) -> ReportFacts {
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    let attributions =
+        |list: &[Trigger]| list.iter().filter_map(|t| t.attribution.clone()).collect();
+    let mut facts = ReportFacts {
+        trigger: batch.cause.clone(),
+        transactions: attributions(&batch.transactions),
+        tampers: attributions(&batch.tampers),
+        coalesced: batch.counts.iter().map(|(k, n)| (*k, *n)).collect(),
+        scanned_at: Timestamp::from_system(snapshot.finished_at),
+        package_count: count(snapshot.scan.packages.len()),
+        changes: ChangeCounts {
+            added: count(changes.added.len()),
+            removed: count(changes.removed.len()),
+            upgraded: count(changes.upgraded.len()),
+            downgraded: count(changes.downgraded.len()),
+            reinstalled: count(changes.reinstalled.len()),
+        },
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        detector: mode.as_str().into(),
+    };
+    facts.fit();
+    facts
 }
 
 fn build_report(
@@ -255,36 +262,24 @@ fn build_report(
     id: ReportId,
     duration: Duration,
 ) -> Report {
-    let trigger = trigger_facts(&batch.cause, batch.total());
-    let facts = Facts {
+    let facts = report_facts(snapshot, batch, changes, mode);
+    let document = Facts {
         detector: mode.as_str().into(),
         trigger: serde_json::to_value(&batch.cause).unwrap_or_default(),
+        transactions: serde_json::to_value(&facts.transactions).unwrap_or_default(),
+        tampers: serde_json::to_value(&facts.tampers).unwrap_or_default(),
         scan_duration_ms: Some(millis(duration)),
         generation: Some(id.generation),
         changes: changes.clone(),
         ..snapshot.facts()
     };
-    let json = serde_json::to_vec(&report::claircore::index_report(&snapshot.input(&facts)))
+    let json = serde_json::to_vec(&report::claircore::index_report(&snapshot.input(&document)))
         .unwrap_or_default();
-    let (encoding, payload) = Report::encode_payload(json);
-    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     Report {
         id,
         content_hash: ContentHash(snapshot.content_hash),
-        facts: ReportFacts {
-            trigger,
-            scanned_at_ms: unix_ms(snapshot.finished_at),
-            package_count: count(snapshot.scan.packages.len()),
-            changes: ChangeCounts {
-                added: count(changes.added.len()),
-                removed: count(changes.removed.len()),
-                changed: count(changes.changed.len()),
-            },
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-            detector: mode.as_str().into(),
-        },
-        encoding,
-        payload,
+        facts,
+        body: ReportBody::Full(Payload::json(json)),
     }
 }
 

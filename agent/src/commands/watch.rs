@@ -87,6 +87,8 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
                             "database": snapshot.scan.path,
                             "errors": snapshot.scan.errors,
                             "trigger": batch.cause,
+                            "transactions": batch.transactions.iter().filter_map(|t| t.attribution.as_ref()).collect::<Vec<_>>(),
+                            "tampers": batch.tampers.iter().filter_map(|t| t.attribution.as_ref()).collect::<Vec<_>>(),
                             "coalesced": batch.counts,
                             "duration_ms": millis(duration),
                             "changes": changes,

@@ -92,7 +92,7 @@ impl EbpfSource {
             .libraries()
             .get(tx.cookie as usize)
             .map(|l| l.path.display().to_string());
-        let ended_at = clock::boot_ns_to_system_time(tx.now_ns);
+        let ended_at = clock::boot_ns_to_timestamp(tx.now_ns);
         let detail = if tx.ret == 0 {
             format!("{} (pid {}) finished an rpm transaction", tx.comm, tx.tgid)
         } else {
@@ -112,7 +112,7 @@ impl EbpfSource {
                 comm: tx.comm.clone(),
                 exe,
                 return_code: Some(tx.ret),
-                started_at: (tx.start_ns > 0).then(|| clock::boot_ns_to_system_time(tx.start_ns)),
+                started_at: (tx.start_ns > 0).then(|| clock::boot_ns_to_timestamp(tx.start_ns)),
                 ended_at: Some(ended_at),
                 library,
                 ..Default::default()
@@ -258,7 +258,7 @@ fn tamper_trigger(
         FileOp::Unlink => "unlink",
         FileOp::Truncate => "truncate",
     };
-    let at = clock::boot_ns_to_system_time(file.now_ns);
+    let at = clock::boot_ns_to_timestamp(file.now_ns);
     let inside: Vec<String> = inside.iter().map(|p| p.display().to_string()).collect();
     Trigger {
         kind: TriggerKind::Tamper,

@@ -40,11 +40,34 @@ pub struct Batch {
     pub cause: Trigger,
     /// How many triggers were coalesced into this scan, by kind.
     pub counts: BTreeMap<TriggerKind, u32>,
+    /// Every transaction this scan answers, oldest first (the newest
+    /// [`guest::MAX_LISTED`](guestwatch_protocol::guest::MAX_LISTED) when there were more).
+    pub transactions: Vec<Trigger>,
+    /// Every tamper record this scan answers, bounded likewise.
+    pub tampers: Vec<Trigger>,
 }
 
 impl Batch {
     pub fn total(&self) -> u32 {
         self.counts.values().sum()
+    }
+
+    fn add(&mut self, trigger: Trigger) {
+        *self.counts.entry(trigger.kind).or_default() += 1;
+        let list = match trigger.kind {
+            TriggerKind::Transaction => Some(&mut self.transactions),
+            TriggerKind::Tamper => Some(&mut self.tampers),
+            _ => None,
+        };
+        if let Some(list) = list {
+            if list.len() == guestwatch_protocol::guest::MAX_LISTED {
+                list.remove(0);
+            }
+            list.push(trigger.clone());
+        }
+        if trigger.kind >= self.cause.kind {
+            self.cause = trigger;
+        }
     }
 }
 
@@ -119,15 +142,14 @@ impl Scheduler {
             batch: Batch {
                 cause: trigger.clone(),
                 counts: BTreeMap::new(),
+                transactions: Vec::new(),
+                tampers: Vec::new(),
             },
             first_at: now,
             immediate: false,
             last_debounced_at: None,
         });
-        *pending.batch.counts.entry(trigger.kind).or_default() += 1;
-        if trigger.kind >= pending.batch.cause.kind {
-            pending.batch.cause = trigger;
-        }
+        pending.batch.add(trigger);
         if debounced {
             pending.last_debounced_at = Some(now);
         } else {
@@ -247,6 +269,14 @@ mod tests {
         assert_eq!(batch.counts[&TriggerKind::Inotify], 2);
         assert_eq!(batch.counts[&TriggerKind::Transaction], 2);
         assert_eq!(batch.total(), 5);
+        // Every transaction is listed, not only the cause.
+        let details: Vec<_> = batch
+            .transactions
+            .iter()
+            .map(|t| t.detail.as_deref())
+            .collect();
+        assert_eq!(details, [Some("first"), Some("second")]);
+        assert!(batch.tampers.is_empty());
     }
 
     #[test]

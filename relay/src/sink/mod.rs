@@ -18,13 +18,27 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use serde::Serialize;
+use guestwatch_protocol::{Attribution, ChangeCounts, Trigger, TriggerKind};
+use serde::{Serialize, ser::SerializeMap};
 
 use crate::identity::IdentitySource;
 
+/// What the guest says about itself in `Hello` (a claim, never its identity).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Claims {
+    /// The agent's epoch, 16 hex digits.
+    pub epoch: String,
+    pub agent_version: String,
+    pub hostname: String,
+    pub os: String,
+    pub kernel: String,
+    pub detector: String,
+}
+
 /// A report on its way to the sink. `report` is the claircore JSON the guest sent (already
 /// checked to be one well-formed JSON object); everything else is the relay's own knowledge,
-/// except `trigger` and `claims`, which are what the guest says about itself.
+/// except `trigger`, `transactions`, `tampers`, `coalesced`, `changes` and `claims`, which are
+/// what the guest says (in the one schema of the `protocol` crate).
 #[derive(Clone, Debug, Serialize)]
 pub struct Delivery {
     /// The VM, named from its kernel-provided identity.
@@ -35,10 +49,20 @@ pub struct Delivery {
     pub report_id: String,
     /// SHA-256 of the package set, hex (computed by the guest; a claim).
     pub content_hash: String,
-    /// The guest's account of the trigger and its attribution (a claim).
-    pub trigger: serde_json::Value,
-    /// What the guest says about itself in `Hello` (a claim).
-    pub claims: serde_json::Value,
+    /// The guest's account of the scan's cause and its attribution (a claim).
+    pub trigger: Trigger,
+    /// Every transaction the scan answers (a claim).
+    pub transactions: Vec<Attribution>,
+    /// Every tamper record the scan answers (a claim).
+    pub tampers: Vec<Attribution>,
+    /// How many triggers of each kind the scan answers (a claim).
+    #[serde(serialize_with = "kind_counts")]
+    pub coalesced: Vec<(TriggerKind, u32)>,
+    /// Package changes since the guest's previous report, by class (a claim).
+    #[serde(serialize_with = "change_counts")]
+    pub changes: ChangeCounts,
+    /// What the guest says about itself in `Hello`.
+    pub claims: Claims,
     /// When the guest says it scanned (a claim).
     #[serde(serialize_with = "opt_time")]
     pub scanned_at: Option<SystemTime>,
@@ -190,6 +214,27 @@ impl Sink {
     }
 }
 
+fn kind_counts<S: serde::Serializer>(
+    counts: &[(TriggerKind, u32)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    let mut map = s.serialize_map(Some(counts.len()))?;
+    for (kind, n) in counts {
+        map.serialize_entry(kind.as_str(), n)?;
+    }
+    map.end()
+}
+
+fn change_counts<S: serde::Serializer>(c: &ChangeCounts, s: S) -> Result<S::Ok, S::Error> {
+    let mut map = s.serialize_map(Some(5))?;
+    map.serialize_entry("added", &c.added)?;
+    map.serialize_entry("removed", &c.removed)?;
+    map.serialize_entry("upgraded", &c.upgraded)?;
+    map.serialize_entry("downgraded", &c.downgraded)?;
+    map.serialize_entry("reinstalled", &c.reinstalled)?;
+    map.end()
+}
+
 fn time<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&humantime::format_rfc3339_millis(*t))
 }
@@ -232,8 +277,19 @@ pub(crate) mod tests {
             },
             report_id: format!("00000000000000aa-{generation}"),
             content_hash: hash.to_owned(),
-            trigger: serde_json::json!({"kind": "transaction", "attribution": {"pid": 42, "comm": "rpm"}}),
-            claims: serde_json::json!({"hostname": "guest"}),
+            trigger: Trigger::new(TriggerKind::Transaction).with_attribution(Attribution {
+                pid: 42,
+                comm: "rpm".into(),
+                ..Default::default()
+            }),
+            transactions: Vec::new(),
+            tampers: Vec::new(),
+            coalesced: vec![(TriggerKind::Transaction, 1)],
+            changes: ChangeCounts::default(),
+            claims: Claims {
+                hostname: "guest".into(),
+                ..Default::default()
+            },
             scanned_at: Some(SystemTime::UNIX_EPOCH),
             received_at: SystemTime::UNIX_EPOCH,
             package_count: 1,
@@ -253,6 +309,9 @@ pub(crate) mod tests {
         assert_eq!(v["delivery"]["report_id"], "00000000000000aa-3");
         assert_eq!(v["delivery"]["identity"]["source"], "hybrid");
         assert_eq!(v["delivery"]["trigger"]["attribution"]["comm"], "rpm");
+        assert_eq!(v["delivery"]["coalesced"]["transaction"], 1);
+        assert_eq!(v["delivery"]["changes"]["upgraded"], 0);
+        assert_eq!(v["delivery"]["claims"]["hostname"], "guest");
         assert_eq!(v["delivery"]["delivered_at"], "1970-01-01T00:00:00.000Z");
     }
 }
