@@ -16,9 +16,12 @@ pub enum EventKind {
     TxStart = 1,
     /// A thread returned from `rpmtsRun` (a transaction ended, successfully or not).
     TxEnd = 2,
-    /// A process outside any librpm transaction wrote, truncated, renamed or unlinked a file
-    /// in a watched rpm database directory (the tamper signal).
+    /// A watched database file was written, truncated, renamed or unlinked: inside a librpm
+    /// transaction (the evidence that joins the transaction to the database), or by a process
+    /// outside any (the tamper signal).
     File = 3,
+    /// A thread exited while inside `rpmtsRun` (the process was killed mid-transaction).
+    TxAbort = 4,
 }
 
 impl EventKind {
@@ -28,16 +31,25 @@ impl EventKind {
             1 => Some(Self::TxStart),
             2 => Some(Self::TxEnd),
             3 => Some(Self::File),
+            4 => Some(Self::TxAbort),
             _ => None,
         }
     }
 }
 
-/// A librpm transaction boundary, emitted by the `rpmtsRun` uprobe and uretprobe.
+/// "Not known" for the audit ids (the kernel's own `AUDIT_UID_UNSET`/unset session) and for
+/// offsets the loader could not find.
+pub const UNSET: u32 = u32::MAX;
+
+/// A librpm transaction boundary, emitted by the `rpmtsRun` uprobe and uretprobe, and when a
+/// thread dies inside `rpmtsRun`.
+///
+/// A transaction is identified by `(tgid, start_ns)`: `start_ns` is when the first thread of
+/// the process entered `rpmtsRun` (threads of one process entering concurrently share it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct TxEvent {
-    /// An [`EventKind`] as `u32`: `TxStart` or `TxEnd`.
+    /// An [`EventKind`] as `u32`: `TxStart`, `TxEnd` or `TxAbort`.
     pub kind: u32,
     /// Process id (the kernel's tgid).
     pub tgid: u32,
@@ -49,6 +61,14 @@ pub struct TxEvent {
     pub gid: u32,
     /// `rpmtsRun`'s return value on `TxEnd` (0 = success, <0 = error, >0 = problems); 0 on start.
     pub ret: i32,
+    /// The task's audit login uid, [`UNSET`] when unset or unknown.
+    pub loginuid: u32,
+    /// The task's audit session id, [`UNSET`] when unset or unknown.
+    pub sessionid: u32,
+    /// On `TxEnd`/`TxAbort`: writes to watched database files the process made inside the
+    /// transaction (each descriptor counted once).
+    pub writes: u32,
+    pub _pad: u32,
     /// The attach cookie: which of the attached librpm copies fired.
     pub cookie: u64,
     /// `CLOCK_BOOTTIME` nanoseconds when the transaction started (0 if the start was missed).
@@ -62,6 +82,75 @@ pub struct TxEvent {
 impl TxEvent {
     /// Size of the record in the ring buffer.
     pub const SIZE: usize = core::mem::size_of::<Self>();
+}
+
+/// Parents read from the task at a transaction's start.
+pub const MAX_ANCESTORS: usize = 8;
+/// Bytes of the command line (`argv`, NUL-separated) read at a transaction's start.
+pub const CMDLINE_LEN: usize = 4096;
+
+/// A parent process, from `task_struct::real_parent`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TaskAncestor {
+    /// Its tgid; 0 ends the list.
+    pub tgid: u32,
+    pub comm: [u8; COMM_LEN],
+}
+
+/// A transaction's start: the boundary record plus what the task says about who runs it, read
+/// in the kernel so that it is known even if the process is gone before userspace looks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TxStartEvent {
+    /// `kind` is [`EventKind::TxStart`].
+    pub tx: TxEvent,
+    /// Nearest first; unused entries have tgid 0.
+    pub ancestors: [TaskAncestor; MAX_ANCESTORS],
+    /// Bytes of `cmdline` read (0: not readable, userspace falls back to `/proc`).
+    pub cmdline_len: u32,
+    pub _pad: u32,
+    pub cmdline: [u8; CMDLINE_LEN],
+}
+
+impl TxStartEvent {
+    pub const SIZE: usize = core::mem::size_of::<Self>();
+}
+
+/// Where the BPF programs find task fields, in bytes: kernel structure layouts differ between
+/// kernels, so the loader reads them from the kernel's BTF. [`UNSET`] = not found (the program
+/// then leaves the fact unset and userspace reads `/proc`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `task_struct::loginuid` (a `kuid_t`).
+    pub loginuid: u32,
+    /// `task_struct::sessionid`.
+    pub sessionid: u32,
+    /// `task_struct::real_parent` (a pointer).
+    pub real_parent: u32,
+    /// `task_struct::tgid`.
+    pub tgid: u32,
+    /// `task_struct::comm`.
+    pub comm: u32,
+    /// `task_struct::mm` (a pointer).
+    pub mm: u32,
+    /// `mm_struct::arg_start` and `arg_end` (unsigned longs).
+    pub arg_start: u32,
+    pub arg_end: u32,
+}
+
+impl TaskOffsets {
+    pub const UNKNOWN: Self = Self {
+        loginuid: UNSET,
+        sessionid: UNSET,
+        real_parent: UNSET,
+        tgid: UNSET,
+        comm: UNSET,
+        mm: UNSET,
+        arg_start: UNSET,
+        arg_end: UNSET,
+    };
 }
 
 /// Bytes of a path captured from a syscall argument (NUL-terminated when shorter).
@@ -105,7 +194,11 @@ impl FileOp {
     }
 }
 
-/// A file-level change in a watched directory by a process outside any librpm transaction.
+/// `AT_FDCWD`: a `*at` call relative to the working directory.
+pub const AT_FDCWD: i32 = -100;
+
+/// A file-level change of a watched path: by a process inside a librpm transaction
+/// (`tx_start_ns` names the transaction), or outside any (`tx_start_ns` 0: tampering).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct FileEvent {
@@ -121,8 +214,14 @@ pub struct FileEvent {
     pub fd: i32,
     /// Open flags (writes, opens) or rename flags.
     pub flags: u32,
+    /// The directory descriptor `path` is relative to (`*at` calls), [`AT_FDCWD`] otherwise.
+    pub dirfd: i32,
+    /// The same for `path2`.
+    pub dirfd2: i32,
     /// `CLOCK_BOOTTIME` nanoseconds of the event.
     pub now_ns: u64,
+    /// The transaction (its `start_ns`) the writing process is inside, 0 for none.
+    pub tx_start_ns: u64,
     pub comm: [u8; COMM_LEN],
     /// The path as the process passed it (possibly relative), NUL-padded.
     pub path: [u8; PATH_LEN],
@@ -154,7 +253,8 @@ pub struct WatchName {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY (all three): repr(C), Copy, no pointers, every bit pattern valid.
+    // SAFETY (all of these): repr(C), Copy, no pointers, every bit pattern valid.
+    unsafe impl aya::Pod for super::TaskOffsets {}
     unsafe impl aya::Pod for super::FileEvent {}
     unsafe impl aya::Pod for super::WatchPrefix {}
     unsafe impl aya::Pod for super::WatchName {}

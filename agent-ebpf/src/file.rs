@@ -1,13 +1,18 @@
-//! The tamper signal: changes to watched database files by processes outside librpm.
+//! Changes to watched database files: the evidence that joins a transaction to the database it
+//! wrote, and the tamper signal.
 //!
 //! Opens for writing of watched paths are remembered per descriptor (sys_enter/sys_exit of
-//! the open family, followed through dup/dup2/dup3/fcntl(F_DUPFD)); the first write through
-//! such a descriptor is reported. Truncating opens,
-//! `truncate`, renames and unlinks of watched paths are reported directly. A path is watched
-//! when it is absolute and starts with a prefix userspace put in `WATCH_PREFIXES`, or relative
-//! and equal to a name in `WATCH_NAMES` (userspace then confirms the directory through
-//! `/proc/<pid>/fd` or `/proc/<pid>/cwd`). Syscall tracepoint argument offsets are the stable
-//! layout of `syscalls:*` events: arguments start at byte 16, eight bytes apart.
+//! the open family, followed through dup/dup2/dup3/fcntl(F_DUPFD)), by every process but the
+//! agent. A write through such a descriptor is reported once per transaction when the process
+//! is inside `rpmtsRun` (with the transaction's start, and counted in `TX_STATE`), once per
+//! descriptor when the process never entered `rpmtsRun` (tampering), and not at all when it
+//! ran a transaction before (SQLite's checkpoint on close). Truncating opens, `truncate`,
+//! renames and unlinks of watched paths are reported directly by the same rule. A path is
+//! watched when it is absolute and starts with a prefix userspace put in `WATCH_PREFIXES`, or
+//! relative and equal to a name in `WATCH_NAMES` (userspace then resolves it through the
+//! directory descriptor of a `*at` call, the written descriptor, or the working directory).
+//! Syscall tracepoint argument offsets are the stable layout of `syscalls:*` events: arguments
+//! start at byte 16, eight bytes apart.
 //!
 //! Helpers are `#[inline(always)]`: BPF-to-BPF calls cannot pass Rust's wider arguments (an
 //! `Option<u64>` takes two registers, one left unset for `None`), which the verifier rejects.
@@ -21,15 +26,16 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use guestwatch_agent_common::{
-    COMM_LEN, EventKind, FileEvent, FileOp, MAX_NAMES, MAX_PREFIXES, NAME_LEN, PATH_LEN, PREFIX_LEN,
+    AT_FDCWD, COMM_LEN, EventKind, FileEvent, FileOp, MAX_NAMES, MAX_PREFIXES, NAME_LEN, PATH_LEN,
+    PREFIX_LEN,
 };
 
 use crate::{
     maps::{
-        EVENTS, OpenedFile, PENDING_DUP, PENDING_OPEN, SCRATCH, WATCH_NAMES, WATCH_PREFIXES,
-        WRITE_FDS,
+        EVENTS, OpenedFile, PENDING_DUP, PENDING_OPEN, REPORTED_OUTSIDE, SCRATCH, WATCH_NAMES,
+        WATCH_PREFIXES, WRITE_FDS,
     },
-    task::{is_agent, now_ns, pid_tgid, ran_transaction, tgid_of},
+    task::{Phase, now_ns, phase, pid_tgid, tgid_of},
 };
 
 const O_WRONLY: u32 = 0o1;
@@ -126,11 +132,21 @@ fn read_path(slot: u32, user_ptr: u64) -> Option<*mut OpenedFile> {
     Some(scratch)
 }
 
+/// Which transaction a record is evidence for (0: tampering), and the directory descriptors
+/// its paths are relative to.
+#[derive(Clone, Copy)]
+struct Context {
+    tx_start_ns: u64,
+    dirfd: i32,
+    dirfd2: i32,
+}
+
 #[inline(always)]
 fn emit(
     op: FileOp,
     fd: i32,
     flags: u32,
+    at: Context,
     path: *const [u8; PATH_LEN],
     path2: Option<*const [u8; PATH_LEN]>,
 ) {
@@ -151,7 +167,10 @@ fn emit(
         (*event).gid = (uid_gid >> 32) as u32;
         (*event).fd = fd;
         (*event).flags = flags;
+        (*event).dirfd = at.dirfd;
+        (*event).dirfd2 = at.dirfd2;
         (*event).now_ns = now_ns();
+        (*event).tx_start_ns = at.tx_start_ns;
         (*event).comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
         if bpf_probe_read_kernel_buf(path.cast(), &mut (*event).path).is_err() {
             (*event).path[0] = 0;
@@ -166,22 +185,39 @@ fn emit(
     entry.submit(0);
 }
 
-/// Whether events from the current process are of interest at all.
+/// Whether a change by process `tgid` is reported, and for which transaction: inside one it
+/// is its evidence (`Some(start)`, counted); outside any it is tampering (`Some(0)`); the
+/// agent and a process that ran a transaction before are not reported (`None`).
 #[inline(always)]
-fn outsider() -> Option<u64> {
-    let id = pid_tgid();
-    let tgid = tgid_of(id);
-    (!is_agent(tgid) && !ran_transaction(tgid)).then_some(id)
+fn report_as(tgid: u32) -> Option<u64> {
+    match phase(tgid) {
+        Phase::InTransaction(state) => {
+            // SAFETY: the pointer is this key's map value, valid for the program's run.
+            unsafe {
+                (*state).writes += 1;
+                Some((*state).start_ns)
+            }
+        }
+        Phase::Outsider => Some(0),
+        Phase::RanTransaction | Phase::Agent => None,
+    }
+}
+
+/// `OpenedFile::reported` for a record reported as `tx` (see `report_as`).
+#[inline(always)]
+fn reported_mark(tx: u64) -> u64 {
+    if tx == 0 { REPORTED_OUTSIDE } else { tx }
 }
 
 #[inline(always)]
-fn open_enter(user_path: u64, flags: u32) {
+fn open_enter(dirfd: i32, user_path: u64, flags: u32) {
     if flags & (O_WRONLY | O_RDWR | O_TRUNC) == 0 {
         return;
     }
-    let Some(id) = outsider() else {
+    let id = pid_tgid();
+    if matches!(phase(tgid_of(id)), Phase::Agent) {
         return;
-    };
+    }
     let Some(scratch) = read_path(0, user_path) else {
         return;
     };
@@ -191,12 +227,20 @@ fn open_enter(user_path: u64, flags: u32) {
             return;
         }
         (*scratch).flags = flags;
+        (*scratch).dirfd = dirfd;
         (*scratch).reported = 0;
-        if flags & O_TRUNC != 0 {
-            emit(FileOp::OpenTruncate, -1, flags, &(*scratch).path, None);
-            (*scratch).reported = 1;
+        if flags & O_TRUNC != 0
+            && let Some(tx) = report_as(tgid_of(id))
+        {
+            let at = Context {
+                tx_start_ns: tx,
+                dirfd,
+                dirfd2: AT_FDCWD,
+            };
+            emit(FileOp::OpenTruncate, -1, flags, at, &(*scratch).path, None);
+            (*scratch).reported = reported_mark(tx);
         }
-        // By reference: a copy of the 264-byte value would take half the 512-byte BPF stack.
+        // By reference: a copy of the 272-byte value would take half the 512-byte BPF stack.
         #[allow(clippy::needless_borrows_for_generic_args)]
         let _ = PENDING_OPEN.insert(id, &*scratch, 0);
     }
@@ -204,7 +248,7 @@ fn open_enter(user_path: u64, flags: u32) {
 
 #[tracepoint]
 pub fn openat_enter(ctx: TracePointContext) -> u32 {
-    open_enter(arg(&ctx, 1), arg(&ctx, 2) as u32);
+    open_enter(arg(&ctx, 0) as i32, arg(&ctx, 1), arg(&ctx, 2) as u32);
     0
 }
 
@@ -213,19 +257,19 @@ pub fn openat2_enter(ctx: TracePointContext) -> u32 {
     // struct open_how starts with `__u64 flags`.
     // SAFETY: the pointer came from the syscall's arguments; the helper validates it.
     let flags = unsafe { bpf_probe_read_user(arg(&ctx, 2) as *const u64) }.unwrap_or(0);
-    open_enter(arg(&ctx, 1), flags as u32);
+    open_enter(arg(&ctx, 0) as i32, arg(&ctx, 1), flags as u32);
     0
 }
 
 #[tracepoint]
 pub fn open_enter_legacy(ctx: TracePointContext) -> u32 {
-    open_enter(arg(&ctx, 0), arg(&ctx, 1) as u32);
+    open_enter(AT_FDCWD, arg(&ctx, 0), arg(&ctx, 1) as u32);
     0
 }
 
 #[tracepoint]
 pub fn creat_enter(ctx: TracePointContext) -> u32 {
-    open_enter(arg(&ctx, 0), O_CREAT | O_WRONLY | O_TRUNC);
+    open_enter(AT_FDCWD, arg(&ctx, 0), O_CREAT | O_WRONLY | O_TRUNC);
     0
 }
 
@@ -253,22 +297,38 @@ pub fn fd_write(ctx: TracePointContext) -> u32 {
     let Some(opened) = WRITE_FDS.get_ptr_mut(fd_key(tgid_of(id), fd)) else {
         return 0;
     };
-    if outsider().is_none() {
-        return 0;
-    }
-    // SAFETY: `opened` points at this key's map value; concurrent writers of the same fd
-    // can at worst both report, which userspace coalesces.
+    // Concurrent writers of the same descriptor can at worst both report, which userspace
+    // coalesces.
+    let tx = match phase(tgid_of(id)) {
+        // SAFETY: `opened` and `state` point at map values valid for the program's run.
+        Phase::InTransaction(state) => unsafe {
+            let start = (*state).start_ns;
+            if (*opened).reported == start {
+                return 0;
+            }
+            (*state).writes += 1;
+            start
+        },
+        // SAFETY: as above.
+        Phase::Outsider if unsafe { (*opened).reported } == 0 => 0,
+        _ => return 0,
+    };
+    // SAFETY: `opened` points at this key's map value.
     unsafe {
-        if (*opened).reported == 0 {
-            (*opened).reported = 1;
-            emit(
-                FileOp::Write,
-                fd as i32,
-                (*opened).flags,
-                &(*opened).path,
-                None,
-            );
-        }
+        (*opened).reported = reported_mark(tx);
+        let at = Context {
+            tx_start_ns: tx,
+            dirfd: (*opened).dirfd,
+            dirfd2: AT_FDCWD,
+        };
+        emit(
+            FileOp::Write,
+            fd as i32,
+            (*opened).flags,
+            at,
+            &(*opened).path,
+            None,
+        );
     }
     0
 }
@@ -345,8 +405,9 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
 }
 
 #[inline(always)]
-fn path_op(op: FileOp, path: u64, path2: Option<u64>, flags: u32) {
-    if outsider().is_none() {
+fn path_op(op: FileOp, dirfd: i32, path: u64, second: Option<(i32, u64)>, flags: u32) {
+    let tgid = tgid_of(pid_tgid());
+    if matches!(phase(tgid), Phase::Agent | Phase::RanTransaction) {
         return;
     }
     let Some(first) = read_path(0, path) else {
@@ -354,19 +415,25 @@ fn path_op(op: FileOp, path: u64, path2: Option<u64>, flags: u32) {
     };
     // SAFETY: both scratch slots are this CPU's map values (see read_path).
     unsafe {
-        let second = match path2 {
-            Some(p) => match read_path(1, p) {
-                Some(s) => Some(s),
+        let (dirfd2, second) = match second {
+            Some((dirfd2, p)) => match read_path(1, p) {
+                Some(s) => (dirfd2, Some(s)),
                 None => return,
             },
-            None => None,
+            None => (AT_FDCWD, None),
         };
         let hit = watched(&(*first).path) || second.is_some_and(|s| watched(&(*s).path));
-        if hit {
+        if hit && let Some(tx) = report_as(tgid) {
+            let at = Context {
+                tx_start_ns: tx,
+                dirfd,
+                dirfd2,
+            };
             emit(
                 op,
                 -1,
                 flags,
+                at,
                 &(*first).path,
                 second.map(|s| &(*s).path as *const _),
             );
@@ -379,8 +446,9 @@ pub fn renameat_enter(ctx: TracePointContext) -> u32 {
     // renameat and renameat2: (olddfd, oldname, newdfd, newname[, flags]).
     path_op(
         FileOp::Rename,
+        arg(&ctx, 0) as i32,
         arg(&ctx, 1),
-        Some(arg(&ctx, 3)),
+        Some((arg(&ctx, 2) as i32, arg(&ctx, 3))),
         arg(&ctx, 4) as u32,
     );
     0
@@ -388,25 +456,37 @@ pub fn renameat_enter(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn rename_enter(ctx: TracePointContext) -> u32 {
-    path_op(FileOp::Rename, arg(&ctx, 0), Some(arg(&ctx, 1)), 0);
+    path_op(
+        FileOp::Rename,
+        AT_FDCWD,
+        arg(&ctx, 0),
+        Some((AT_FDCWD, arg(&ctx, 1))),
+        0,
+    );
     0
 }
 
 #[tracepoint]
 pub fn unlinkat_enter(ctx: TracePointContext) -> u32 {
-    path_op(FileOp::Unlink, arg(&ctx, 1), None, arg(&ctx, 2) as u32);
+    path_op(
+        FileOp::Unlink,
+        arg(&ctx, 0) as i32,
+        arg(&ctx, 1),
+        None,
+        arg(&ctx, 2) as u32,
+    );
     0
 }
 
 #[tracepoint]
 pub fn unlink_enter(ctx: TracePointContext) -> u32 {
-    path_op(FileOp::Unlink, arg(&ctx, 0), None, 0);
+    path_op(FileOp::Unlink, AT_FDCWD, arg(&ctx, 0), None, 0);
     0
 }
 
 #[tracepoint]
 pub fn truncate_enter(ctx: TracePointContext) -> u32 {
-    path_op(FileOp::Truncate, arg(&ctx, 0), None, 0);
+    path_op(FileOp::Truncate, AT_FDCWD, arg(&ctx, 0), None, 0);
     0
 }
 
@@ -415,7 +495,7 @@ pub fn truncate_enter(ctx: TracePointContext) -> u32 {
 /// resolved by the kernel (`bpf_d_path`), so relative paths and symlinks are caught exactly.
 #[aya_ebpf::macros::fentry(function = "security_path_truncate")]
 pub fn path_truncate(ctx: aya_ebpf::programs::FEntryContext) -> u32 {
-    if outsider().is_none() {
+    if !matches!(phase(tgid_of(pid_tgid())), Phase::Outsider) {
         return 0;
     }
     let path: *mut aya_ebpf::bindings::path = ctx.arg(0);
@@ -434,7 +514,12 @@ pub fn path_truncate(ctx: aya_ebpf::programs::FEntryContext) -> u32 {
         if len <= 0 || !watched(buf) {
             return 0;
         }
-        emit(FileOp::Truncate, -1, 0, buf, None);
+        let at = Context {
+            tx_start_ns: 0,
+            dirfd: AT_FDCWD,
+            dirfd2: AT_FDCWD,
+        };
+        emit(FileOp::Truncate, -1, 0, at, buf, None);
     }
     0
 }

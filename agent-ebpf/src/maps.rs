@@ -4,26 +4,45 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use guestwatch_agent_common::{MAX_NAMES, MAX_PREFIXES, PATH_LEN, WatchName, WatchPrefix};
+use guestwatch_agent_common::{
+    MAX_NAMES, MAX_PREFIXES, PATH_LEN, TaskOffsets, WatchName, WatchPrefix,
+};
 
 /// Set by the loader: the agent's own tgid, which no program reports on.
 #[unsafe(no_mangle)]
 pub static AGENT_TGID: u32 = 0;
 
-/// Every record for userspace.
-#[map]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(512 * 1024, 0);
+/// Set by the loader from the kernel's BTF: where task fields are.
+#[unsafe(no_mangle)]
+pub static TASK_OFFSETS: TaskOffsets = TaskOffsets::UNKNOWN;
 
-/// Threads inside `rpmtsRun`, keyed by pid_tgid, valued by start time (boot ns).
+/// Every record for userspace. A transaction start is about 4 KiB (its command line), so this
+/// holds a few hundred starts if userspace falls behind.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1024 * 1024, 0);
+
+/// Threads inside `rpmtsRun`, keyed by pid_tgid, valued by the transaction's start (boot ns).
 #[map]
 pub static IN_TX: HashMap<u64, u64> = HashMap::with_max_entries(8192, 0);
 
-/// Processes that have entered `rpmtsRun` at least once (tgid → 1 while inside, 0 after).
-/// Their database writes are the transaction's own (including SQLite's checkpoint on close,
-/// which happens after `rpmtsRun` returns), so they are never reported as tampering.
-/// Entries are removed when the process exits; LRU bounds the map if exits are missed.
+/// A process that has entered `rpmtsRun` at least once.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TxState {
+    /// Threads of the process inside `rpmtsRun` now.
+    pub depth: u32,
+    /// Watched-file writes (first per descriptor) since the transaction started.
+    pub writes: u32,
+    /// When the current (or last) transaction started: its identity with the tgid.
+    pub start_ns: u64,
+}
+
+/// Processes that have entered `rpmtsRun`, by tgid. Their writes inside a transaction are its
+/// evidence; their writes outside one (SQLite's checkpoint on close, after `rpmtsRun`
+/// returns) are never reported as tampering. Entries are removed when the process exits; LRU
+/// bounds the map if exits are missed.
 #[map]
-pub static TX_TGIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(8192, 0);
+pub static TX_STATE: LruHashMap<u32, TxState> = LruHashMap::with_max_entries(8192, 0);
 
 /// Watched directory prefixes (absolute, trailing `/`), set by userspace.
 #[map]
@@ -33,13 +52,19 @@ pub static WATCH_PREFIXES: Array<WatchPrefix> = Array::with_max_entries(MAX_PREF
 #[map]
 pub static WATCH_NAMES: Array<WatchName> = Array::with_max_entries(MAX_NAMES, 0);
 
+/// `OpenedFile::reported` of a descriptor whose first write was reported as tampering.
+pub const REPORTED_OUTSIDE: u64 = 1;
+
 /// A watched file opened for writing.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct OpenedFile {
-    /// Non-zero once its first write was reported: one event per descriptor is enough.
-    pub reported: u32,
+    /// 0 until a write through it is reported; then the transaction it was reported in (its
+    /// start), or [`REPORTED_OUTSIDE`]: one record per descriptor per transaction is enough.
+    pub reported: u64,
     pub flags: u32,
+    /// The directory descriptor of a relative open.
+    pub dirfd: i32,
     pub path: [u8; PATH_LEN],
 }
 

@@ -1,8 +1,12 @@
 //! Facts about the current task.
 
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, generated::bpf_ktime_get_boot_ns};
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
+    generated::{bpf_get_current_task, bpf_ktime_get_boot_ns},
+};
+use guestwatch_agent_common::{COMM_LEN, TaskOffsets, UNSET};
 
-use crate::maps::{AGENT_TGID, TX_TGIDS};
+use crate::maps::{AGENT_TGID, TASK_OFFSETS, TX_STATE, TxState};
 
 #[inline(always)]
 pub fn pid_tgid() -> u64 {
@@ -22,15 +26,81 @@ pub fn is_agent(tgid: u32) -> bool {
     tgid == unsafe { core::ptr::read_volatile(&AGENT_TGID) }
 }
 
-/// True when the process has entered a librpm transaction during its life.
+/// Where the current process stands with respect to librpm transactions.
+#[derive(Clone, Copy)]
+pub enum Phase {
+    /// The agent itself: nothing is reported.
+    Agent,
+    /// Inside the transaction that started at this time: its writes are its evidence.
+    InTransaction(*mut TxState),
+    /// It ran a transaction before (its writes now are the transaction's tail, such as
+    /// SQLite's checkpoint on close): trusted, not reported.
+    RanTransaction,
+    /// Never entered `rpmtsRun`: its writes are tampering.
+    Outsider,
+}
+
 #[inline(always)]
-pub fn ran_transaction(tgid: u32) -> bool {
-    // SAFETY: only the presence of the key is used.
-    unsafe { TX_TGIDS.get(tgid) }.is_some()
+pub fn phase(tgid: u32) -> Phase {
+    if is_agent(tgid) {
+        return Phase::Agent;
+    }
+    match TX_STATE.get_ptr_mut(tgid) {
+        // SAFETY: the pointer is this key's map value, valid for the program's run.
+        Some(state) if unsafe { (*state).depth } > 0 => Phase::InTransaction(state),
+        Some(_) => Phase::RanTransaction,
+        None => Phase::Outsider,
+    }
 }
 
 #[inline(always)]
 pub fn now_ns() -> u64 {
     // SAFETY: helper without arguments, available to every tracing program type.
     unsafe { bpf_ktime_get_boot_ns() }
+}
+
+/// The loader's offsets (see `TaskOffsets`).
+#[inline(always)]
+pub fn offsets() -> TaskOffsets {
+    // SAFETY: volatile read of a global the loader rewrote before load (as in `is_agent`).
+    unsafe { core::ptr::read_volatile(&TASK_OFFSETS) }
+}
+
+/// The current `task_struct`.
+#[inline(always)]
+pub fn current_task() -> u64 {
+    // SAFETY: helper without arguments, available to uprobes and tracepoints.
+    unsafe { bpf_get_current_task() }
+}
+
+/// A `u32` at `offset` in kernel object `base`; [`UNSET`] when either is unknown.
+#[inline(always)]
+pub fn read_u32(base: u64, offset: u32) -> u32 {
+    if base == 0 || offset == UNSET {
+        return UNSET;
+    }
+    // SAFETY: the helper validates the kernel address and fails instead of faulting.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const u32) }.unwrap_or(UNSET)
+}
+
+/// A pointer or `unsigned long` at `offset` in kernel object `base`; 0 when unknown.
+#[inline(always)]
+pub fn read_u64(base: u64, offset: u32) -> u64 {
+    if base == 0 || offset == UNSET {
+        return 0;
+    }
+    // SAFETY: as in `read_u32`.
+    unsafe { bpf_probe_read_kernel((base + u64::from(offset)) as *const u64) }.unwrap_or(0)
+}
+
+/// The command name of `task` into `out` (left zeroed when unknown).
+#[inline(always)]
+pub fn read_comm(task: u64, offset: u32, out: &mut [u8; COMM_LEN]) {
+    if task == 0 || offset == UNSET {
+        return;
+    }
+    // SAFETY: as in `read_u32`; the helper bounds the copy by `out`'s length.
+    if unsafe { bpf_probe_read_kernel_buf((task + u64::from(offset)) as *const u8, out) }.is_err() {
+        *out = [0; COMM_LEN];
+    }
 }

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::detect::DetectorChoice;
+use crate::detect::{DetectorChoice, process::AttributionMode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -86,6 +86,10 @@ pub struct DetectArgs {
     /// Keep BPF off with this reason (exercises and reports the inotify fallback).
     #[arg(long, env = "GUESTWATCH_DISABLE_BPF", value_name = "REASON")]
     pub disable_bpf: Option<String>,
+    /// What is recorded of who ran a transaction: full, or minimal (no command lines, which
+    /// can carry secrets). [default: full]
+    #[arg(long, env = "GUESTWATCH_ATTRIBUTION", value_enum)]
+    pub attribution: Option<AttributionMode>,
 }
 
 #[derive(Args, Debug)]

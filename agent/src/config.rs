@@ -26,7 +26,7 @@ use serde::Deserialize;
 
 use crate::{
     cli::{DetectArgs, RunArgs, Target, WatchArgs, parse_duration},
-    detect::{DetectorChoice, schedule::ScheduleConfig},
+    detect::{DetectorChoice, process::AttributionMode, schedule::ScheduleConfig},
 };
 
 /// Why settings are unusable.
@@ -65,6 +65,7 @@ pub struct FileConfig {
     pub periodic_interval: Option<String>,
     pub max_scans_per_minute: Option<u32>,
     pub disable_bpf: Option<String>,
+    pub attribution: Option<String>,
     pub connect_timeout: Option<String>,
     pub ack_timeout: Option<String>,
     pub max_backoff: Option<String>,
@@ -97,6 +98,14 @@ pub enum TargetSpec {
 }
 
 impl TargetSpec {
+    /// The system root, when one is scanned.
+    pub fn root(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::Root(root) => Some(root),
+            Self::DbPath(_) => None,
+        }
+    }
+
     pub fn resolve(target: &Target, file: &FileConfig) -> Result<Self, ConfigError> {
         let from_flags = match (&target.root, &target.dbpath) {
             (Some(_), Some(_)) => return Err(ConfigError::BothTargets),
@@ -124,6 +133,7 @@ pub struct DetectSettings {
     /// `None` when disabled (interval 0).
     pub periodic: Option<Duration>,
     pub disable_bpf: Option<String>,
+    pub attribution: AttributionMode,
 }
 
 impl DetectSettings {
@@ -137,6 +147,15 @@ impl DetectSettings {
                     message: format!("`{text}` is not one of auto, ebpf, inotify, periodic"),
                 })?,
             (None, None) => DetectorChoice::Auto,
+        };
+        let attribution = match (args.attribution, &file.attribution) {
+            (Some(mode), _) => mode,
+            (None, Some(text)) => <AttributionMode as clap::ValueEnum>::from_str(text, true)
+                .map_err(|_| ConfigError::Invalid {
+                    key: "attribution",
+                    message: format!("`{text}` is not one of full, minimal"),
+                })?,
+            (None, None) => AttributionMode::Full,
         };
         let periodic = pick_duration(
             args.periodic_interval,
@@ -161,6 +180,7 @@ impl DetectSettings {
                 .disable_bpf
                 .clone()
                 .or_else(|| file.disable_bpf.clone()),
+            attribution,
         })
     }
 }

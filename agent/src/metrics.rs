@@ -8,7 +8,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::detect::{DetectorMode, trigger::TriggerKind};
+use crate::detect::{DetectorMode, explain::IgnoreReason, trigger::TriggerKind};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -25,11 +25,17 @@ pub struct OutcomeLabel {
     pub outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
 /// Every metric the agent exports.
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Arc<Mutex<Registry>>,
     pub triggers: Family<KindLabel, Counter>,
+    pub transactions_ignored: Family<ReasonLabel, Counter>,
     pub scans: Family<OutcomeLabel, Counter>,
     pub scan_seconds: Histogram,
     pub detector_mode: Family<ModeLabel, Gauge>,
@@ -46,6 +52,12 @@ impl Metrics {
         let mut registry = Registry::with_prefix("guestwatch_agent");
         let triggers = Family::<KindLabel, Counter>::default();
         registry.register("triggers", "Detection triggers by kind", triggers.clone());
+        let transactions_ignored = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "transactions_ignored",
+            "rpm transactions that did not change the watched database, by reason (no_write, failed, other_database, killed, ambiguous)",
+            transactions_ignored.clone(),
+        );
         let scans = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "scans",
@@ -105,6 +117,7 @@ impl Metrics {
         Self {
             registry: Arc::new(Mutex::new(registry)),
             triggers,
+            transactions_ignored,
             scans,
             scan_seconds,
             detector_mode,
@@ -115,6 +128,14 @@ impl Metrics {
             relay_connected,
             delivery_seconds,
         }
+    }
+
+    pub fn transaction_ignored(&self, reason: IgnoreReason) {
+        self.transactions_ignored
+            .get_or_create(&ReasonLabel {
+                reason: reason.as_str().to_owned(),
+            })
+            .inc();
     }
 
     pub fn trigger(&self, kind: TriggerKind) {

@@ -36,6 +36,9 @@ fn start(
         dbdir: dbdir.to_path_buf(),
         disable_bpf: disable_bpf.map(str::to_owned),
         rediscover: None,
+        root: None,
+        attribution: Default::default(),
+        on_ignored: None,
     })
     .expect("detector starts");
     let status = detector.status().clone();

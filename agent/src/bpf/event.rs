@@ -3,26 +3,41 @@
 //! Records are decoded field by field from bytes, not cast, so a short or unknown record is a
 //! typed error rather than undefined behaviour.
 
-use guestwatch_agent_common::{COMM_LEN, EventKind, FileEvent, FileOp, PATH_LEN, TxEvent};
+use guestwatch_agent_common::{
+    AT_FDCWD, CMDLINE_LEN, COMM_LEN, EventKind, FileEvent, FileOp, MAX_ANCESTORS, PATH_LEN,
+    TxEvent, TxStartEvent, UNSET,
+};
 
 /// A transaction boundary seen in the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxRecord {
+    /// `TxStart`, `TxEnd`, or `TxAbort` (the thread died inside `rpmtsRun`).
     pub kind: EventKind,
     pub tgid: u32,
     pub pid: u32,
     pub uid: u32,
     pub gid: u32,
     pub ret: i32,
+    /// The audit login uid and session id, when set and known.
+    pub loginuid: Option<u32>,
+    pub sessionid: Option<u32>,
+    /// On `TxEnd`/`TxAbort`: watched-file writes the process made inside the transaction.
+    pub writes: u32,
     pub cookie: u64,
-    /// `CLOCK_BOOTTIME` ns; 0 when the start was not observed.
+    /// `CLOCK_BOOTTIME` ns; with the tgid, the transaction's identity. 0 when the start was not
+    /// observed.
     pub start_ns: u64,
     /// `CLOCK_BOOTTIME` ns of the record.
     pub now_ns: u64,
     pub comm: String,
+    /// On `TxStart`: parents (tgid, comm), nearest first, as the kernel saw them.
+    pub ancestors: Vec<(u32, String)>,
+    /// On `TxStart`: the command line's bytes (`argv`, NUL-separated), when readable.
+    pub cmdline: Vec<u8>,
 }
 
-/// A file-level change by a process outside librpm (the tamper signal), as the kernel saw it.
+/// A file-level change of a watched path, as the kernel saw it: inside a transaction
+/// (`tx_start_ns` set) or by a process outside any (the tamper signal).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FileRecord {
     pub op: FileOp,
@@ -33,8 +48,14 @@ pub struct FileRecord {
     /// The descriptor written through, for [`FileOp::Write`].
     pub fd: Option<i32>,
     pub flags: u32,
+    /// The directory descriptors `path` and `path2` are relative to (`None`: the working
+    /// directory).
+    pub dirfd: Option<i32>,
+    pub dirfd2: Option<i32>,
     /// `CLOCK_BOOTTIME` ns of the record.
     pub now_ns: u64,
+    /// The transaction (its start) the process is inside, `None` for tampering.
+    pub tx_start_ns: Option<u64>,
     pub comm: String,
     /// The path as the process passed it (may be relative), lossily UTF-8.
     pub path: String,
@@ -96,7 +117,7 @@ pub fn decode(bytes: &[u8]) -> Result<BpfRecord, DecodeError> {
     let mut r = Reader { bytes, at: 0 };
     let raw_kind = r.u32()?;
     match EventKind::from_u32(raw_kind) {
-        Some(kind @ (EventKind::TxStart | EventKind::TxEnd)) => {
+        Some(kind @ (EventKind::TxStart | EventKind::TxEnd | EventKind::TxAbort)) => {
             decode_tx(kind, r).map(BpfRecord::Tx)
         }
         Some(EventKind::File) => decode_file(r).map(BpfRecord::File),
@@ -116,7 +137,10 @@ fn decode_file(mut r: Reader<'_>) -> Result<FileRecord, DecodeError> {
     let gid = r.u32()?;
     let fd = r.u32()? as i32;
     let flags = r.u32()?;
+    let dirfd = r.u32()? as i32;
+    let dirfd2 = r.u32()? as i32;
     let now_ns = r.u64()?;
+    let tx_start_ns = r.u64()?;
     let comm = comm_to_string(&r.take::<COMM_LEN>()?);
     let path = comm_to_string(&r.take::<PATH_LEN>()?);
     let path2 = comm_to_string(&r.take::<PATH_LEN>()?);
@@ -128,7 +152,10 @@ fn decode_file(mut r: Reader<'_>) -> Result<FileRecord, DecodeError> {
         gid,
         fd: (fd >= 0).then_some(fd),
         flags,
+        dirfd: (dirfd != AT_FDCWD).then_some(dirfd),
+        dirfd2: (dirfd2 != AT_FDCWD).then_some(dirfd2),
         now_ns,
+        tx_start_ns: (tx_start_ns != 0).then_some(tx_start_ns),
         comm,
         path,
         path2: (!path2.is_empty()).then_some(path2),
@@ -136,21 +163,48 @@ fn decode_file(mut r: Reader<'_>) -> Result<FileRecord, DecodeError> {
 }
 
 fn decode_tx(kind: EventKind, mut r: Reader<'_>) -> Result<TxRecord, DecodeError> {
-    if r.bytes.len() < TxEvent::SIZE {
+    let size = match kind {
+        EventKind::TxStart => TxStartEvent::SIZE,
+        _ => TxEvent::SIZE,
+    };
+    if r.bytes.len() < size {
         return Err(DecodeError::Short(r.bytes.len()));
     }
-    Ok(TxRecord {
+    let audit = |v: u32| (v != UNSET).then_some(v);
+    let mut record = TxRecord {
         kind,
         tgid: r.u32()?,
         pid: r.u32()?,
         uid: r.u32()?,
         gid: r.u32()?,
         ret: r.u32()? as i32,
-        cookie: r.u64()?,
+        loginuid: audit(r.u32()?),
+        sessionid: audit(r.u32()?),
+        writes: r.u32()?,
+        cookie: {
+            let _pad = r.u32()?;
+            r.u64()?
+        },
         start_ns: r.u64()?,
         now_ns: r.u64()?,
         comm: comm_to_string(&r.take::<COMM_LEN>()?),
-    })
+        ancestors: Vec::new(),
+        cmdline: Vec::new(),
+    };
+    if kind == EventKind::TxStart {
+        for _ in 0..MAX_ANCESTORS {
+            let tgid = r.u32()?;
+            let comm = comm_to_string(&r.take::<COMM_LEN>()?);
+            if tgid != 0 {
+                record.ancestors.push((tgid, comm));
+            }
+        }
+        let len = (r.u32()? as usize).min(CMDLINE_LEN);
+        let _pad = r.u32()?;
+        let bytes = r.take::<CMDLINE_LEN>()?;
+        record.cmdline = bytes[..len].to_vec();
+    }
+    Ok(record)
 }
 
 #[cfg(test)]
@@ -159,7 +213,18 @@ mod tests {
 
     fn encode(e: &TxEvent) -> Vec<u8> {
         let mut v = Vec::new();
-        for x in [e.kind, e.tgid, e.pid, e.uid, e.gid, e.ret as u32] {
+        for x in [
+            e.kind,
+            e.tgid,
+            e.pid,
+            e.uid,
+            e.gid,
+            e.ret as u32,
+            e.loginuid,
+            e.sessionid,
+            e.writes,
+            0,
+        ] {
             v.extend_from_slice(&x.to_ne_bytes());
         }
         for x in [e.cookie, e.start_ns, e.now_ns] {
@@ -169,40 +234,86 @@ mod tests {
         v
     }
 
-    #[test]
-    fn layout_matches_the_shared_struct() {
-        assert_eq!(TxEvent::SIZE, 64);
-        assert_eq!(std::mem::offset_of!(TxEvent, cookie), 24);
-        assert_eq!(std::mem::offset_of!(TxEvent, comm), 48);
-        assert_eq!(FileEvent::SIZE, 568);
-        assert_eq!(std::mem::offset_of!(FileEvent, now_ns), 32);
-        assert_eq!(std::mem::offset_of!(FileEvent, path), 56);
-    }
-
-    #[test]
-    fn round_trip() {
+    fn event(kind: EventKind) -> TxEvent {
         let mut comm = [0u8; COMM_LEN];
         comm[..3].copy_from_slice(b"rpm");
-        let event = TxEvent {
-            kind: EventKind::TxEnd as u32,
+        TxEvent {
+            kind: kind as u32,
             tgid: 42,
             pid: 43,
             uid: 1000,
             gid: 100,
             ret: -1,
+            loginuid: 4242,
+            sessionid: UNSET,
+            writes: 3,
+            _pad: 0,
             cookie: 7,
             start_ns: 5,
             now_ns: 9,
             comm,
-        };
-        let BpfRecord::Tx(record) = decode(&encode(&event)).unwrap() else {
+        }
+    }
+
+    #[test]
+    fn layout_matches_the_shared_struct() {
+        assert_eq!(TxEvent::SIZE, 80);
+        assert_eq!(std::mem::offset_of!(TxEvent, cookie), 40);
+        assert_eq!(std::mem::offset_of!(TxEvent, comm), 64);
+        assert_eq!(std::mem::offset_of!(TxStartEvent, ancestors), 80);
+        assert_eq!(std::mem::offset_of!(TxStartEvent, cmdline_len), 240);
+        assert_eq!(std::mem::offset_of!(TxStartEvent, cmdline), 248);
+        assert_eq!(TxStartEvent::SIZE, 248 + CMDLINE_LEN);
+        assert_eq!(FileEvent::SIZE, 584);
+        assert_eq!(std::mem::offset_of!(FileEvent, now_ns), 40);
+        assert_eq!(std::mem::offset_of!(FileEvent, tx_start_ns), 48);
+        assert_eq!(std::mem::offset_of!(FileEvent, path), 72);
+    }
+
+    #[test]
+    fn round_trip() {
+        let BpfRecord::Tx(record) = decode(&encode(&event(EventKind::TxEnd))).unwrap() else {
             panic!("not a transaction record")
         };
         assert_eq!(record.kind, EventKind::TxEnd);
         assert_eq!((record.tgid, record.pid, record.ret), (42, 43, -1));
         assert_eq!((record.uid, record.gid, record.cookie), (1000, 100, 7));
-        assert_eq!((record.start_ns, record.now_ns), (5, 9));
+        assert_eq!((record.loginuid, record.sessionid), (Some(4242), None));
+        assert_eq!((record.start_ns, record.now_ns, record.writes), (5, 9, 3));
         assert_eq!(record.comm, "rpm");
+        assert!(record.ancestors.is_empty() && record.cmdline.is_empty());
+    }
+
+    #[test]
+    fn start_records_carry_parents_and_the_command_line() {
+        let mut bytes = encode(&event(EventKind::TxStart));
+        for (tgid, comm) in [(40u32, &b"bash"[..]), (30, b"sshd")] {
+            bytes.extend_from_slice(&tgid.to_ne_bytes());
+            let mut c = [0u8; COMM_LEN];
+            c[..comm.len()].copy_from_slice(comm);
+            bytes.extend_from_slice(&c);
+        }
+        bytes.extend_from_slice(&[0u8; (MAX_ANCESTORS - 2) * (4 + COMM_LEN)]);
+        let argv = b"rpm\0-i\0x.rpm\0";
+        bytes.extend_from_slice(&(argv.len() as u32).to_ne_bytes());
+        bytes.extend_from_slice(&0u32.to_ne_bytes());
+        let mut cmdline = vec![0u8; CMDLINE_LEN];
+        cmdline[..argv.len()].copy_from_slice(argv);
+        bytes.extend_from_slice(&cmdline);
+        assert_eq!(bytes.len(), TxStartEvent::SIZE);
+        let BpfRecord::Tx(record) = decode(&bytes).unwrap() else {
+            panic!("not a transaction record")
+        };
+        assert_eq!(
+            record.ancestors,
+            [(40, "bash".to_owned()), (30, "sshd".to_owned())]
+        );
+        assert_eq!(record.cmdline, argv);
+        // A start record cut short is an error, not a guess.
+        assert_eq!(
+            decode(&bytes[..TxEvent::SIZE]),
+            Err(DecodeError::Short(TxEvent::SIZE))
+        );
     }
 
     #[test]
@@ -217,15 +328,18 @@ mod tests {
             0,
             u32::MAX,
             0,
+            5,
+            AT_FDCWD as u32,
         ] {
             bytes.extend_from_slice(&x.to_ne_bytes());
         }
         bytes.extend_from_slice(&77u64.to_ne_bytes());
+        bytes.extend_from_slice(&0u64.to_ne_bytes());
         let mut comm = [0u8; COMM_LEN];
         comm[..2].copy_from_slice(b"mv");
         bytes.extend_from_slice(&comm);
         let mut path = [0u8; PATH_LEN];
-        path[..13].copy_from_slice(b"/var/lib/rpm/");
+        path[..8].copy_from_slice(b"Packages");
         bytes.extend_from_slice(&path);
         bytes.extend_from_slice(&[0u8; PATH_LEN]);
         assert_eq!(bytes.len(), FileEvent::SIZE);
@@ -234,9 +348,11 @@ mod tests {
         };
         assert_eq!(record.op, FileOp::Rename);
         assert_eq!((record.tgid, record.pid, record.fd), (10, 11, None));
+        assert_eq!((record.dirfd, record.dirfd2), (Some(5), None));
+        assert_eq!(record.tx_start_ns, None);
         assert_eq!(
             (record.comm.as_str(), record.path.as_str()),
-            ("mv", "/var/lib/rpm/")
+            ("mv", "Packages")
         );
         assert_eq!(record.path2, None);
         assert_eq!(decode(&bytes[..100]), Err(DecodeError::Short(100)));
@@ -245,7 +361,7 @@ mod tests {
     #[test]
     fn short_and_unknown_records_are_errors() {
         assert_eq!(decode(&[1, 0, 0]), Err(DecodeError::Short(3)));
-        let mut bytes = vec![0u8; TxEvent::SIZE];
+        let mut bytes = vec![0u8; TxStartEvent::SIZE];
         bytes[0] = 99;
         assert_eq!(decode(&bytes), Err(DecodeError::UnknownKind(99)));
     }

@@ -1,5 +1,6 @@
 //! eBPF probes: the embedded object, librpm discovery, loading and event decoding.
 
+pub mod btf;
 pub mod event;
 pub mod librpm;
 pub mod object;

@@ -31,12 +31,13 @@ use super::{
 pub const RPMTS_RUN: &str = "rpmtsRun";
 const ENTER: &str = "rpmts_run_enter";
 const EXIT: &str = "rpmts_run_exit";
+/// Ends the transactions of threads that die inside `rpmtsRun` and forgets exited processes.
+const PROCESS_EXIT: &str = "process_exit";
 const EVENTS: &str = "EVENTS";
 
 /// Tamper programs and the syscall tracepoints each attaches to. The first tracepoint of a
 /// `required` entry must attach for the tamper signal to be considered working.
 const TAMPER_HOOKS: &[(&str, &str, &[&str], bool)] = &[
-    ("process_exit", "sched", &["sched_process_exit"], true),
     ("openat_enter", "syscalls", &["sys_enter_openat"], true),
     ("openat2_enter", "syscalls", &["sys_enter_openat2"], false),
     ("open_enter_legacy", "syscalls", &["sys_enter_open"], false),
@@ -207,8 +208,10 @@ impl Probes {
         raise_memlock_limit();
 
         let ignore = options.ignore_tgid.unwrap_or(0);
+        let offsets = super::btf::kernel_task_offsets();
         let mut ebpf = EbpfLoader::new()
             .override_global("AGENT_TGID", &ignore, true)
+            .override_global("TASK_OFFSETS", &offsets, true)
             .load(bytes)
             .map_err(BpfError::Load)?;
         for program in [ENTER, EXIT] {
@@ -238,6 +241,7 @@ impl Probes {
         if probes.libraries.is_empty() {
             return Err(BpfError::Attach(failures.join("; ")));
         }
+        probes.attach_process_exit()?;
         for failure in &failures {
             log::warn!("could not attach to {RPMTS_RUN} in {failure}");
         }
@@ -254,6 +258,28 @@ impl Probes {
             };
         }
         Ok(probes)
+    }
+
+    /// Without the exit hook a transaction whose process was killed inside `rpmtsRun` would
+    /// stay open for good, so it is as required as the probes.
+    fn attach_process_exit(&mut self) -> Result<(), BpfError> {
+        tracefs::ensure_mounted().map_err(|e| {
+            BpfError::Attach(format!(
+                "tracefs is not available for sched_process_exit: {e}"
+            ))
+        })?;
+        let program = PROCESS_EXIT;
+        let tp: &mut TracePoint = self
+            .ebpf
+            .program_mut(program)
+            .ok_or(BpfError::ProgramMissing(program))?
+            .try_into()
+            .map_err(|source| BpfError::Program { program, source })?;
+        tp.load()
+            .map_err(|source| BpfError::Program { program, source })?;
+        tp.attach("sched", "sched_process_exit")
+            .map(drop)
+            .map_err(|source| BpfError::Program { program, source })
     }
 
     /// Attaches both probes to each library not attached yet (by inode); returns failures.
@@ -292,8 +318,14 @@ impl Probes {
     /// Looks for librpm copies that are new or were replaced (an rpm-libs upgrade writes a new
     /// inode) and attaches to them. Returns the newly attached libraries.
     pub fn refresh_libraries(&mut self) -> Vec<Library> {
+        self.attach_libraries(librpm::discover())
+    }
+
+    /// Attaches to those of `found` (a [`librpm::discover`] result, which can be computed off
+    /// the event loop: it walks every process's maps) that are new. Returns them.
+    pub fn attach_libraries(&mut self, found: Vec<Library>) -> Vec<Library> {
         let before = self.libraries.len();
-        for failure in self.attach_all(librpm::discover()) {
+        for failure in self.attach_all(found) {
             log::warn!("could not attach to {RPMTS_RUN} in {failure}");
         }
         self.libraries[before..].to_vec()

@@ -2,6 +2,7 @@
 //! the relay until it is acknowledged — surviving relay outages, restarts and reboots.
 
 use std::{
+    path::Path,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -23,7 +24,7 @@ use crate::{
         state::StateDir,
     },
     detect::{
-        Detector, DetectorConfig, DetectorMode,
+        Detector, DetectorConfig, DetectorMode, IgnoredHook,
         pipeline::{self, PipelineConfig, PipelineEvent},
         schedule::Batch,
         trigger::{Trigger, TriggerKind},
@@ -42,11 +43,17 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     super::watch::spawn_signal_handler(stop.clone());
 
     let scanner = SystemScanner::new(settings.target.clone());
+    let counted = metrics.clone();
     let detector = Detector::start(&DetectorConfig {
         choice: settings.detect.choice,
         dbdir: scanner.dbdir(),
         disable_bpf: settings.detect.disable_bpf.clone(),
         rediscover: settings.detect.periodic,
+        root: settings.target.root().map(Path::to_path_buf),
+        attribution: settings.detect.attribution,
+        on_ignored: Some(IgnoredHook(Arc::new(move |_, reason| {
+            counted.transaction_ignored(reason)
+        }))),
     })
     .context("starting detection")?;
     let mode = detector.status().mode;

@@ -25,6 +25,9 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
         dbdir: scanner.dbdir(),
         disable_bpf: settings.detect.disable_bpf.clone(),
         rediscover: settings.detect.periodic,
+        root: settings.target.root().map(std::path::Path::to_path_buf),
+        attribution: settings.detect.attribution,
+        on_ignored: None,
     })
     .context("starting detection")?;
     let mut status = serde_json::to_value(detector.status())?;

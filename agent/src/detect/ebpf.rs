@@ -1,15 +1,20 @@
-//! Turning BPF records into triggers: transaction ends with attribution, and verified tamper
-//! events.
+//! Turning BPF records into detection signals: transaction boundaries with their attribution,
+//! a transaction's writes with what they wrote, and verified tamper records.
+//!
+//! Nothing here decides whether a transaction counts; `explain.rs` does, from these signals.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, BTreeSet},
+    os::unix::fs::MetadataExt,
     path::{Component, Path, PathBuf},
 };
 
 use guestwatch_agent_common::{EventKind, FileOp};
 
 use super::{
+    explain::{TxKey, Written},
     inotify::reader_written,
+    process::{self, AttributionMode, Procfs},
     trigger::{Attribution, Trigger, TriggerKind},
 };
 use crate::{
@@ -20,10 +25,24 @@ use crate::{
 /// What a BPF record means for detection.
 #[derive(Debug)]
 pub enum Signal {
-    /// A transaction started (used to explain concurrent inotify events).
-    TxStarted,
-    /// A transaction ended or tampering was seen: scan.
-    Trigger(Box<Trigger>),
+    /// A transaction started; `who` was read while its process was alive.
+    TxStarted { key: TxKey, who: Box<Attribution> },
+    /// A transaction's process wrote a watched path.
+    TxWrote {
+        key: TxKey,
+        who: Box<Attribution>,
+        written: Written,
+    },
+    /// A transaction ended (`return_code` `None`: its thread died inside `rpmtsRun`).
+    TxEnded {
+        key: TxKey,
+        who: Box<Attribution>,
+        return_code: Option<i32>,
+        end_ns: u64,
+        writes: u32,
+    },
+    /// Tampering: scan.
+    Tamper(Box<Trigger>),
     /// Tampering by a process that exited before its relative path could be resolved; it
     /// becomes a trigger once inotify confirms the directory (see `confirm.rs`).
     Unconfirmed(Box<UnconfirmedTamper>),
@@ -31,25 +50,36 @@ pub enum Signal {
     None,
 }
 
-/// Transaction starts waiting for their end, by thread.
-struct Started {
-    exe: Option<String>,
-}
-
 /// The BPF half of detection.
 pub struct EbpfSource {
     probes: Probes,
-    /// Directories (as configured and resolved) whose files count for tampering.
+    /// Directories (as configured and resolved) whose files are the watched database.
     watch_dirs: Vec<PathBuf>,
-    started: HashMap<u32, Started>,
+    /// Shown in attributions instead of the root's own path (`--root`).
+    root: Option<PathBuf>,
+    procfs: Procfs,
+    mode: AttributionMode,
+    /// Attributions of running transactions, for their later records.
+    running: BTreeMap<TxKey, Attribution>,
 }
 
+/// Running transactions remembered at most (starts whose end was lost are forgotten first).
+const MAX_RUNNING: usize = 4096;
+
 impl EbpfSource {
-    pub fn new(probes: Probes, watch_dirs: Vec<PathBuf>) -> Self {
+    pub fn new(
+        probes: Probes,
+        watch_dirs: Vec<PathBuf>,
+        root: Option<PathBuf>,
+        mode: AttributionMode,
+    ) -> Self {
         Self {
             probes,
             watch_dirs,
-            started: HashMap::new(),
+            root,
+            procfs: Procfs::default(),
+            mode,
+            running: BTreeMap::new(),
         }
     }
 
@@ -57,74 +87,160 @@ impl EbpfSource {
         &self.probes
     }
 
+    pub fn probes_mut(&mut self) -> &mut Probes {
+        &mut self.probes
+    }
+
     /// The next record, interpreted.
     pub async fn next(&mut self) -> std::io::Result<Signal> {
         let record = self.probes.next().await?;
         Ok(match record {
-            BpfRecord::Tx(tx) if tx.kind == EventKind::TxStart => {
-                // Read the executable now: the process is alive for the whole transaction,
-                // but may be gone by the time it ends.
-                let exe = exe_of(tx.tgid);
-                if self.started.len() > 4096 {
-                    // Starts whose end was lost (killed processes): forget them.
-                    self.started.clear();
-                }
-                self.started.insert(tx.pid, Started { exe });
-                Signal::TxStarted
-            }
-            BpfRecord::Tx(tx) => {
-                let exe = self
-                    .started
-                    .remove(&tx.pid)
-                    .and_then(|s| s.exe)
-                    .or_else(|| exe_of(tx.tgid));
-                let trigger = self.transaction_trigger(&tx, exe);
-                self.check_library_upgrade();
-                Signal::Trigger(Box::new(trigger))
-            }
+            BpfRecord::Tx(tx) => self.transaction_signal(tx),
+            BpfRecord::File(file) if file.tx_start_ns.is_some() => self.write_signal(&file),
             BpfRecord::File(file) => self.tamper_signal(file),
         })
     }
 
-    fn transaction_trigger(&self, tx: &TxRecord, exe: Option<String>) -> Trigger {
-        let library = self
-            .probes
+    fn library(&self, cookie: u64) -> Option<String> {
+        self.probes
             .libraries()
-            .get(tx.cookie as usize)
-            .map(|l| l.path.display().to_string());
-        let ended_at = clock::boot_ns_to_timestamp(tx.now_ns);
-        let detail = if tx.ret == 0 {
-            format!("{} (pid {}) finished an rpm transaction", tx.comm, tx.tgid)
-        } else {
-            format!(
-                "{} (pid {}) ended an rpm transaction with code {}",
-                tx.comm, tx.tgid, tx.ret
-            )
+            .get(cookie as usize)
+            .map(|l| l.path.display().to_string())
+    }
+
+    /// The attribution of a transaction whose start record was lost: what the kernel put in
+    /// its other records.
+    fn minimal(tgid: u32, tid: u32, uid: u32, gid: u32, comm: &str) -> Attribution {
+        Attribution {
+            pid: tgid,
+            tid,
+            uid,
+            gid,
+            comm: comm.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn transaction_signal(&mut self, tx: TxRecord) -> Signal {
+        let key = TxKey {
+            tgid: tx.tgid,
+            start_ns: tx.start_ns,
         };
-        Trigger {
-            kind: TriggerKind::Transaction,
-            at: ended_at,
-            attribution: Some(Attribution {
-                pid: tx.tgid,
-                tid: tx.pid,
-                uid: tx.uid,
-                gid: tx.gid,
-                comm: tx.comm.clone(),
-                exe,
-                return_code: Some(tx.ret),
-                started_at: (tx.start_ns > 0).then(|| clock::boot_ns_to_timestamp(tx.start_ns)),
-                ended_at: Some(ended_at),
-                library,
-                ..Default::default()
-            }),
-            detail: Some(detail),
+        match tx.kind {
+            EventKind::TxStart => {
+                let mut who = process::attribution(&tx, &self.procfs, self.mode);
+                who.library = self.library(tx.cookie);
+                if self.running.len() >= MAX_RUNNING
+                    && let Some(oldest) = self.running.keys().next().copied()
+                {
+                    self.running.remove(&oldest);
+                }
+                // Threads of one process entering together share the transaction.
+                self.running.entry(key).or_insert_with(|| who.clone());
+                Signal::TxStarted {
+                    key,
+                    who: Box::new(who),
+                }
+            }
+            _ => {
+                let who = self.running.remove(&key).unwrap_or_else(|| {
+                    let mut who = Self::minimal(tx.tgid, tx.pid, tx.uid, tx.gid, &tx.comm);
+                    who.loginuid = tx.loginuid;
+                    who.sessionid = tx.sessionid;
+                    who.exe = self.procfs.exe(tx.tgid);
+                    who.library = self.library(tx.cookie);
+                    who
+                });
+                if tx.kind == EventKind::TxEnd {
+                    self.check_library_upgrade();
+                }
+                Signal::TxEnded {
+                    key,
+                    who: Box::new(Attribution { tid: tx.pid, ..who }),
+                    return_code: (tx.kind == EventKind::TxEnd).then_some(tx.ret),
+                    end_ns: tx.now_ns,
+                    writes: tx.writes,
+                }
+            }
+        }
+    }
+
+    /// A transaction's write: which file it really was.
+    fn write_signal(&mut self, file: &FileRecord) -> Signal {
+        let key = TxKey {
+            tgid: file.tgid,
+            start_ns: file.tx_start_ns.unwrap_or_default(),
+        };
+        let who =
+            self.running.get(&key).cloned().unwrap_or_else(|| {
+                Self::minimal(file.tgid, file.pid, file.uid, file.gid, &file.comm)
+            });
+        Signal::TxWrote {
+            key,
+            who: Box::new(who),
+            written: self.what_was_written(file),
+        }
+    }
+
+    /// Whether `file` (a transaction's write) is the watched database. By descriptor when the
+    /// process still has it: the same inode as the entry of that name in a watched directory.
+    /// Otherwise by path: a watched directory's file as the process named it.
+    fn what_was_written(&self, file: &FileRecord) -> Written {
+        let name = Path::new(&file.path).file_name().and_then(|n| n.to_str());
+        if name.is_some_and(reader_written) {
+            return Written::Shared;
+        }
+        if let Some(fd) = file.fd
+            && let Ok(meta) = std::fs::metadata(format!("/proc/{}/fd/{fd}", file.tgid))
+        {
+            let name = Path::new(&file.path).file_name();
+            for dir in &self.watch_dirs {
+                if let Some(name) = name
+                    && let Ok(entry) = std::fs::symlink_metadata(dir.join(name))
+                    && (entry.dev(), entry.ino()) == (meta.dev(), meta.ino())
+                {
+                    return Written::Ours {
+                        database: self.shown(&database_file(&dir.join(name))),
+                    };
+                }
+            }
+            return Written::Elsewhere;
+        }
+        let cwd = std::fs::read_link(format!("/proc/{}/cwd", file.tgid)).ok();
+        let candidates = std::iter::once((&file.path, file.dirfd))
+            .chain(file.path2.as_ref().map(|p| (p, file.dirfd2)));
+        for (raw, dirfd) in candidates {
+            if let Some(path) = resolve(file.tgid, raw, None, dirfd, cwd.as_deref())
+                && self.inside(&path)
+            {
+                return Written::Unverified {
+                    database: self.shown(&database_file(&path)),
+                };
+            }
+        }
+        Written::Elsewhere
+    }
+
+    fn inside(&self, path: &Path) -> bool {
+        self.watch_dirs
+            .iter()
+            .any(|d| path.parent() == Some(d.as_path()))
+    }
+
+    /// A path as reports show it: relative to the root when one is scanned.
+    fn shown(&self, path: &Path) -> String {
+        match &self.root {
+            Some(root) => path
+                .strip_prefix(root)
+                .map(|p| format!("/{}", p.display()))
+                .unwrap_or_else(|_| path.display().to_string()),
+            None => path.display().to_string(),
         }
     }
 
     /// An rpm-libs upgrade replaces librpm with a new inode, which the probes are not
     /// attached to; transactions are when that happens, so check after each one.
     fn check_library_upgrade(&mut self) {
-        use std::os::unix::fs::MetadataExt;
         let replaced = self.probes.libraries().iter().any(|l| {
             std::fs::metadata(&l.path).map_or(true, |m| m.ino() != l.ino || m.dev() != l.dev)
         });
@@ -138,47 +254,37 @@ impl EbpfSource {
         }
     }
 
-    /// Full re-discovery of librpm copies (new sonames, containers); cheap enough for the
-    /// periodic rescan.
-    pub fn rediscover_libraries(&mut self) {
-        for library in self.probes.refresh_libraries() {
-            log::info!(
-                "attached to rpmtsRun in newly found {}",
-                library.path.display()
-            );
-        }
-    }
-
     fn tamper_signal(&self, file: FileRecord) -> Signal {
         let mut paths = Vec::new();
         let mut unresolved = Vec::new();
         // Read once, so that both names of a rename resolve against the same answer (the
-        // process may exit between two reads); not at all when every name is absolute.
-        let relative = std::iter::once(&file.path)
-            .chain(file.path2.iter())
-            .any(|raw| !raw.starts_with('/'));
-        let cwd = relative
+        // process may exit between two reads); not at all when every name is absolute or
+        // relative to a directory descriptor.
+        let needs_cwd = std::iter::once((&file.path, file.dirfd))
+            .chain(file.path2.iter().map(|p| (p, file.dirfd2)))
+            .any(|(raw, dirfd)| !raw.starts_with('/') && dirfd.is_none());
+        let cwd = needs_cwd
             .then(|| std::fs::read_link(format!("/proc/{}/cwd", file.tgid)).ok())
             .flatten();
         // The executable as the process stood now: a later read could find its pid reused.
-        let exe = exe_of(file.tgid);
+        let exe = self.procfs.exe(file.tgid);
         for (i, raw) in std::iter::once(&file.path)
             .chain(file.path2.iter())
             .enumerate()
         {
-            let fd = if i == 0 { file.fd } else { None };
-            match resolve(file.tgid, raw, fd, cwd.as_deref()) {
+            let (fd, dirfd) = if i == 0 {
+                (file.fd, file.dirfd)
+            } else {
+                (None, file.dirfd2)
+            };
+            match resolve(file.tgid, raw, fd, dirfd, cwd.as_deref()) {
                 Some(path) => paths.push(path),
                 None => unresolved.push(raw.clone()),
             }
         }
         let inside: Vec<PathBuf> = paths
             .iter()
-            .filter(|p| {
-                self.watch_dirs
-                    .iter()
-                    .any(|d| p.parent() == Some(d.as_path()))
-            })
+            .filter(|p| self.inside(p))
             // Readers write these too (SQLite's shared-memory index, Berkeley DB regions).
             .filter(|p| {
                 !p.file_name()
@@ -189,7 +295,7 @@ impl EbpfSource {
             .collect();
         if !inside.is_empty() {
             let how = "outside any rpm transaction";
-            return Signal::Trigger(Box::new(tamper_trigger(&file, exe, &inside, &paths, how)));
+            return Signal::Tamper(Box::new(tamper_trigger(&file, exe, &inside, &paths, how)));
         }
         // Only a bare database file name reaches userspace unresolved (the kernel side matched
         // it against the watched names); its directory died with the process.
@@ -202,6 +308,18 @@ impl EbpfSource {
         }
         Signal::Unconfirmed(Box::new(UnconfirmedTamper::new(file, exe, paths, names)))
     }
+}
+
+/// The database file a write belongs to: SQLite's `-wal`, `-journal` and `-shm` are its
+/// database's.
+fn database_file(path: &Path) -> PathBuf {
+    let text = path.to_string_lossy();
+    for suffix in ["-wal", "-journal", "-shm"] {
+        if let Some(main) = text.strip_suffix(suffix) {
+            return PathBuf::from(main);
+        }
+    }
+    path.to_path_buf()
 }
 
 /// A tamper record whose process exited before `/proc` could say which directory its relative
@@ -242,6 +360,17 @@ impl UnconfirmedTamper {
     }
 }
 
+/// The name of a tamper record's file operation.
+pub fn operation_name(op: FileOp) -> &'static str {
+    match op {
+        FileOp::Write => "write",
+        FileOp::OpenTruncate => "open-truncate",
+        FileOp::Rename => "rename",
+        FileOp::Unlink => "unlink",
+        FileOp::Truncate => "truncate",
+    }
+}
+
 /// A tamper trigger for `file` by the process running `exe`: `inside` are its paths in a
 /// watched directory, `paths` all of them.
 fn tamper_trigger(
@@ -251,15 +380,10 @@ fn tamper_trigger(
     paths: &[PathBuf],
     how: &str,
 ) -> Trigger {
-    let operation = match file.op {
-        FileOp::Write => "write",
-        FileOp::OpenTruncate => "open-truncate",
-        FileOp::Rename => "rename",
-        FileOp::Unlink => "unlink",
-        FileOp::Truncate => "truncate",
-    };
+    let operation = operation_name(file.op);
     let at = clock::boot_ns_to_timestamp(file.now_ns);
     let inside: Vec<String> = inside.iter().map(|p| p.display().to_string()).collect();
+    let distinct: BTreeSet<String> = paths.iter().map(|p| p.display().to_string()).collect();
     Trigger {
         kind: TriggerKind::Tamper,
         at,
@@ -279,21 +403,22 @@ fn tamper_trigger(
             exe,
             ended_at: Some(at),
             operation: Some(operation.to_owned()),
-            paths: paths.iter().map(|p| p.display().to_string()).collect(),
+            paths: distinct.into_iter().collect(),
             ..Default::default()
         }),
     }
 }
 
-fn exe_of(tgid: u32) -> Option<String> {
-    std::fs::read_link(format!("/proc/{tgid}/exe"))
-        .ok()
-        .map(|p| p.display().to_string())
-}
-
 /// An absolute, lexically normalised path for what the process named: through its open
-/// descriptor when there is one, else relative to its working directory `cwd`.
-fn resolve(tgid: u32, raw: &str, fd: Option<i32>, cwd: Option<&Path>) -> Option<PathBuf> {
+/// descriptor when there is one, else relative to the directory descriptor of a `*at` call,
+/// else to its working directory `cwd`.
+fn resolve(
+    tgid: u32,
+    raw: &str,
+    fd: Option<i32>,
+    dirfd: Option<i32>,
+    cwd: Option<&Path>,
+) -> Option<PathBuf> {
     if let Some(fd) = fd
         && let Ok(path) = std::fs::read_link(format!("/proc/{tgid}/fd/{fd}"))
     {
@@ -303,7 +428,11 @@ fn resolve(tgid: u32, raw: &str, fd: Option<i32>, cwd: Option<&Path>) -> Option<
     if raw.is_absolute() {
         return Some(normalize(raw));
     }
-    Some(normalize(&cwd?.join(raw)))
+    let base = match dirfd {
+        Some(dirfd) => std::fs::read_link(format!("/proc/{tgid}/fd/{dirfd}")).ok()?,
+        None => cwd?.to_path_buf(),
+    };
+    Some(normalize(&base.join(raw)))
 }
 
 fn normalize(path: &Path) -> PathBuf {
@@ -334,17 +463,39 @@ mod tests {
     }
 
     #[test]
-    fn relative_paths_resolve_against_the_working_directory_read() {
+    fn relative_paths_resolve_against_the_directory_descriptor_or_the_working_directory() {
         let me = std::process::id();
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(
-            resolve(me, "x/y", None, Some(&cwd)),
+            resolve(me, "x/y", None, None, Some(&cwd)),
             Some(normalize(&cwd.join("x/y")))
         );
-        assert_eq!(resolve(me, "x/y", None, None), None);
+        assert_eq!(resolve(me, "x/y", None, None, None), None);
         assert_eq!(
-            resolve(me, "/abs/z", None, None),
+            resolve(me, "/abs/z", None, None, None),
             Some(PathBuf::from("/abs/z"))
+        );
+        // Through a directory descriptor this process holds.
+        let dir = tempfile::tempdir().unwrap();
+        let handle = std::fs::File::open(dir.path()).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&handle);
+        assert_eq!(
+            resolve(me, "Packages", None, Some(fd), Some(&cwd)),
+            Some(normalize(
+                &dir.path().canonicalize().unwrap().join("Packages")
+            ))
+        );
+    }
+
+    #[test]
+    fn sqlite_sidecars_belong_to_their_database() {
+        assert_eq!(
+            database_file(Path::new("/r/var/lib/rpm/rpmdb.sqlite-wal")),
+            PathBuf::from("/r/var/lib/rpm/rpmdb.sqlite")
+        );
+        assert_eq!(
+            database_file(Path::new("/var/lib/rpm/Packages")),
+            PathBuf::from("/var/lib/rpm/Packages")
         );
     }
 }

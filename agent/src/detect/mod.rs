@@ -1,23 +1,28 @@
 //! Change detection: one trigger stream from three sources, chosen at start.
 //!
-//! - eBPF (`ebpf.rs`): transaction ends from `rpmtsRun`, and tampering from syscall tracepoints
-//!   (`confirm.rs` locates records of processes gone before /proc could be read).
+//! - eBPF (`ebpf.rs`): transaction boundaries from `rpmtsRun` with who ran them
+//!   (`process.rs`), their writes, and tampering from syscall tracepoints (`confirm.rs`
+//!   locates records of processes gone before /proc could be read).
 //! - inotify (`inotify.rs`): the fallback, and beside eBPF a safety net for changes the
-//!   probes cannot see (an unattached librpm copy, a writer BPF misses). In eBPF mode an inotify
-//!   event during or just after a transaction is explained by it and dropped.
+//!   probes cannot see (an unattached librpm copy, a writer BPF misses).
 //! - periodic and startup scans (`pipeline.rs`).
 //!
-//! Triggers are coalesced into scans by `schedule.rs`, driven by `pipeline.rs`.
+//! Beside eBPF, `explain.rs` decides by evidence which transactions changed the watched
+//! database and which inotify changes they explain. Triggers are coalesced into scans by
+//! `schedule.rs`, driven by `pipeline.rs`.
 
 pub mod confirm;
 pub mod ebpf;
+pub mod explain;
 pub mod inotify;
 pub mod pipeline;
+pub mod process;
 pub mod schedule;
 pub mod trigger;
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -28,13 +33,31 @@ use tokio_util::sync::CancellationToken;
 use self::{
     confirm::TamperConfirmer,
     ebpf::{EbpfSource, Signal},
-    inotify::{DbDirWatcher, DirEvent},
-    trigger::{Trigger, TriggerKind},
+    explain::{Decision, ExplainConfig, Explainer, IgnoreReason},
+    inotify::{DbDirWatcher, DirEvent, LOCK_FILE},
+    process::{AttributionMode, Procfs},
+    trigger::{Attribution, Trigger, TriggerKind},
 };
-use crate::bpf::{BpfError, ProbeOptions, Probes, TamperStatus, TamperWatch};
+use crate::{
+    bpf::{BpfError, ProbeOptions, Probes, TamperStatus, TamperWatch},
+    clock,
+};
 
-/// How long after a transaction ends inotify events are still attributed to it.
-const EXPLAINED_WINDOW: Duration = Duration::from_secs(2);
+/// How often running transactions' processes are checked to be alive (a process killed
+/// inside `rpmtsRun` whose exit record was lost must not keep its transaction open).
+const LIVENESS_EVERY: Duration = Duration::from_secs(1);
+
+/// Called for every transaction that does not count for the watched database.
+#[derive(Clone)]
+pub struct IgnoredHook(pub Arc<IgnoredFn>);
+
+pub type IgnoredFn = dyn Fn(&Attribution, IgnoreReason) + Send + Sync;
+
+impl std::fmt::Debug for IgnoredHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IgnoredHook")
+    }
+}
 
 /// The `--detector` choice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -100,6 +123,12 @@ pub struct DetectorConfig {
     pub disable_bpf: Option<String>,
     /// How often to look for new librpm copies (the periodic rescan interval).
     pub rediscover: Option<Duration>,
+    /// The root being scanned, if any: attributions show database paths relative to it.
+    pub root: Option<PathBuf>,
+    /// How much of a transaction's context to record.
+    pub attribution: AttributionMode,
+    /// Told about every ignored transaction (metrics).
+    pub on_ignored: Option<IgnoredHook>,
 }
 
 /// Names of files in an rpm database directory, for the tamper programs' relative-path check.
@@ -119,6 +148,7 @@ pub struct Detector {
     inotify: Option<DbDirWatcher>,
     status: DetectorStatus,
     rediscover: Option<Duration>,
+    on_ignored: Option<IgnoredHook>,
 }
 
 impl Detector {
@@ -135,7 +165,15 @@ impl Detector {
 
         let (ebpf, bpf_unavailable) = if want_bpf {
             match load_probes(&watch_dirs, config.disable_bpf.as_deref()) {
-                Ok(probes) => (Some(EbpfSource::new(probes, watch_dirs.clone())), None),
+                Ok(probes) => (
+                    Some(EbpfSource::new(
+                        probes,
+                        watch_dirs.clone(),
+                        config.root.clone(),
+                        config.attribution,
+                    )),
+                    None,
+                ),
                 Err(e) if config.choice == DetectorChoice::Ebpf => return Err(DetectError::Bpf(e)),
                 Err(e) => (None, Some(e.to_string())),
             }
@@ -190,6 +228,7 @@ impl Detector {
             inotify,
             status,
             rediscover: config.rediscover.filter(|d| !d.is_zero()),
+            on_ignored: config.on_ignored.clone(),
         })
     }
 
@@ -199,100 +238,170 @@ impl Detector {
 
     /// Feeds triggers into `triggers` until `stop` is cancelled or the receiver is gone.
     ///
-    /// Beside eBPF, an inotify change is held for [`EXPLAINED_WINDOW`]: a transaction that
-    /// starts or ends meanwhile (rpm opens its database before `rpmtsRun`, and SQLite
-    /// checkpoints after it) explains it and it is dropped; otherwise it becomes an `inotify`
-    /// trigger, a change the probes did not see. Inotify changes also confirm tamper records
-    /// whose process exited too soon to be located (`confirm.rs`).
+    /// Beside eBPF, transactions and inotify changes go through the [`Explainer`]: a
+    /// transaction that wrote the watched database triggers a scan when it ends; one that did
+    /// not is ignored (and counted); an inotify change no running transaction with evidence
+    /// covers becomes an `inotify` trigger. Inotify changes also confirm tamper records whose
+    /// process exited too soon to be located (`confirm.rs`). Without eBPF, every inotify
+    /// change is a trigger.
     pub async fn run(mut self, triggers: mpsc::Sender<Trigger>, stop: CancellationToken) {
         let mut confirmer = TamperConfirmer::default();
-        let mut active_tx: u32 = 0;
-        let mut last_tx: Option<Instant> = None;
-        let mut held: Option<(Instant, Trigger)> = None;
+        let mut explainer = Explainer::new(ExplainConfig::default());
+        let procfs = Procfs::default();
         let mut rediscover = self
             .rediscover
             .map(|every| tokio::time::interval_at(Instant::now() + every, every));
+        let mut discovering: Option<tokio::task::JoinHandle<Vec<crate::bpf::librpm::Library>>> =
+            None;
+        let mut liveness = tokio::time::interval(LIVENESS_EVERY);
+        liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let release_at = held.as_ref().map(|(at, _)| *at + EXPLAINED_WINDOW);
-            let trigger = tokio::select! {
+            let deadline = explainer.next_deadline().map(instant_of_boot_ns);
+            let checking = explainer.running().next().is_some();
+            let decisions = tokio::select! {
+                // Records first: a transaction's records should be in before the inotify
+                // changes they explain.
+                biased;
                 () = stop.cancelled() => return,
-                () = tick(&mut rediscover) => {
-                    // New librpm copies (another soname, a container) are found on the periodic
-                    // schedule; replaced ones are caught after every transaction.
-                    if let Some(ebpf) = &mut self.ebpf {
-                        ebpf.rediscover_libraries();
-                    }
-                    continue;
-                }
-                () = sleep_until(release_at) => match held.take() {
-                    Some((_, t)) if active_tx == 0 && last_tx.is_none_or(|l| l.elapsed() >= EXPLAINED_WINDOW) => t,
-                    Some(_) | None => continue,
-                },
                 signal = next_bpf(&mut self.ebpf) => match signal {
-                    Ok(Signal::TxStarted) => {
-                        active_tx = active_tx.saturating_add(1);
-                        last_tx = Some(Instant::now());
-                        held = None;
-                        continue;
+                    Ok(Signal::TxStarted { key, who }) => {
+                        explainer.started(key, *who);
+                        Vec::new()
                     }
-                    Ok(Signal::Trigger(t)) => {
-                        if t.kind == TriggerKind::Transaction {
-                            active_tx = active_tx.saturating_sub(1);
-                            last_tx = Some(Instant::now());
-                            held = None;
-                        }
-                        *t
+                    Ok(Signal::TxWrote { key, who, written }) => {
+                        explainer.wrote(key, || *who, written);
+                        Vec::new()
                     }
+                    Ok(Signal::TxEnded { key, who, return_code, end_ns, writes }) => {
+                        explainer.ended(clock::boot_ns(), key, || *who, return_code, end_ns, writes)
+                    }
+                    Ok(Signal::Tamper(t)) => vec![Decision::Trigger(t)],
                     Ok(Signal::Unconfirmed(record)) => match confirmer.record(Instant::now(), *record) {
-                        Some(t) => t,
-                        None => continue,
+                        Some(t) => vec![Decision::Trigger(Box::new(t))],
+                        None => Vec::new(),
                     },
-                    Ok(Signal::None) => continue,
+                    Ok(Signal::None) => Vec::new(),
                     Err(e) => {
                         log::error!("reading BPF events failed: {e}; continuing with inotify");
                         self.ebpf = None;
-                        continue;
+                        Vec::new()
                     }
                 },
                 event = next_dir(&mut self.inotify) => match event {
-                    Ok(event) => {
-                        if let DirEvent::Moved { now_at } = &event {
-                            log::info!("the rpm database directory moved; now watching {}",
-                                now_at.as_deref().map_or("its nearest ancestor".to_owned(), |p| p.display().to_string()));
-                        }
-                        if let (DirEvent::Changed { file, .. }, Some(dir), true) = (
-                            &event,
-                            self.inotify.as_ref().and_then(DbDirWatcher::watched_dir),
-                            self.ebpf.is_some(),
-                        ) {
-                            for tamper in confirmer.change(Instant::now(), file, dir) {
-                                if triggers.send(tamper).await.is_err() {
-                                    return;
-                                }
-                            }
-                        }
-                        let trigger = inotify_trigger(&event);
-                        let explainable = matches!(event, DirEvent::Changed { .. });
-                        if self.ebpf.is_some() && explainable {
-                            let recent = active_tx > 0 || last_tx.is_some_and(|l| l.elapsed() < EXPLAINED_WINDOW);
-                            if !recent && held.is_none() {
-                                held = Some((Instant::now(), trigger));
-                            }
-                            continue;
-                        }
-                        trigger
-                    }
+                    Ok(event) => self.dir_event(event, &mut confirmer, &mut explainer, &triggers).await,
                     Err(e) => {
                         log::error!("inotify failed: {e}; relying on the other detectors");
                         self.inotify = None;
-                        continue;
+                        Vec::new()
                     }
                 },
+                () = sleep_until(deadline) => explainer.tick(clock::boot_ns()),
+                _ = liveness.tick(), if checking => {
+                    let gone: Vec<_> = explainer
+                        .running()
+                        .filter(|k| !process::still_running(&procfs, k.tgid, k.start_ns))
+                        .collect();
+                    let now = clock::boot_ns();
+                    let mut out = Vec::new();
+                    for key in gone {
+                        log::debug!("process {} is gone inside its transaction", key.tgid);
+                        out.extend(explainer.ended(now, key, Attribution::default, None, now, 0));
+                    }
+                    out
+                }
+                () = tick(&mut rediscover) => {
+                    // New librpm copies (another soname, a container) are found on the periodic
+                    // schedule, off the event loop (it walks every process's maps); replaced
+                    // ones are caught after every transaction.
+                    if self.ebpf.is_some() && discovering.is_none() {
+                        discovering = Some(tokio::task::spawn_blocking(crate::bpf::librpm::discover));
+                    }
+                    Vec::new()
+                }
+                found = join(&mut discovering) => {
+                    discovering = None;
+                    if let (Ok(found), Some(ebpf)) = (found, &mut self.ebpf) {
+                        for library in ebpf.probes_mut().attach_libraries(found) {
+                            log::info!("attached to rpmtsRun in newly found {}", library.path.display());
+                        }
+                    }
+                    Vec::new()
+                }
             };
-            if triggers.send(trigger).await.is_err() {
-                return;
+            for decision in decisions {
+                match decision {
+                    Decision::Trigger(trigger) => {
+                        if triggers.send(*trigger).await.is_err() {
+                            return;
+                        }
+                    }
+                    Decision::Ignored { who, reason } => {
+                        log::debug!(
+                            "transaction of {} (pid {}) ignored: {}",
+                            who.comm,
+                            who.pid,
+                            reason.as_str()
+                        );
+                        if let Some(hook) = &self.on_ignored {
+                            (hook.0)(&who, reason);
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// What an inotify event means: beside eBPF a change for the explainer (the lock file says
+    /// nothing the probes do not), else a trigger of its own.
+    async fn dir_event(
+        &mut self,
+        event: DirEvent,
+        confirmer: &mut TamperConfirmer,
+        explainer: &mut Explainer,
+        triggers: &mpsc::Sender<Trigger>,
+    ) -> Vec<Decision> {
+        if let DirEvent::Moved { now_at } = &event {
+            log::info!(
+                "the rpm database directory moved; now watching {}",
+                now_at
+                    .as_deref()
+                    .map_or("its nearest ancestor".to_owned(), |p| p
+                        .display()
+                        .to_string())
+            );
+        }
+        let DirEvent::Changed { file, what } = &event else {
+            return vec![Decision::Trigger(Box::new(inotify_trigger(&event)))];
+        };
+        if self.ebpf.is_none() {
+            return vec![Decision::Trigger(Box::new(inotify_trigger(&event)))];
+        }
+        if let Some(dir) = self.inotify.as_ref().and_then(DbDirWatcher::watched_dir) {
+            for tamper in confirmer.change(Instant::now(), file, dir) {
+                if triggers.send(tamper).await.is_err() {
+                    return Vec::new();
+                }
+            }
+        }
+        if file == LOCK_FILE {
+            return Vec::new();
+        }
+        explainer.changed(clock::boot_ns(), &format!("{file} {what}"))
+    }
+}
+
+/// The tokio instant at which the boot clock reads `ns`.
+fn instant_of_boot_ns(ns: u64) -> Instant {
+    let now = clock::boot_ns();
+    Instant::now() + Duration::from_nanos(ns.saturating_sub(now))
+}
+
+async fn join<T>(
+    handle: &mut Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
+    match handle {
+        Some(h) => h.await,
+        None => std::future::pending().await,
     }
 }
 
