@@ -593,3 +593,112 @@ pub fn open_descriptors(path: &Path) -> Vec<(String, Option<FileId>)> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A root with `etc/os-release -> ../usr/lib/os-release`, and a host file beside it.
+    fn world() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let host = tmp.path().join("host");
+        std::fs::create_dir_all(root.join("usr/lib")).unwrap();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::create_dir_all(&host).unwrap();
+        std::fs::write(root.join("usr/lib/os-release"), "ID=inside\n").unwrap();
+        std::os::unix::fs::symlink("../usr/lib/os-release", root.join("etc/os-release")).unwrap();
+        std::fs::write(host.join("os-release"), "ID=host\n").unwrap();
+        (tmp, root, host)
+    }
+
+    fn read(root: &Root, rel: &str) -> Result<String, DbError> {
+        let file = root.open_file(Path::new(rel))?;
+        Ok(String::from_utf8(file.read_all(1 << 20)?).unwrap())
+    }
+
+    fn not_found(r: Result<String, DbError>) -> bool {
+        matches!(&r, Err(DbError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound)
+    }
+
+    #[test]
+    fn both_resolvers_keep_every_link_inside_the_root() {
+        for resolver in [Resolver::Auto, Resolver::Walk] {
+            let (_tmp, r, host) = world();
+            let root = Root::open_with(&r, resolver).unwrap();
+            assert_eq!(read(&root, "etc/os-release").unwrap(), "ID=inside\n");
+            // Absolute link to the host file: resolved under the root, where nothing is.
+            std::os::unix::fs::symlink(host.join("os-release"), r.join("etc/abs")).unwrap();
+            assert!(not_found(read(&root, "etc/abs")), "{resolver:?}");
+            // `..` stops at the root.
+            std::os::unix::fs::symlink("../../../../../../host/os-release", r.join("etc/rel"))
+                .unwrap();
+            assert!(not_found(read(&root, "etc/rel")), "{resolver:?}");
+            assert!(not_found(read(&root, "../host/os-release")), "{resolver:?}");
+            // An intermediate directory link to the host.
+            std::os::unix::fs::symlink(&host, r.join("var")).unwrap();
+            assert!(not_found(read(&root, "var/os-release")), "{resolver:?}");
+            // An absolute link restarts at the root.
+            std::os::unix::fs::symlink("/usr/lib", r.join("etc/lib")).unwrap();
+            assert_eq!(read(&root, "etc/lib/os-release").unwrap(), "ID=inside\n");
+            // A loop ends.
+            std::os::unix::fs::symlink("loop", r.join("etc/loop")).unwrap();
+            assert!(
+                matches!(read(&root, "etc/loop"), Err(DbError::Io { .. })),
+                "{resolver:?}"
+            );
+            // Magic links never resolve (under a root that is not `/`, /proc is the root's).
+            std::os::unix::fs::symlink("/proc/self/root/etc/passwd", r.join("etc/magic")).unwrap();
+            assert!(read(&root, "etc/magic").is_err(), "{resolver:?}");
+            // Directories: links followed inside, shown where they led.
+            let dir = root.open_dir(Path::new("etc/lib")).unwrap();
+            assert_eq!(dir.path(), r.join("usr/lib"), "{resolver:?}");
+            assert_eq!(
+                root.open_dir(Path::new("..")).unwrap().path(),
+                r.as_path(),
+                "{resolver:?}"
+            );
+            assert!(root.open_dir(Path::new("etc/os-release")).is_err());
+        }
+    }
+
+    #[test]
+    fn files_must_be_regular_and_single_linked_under_a_root() {
+        for resolver in [Resolver::Auto, Resolver::Walk] {
+            let (_tmp, r, host) = world();
+            let root = Root::open_with(&r, resolver).unwrap();
+            std::fs::hard_link(host.join("os-release"), r.join("etc/hard")).unwrap();
+            assert!(
+                matches!(
+                    read(&root, "etc/hard"),
+                    Err(DbError::HardLinked { links: 2, .. })
+                ),
+                "{resolver:?}"
+            );
+            assert!(matches!(
+                read(&root, "usr/lib"),
+                Err(DbError::NotRegular { .. })
+            ));
+            // In a directory, a file is opened by name and never through a link.
+            let dir = root.open_dir(Path::new("etc")).unwrap();
+            assert!(matches!(
+                dir.open_file("os-release"),
+                Err(DbError::NotRegular { kind, .. }) if kind.contains("symbolic link")
+            ));
+            assert!(dir.open_file("../usr/lib/os-release").is_err());
+            assert!(matches!(
+                dir.checked_entry("hard"),
+                Err(DbError::HardLinked { .. })
+            ));
+            assert_eq!(dir.checked_entry("missing").unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn the_whole_system_has_no_outside() {
+        let root = Root::open(Path::new("/")).unwrap();
+        assert_eq!(root.links, Links::Any);
+        let (_tmp, r, _) = world();
+        assert_eq!(Root::open(&r).unwrap().links, Links::Single);
+    }
+}

@@ -507,6 +507,51 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_file_sqlite_opened_that_is_not_the_one_resolved_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        rusqlite::Connection::open(tmp.path().join("x.sqlite"))
+            .unwrap()
+            .execute_batch("CREATE TABLE t (a)")
+            .unwrap();
+        let dir = Dir::open_plain(tmp.path()).unwrap();
+        let file = dir.open_file("x.sqlite").unwrap();
+        let real = dir.real_path().unwrap().join("x.sqlite");
+        let options = ReadOptions::default();
+        let ok = |_: &Path, _: &Connection| Ok(());
+        let right = Expect {
+            db: file.stamp().id,
+            wal: None,
+            shm: None,
+        };
+        read_verified(
+            file.path(),
+            &real,
+            "mode=ro&immutable=1",
+            &right,
+            &options,
+            &ok,
+        )
+        .unwrap();
+        // As if the name had been swapped for another file between resolution and SQLite's open.
+        let wrong = Expect {
+            db: FileId { dev: 0, ino: 0 },
+            ..right
+        };
+        let result = read_verified(
+            file.path(),
+            &real,
+            "mode=ro&immutable=1",
+            &wrong,
+            &options,
+            &ok,
+        );
+        assert!(
+            matches!(result, Err(DbError::Replaced { .. })),
+            "{result:?}"
+        );
+    }
+
+    #[test]
     fn uris_escape_reserved_bytes() {
         assert_eq!(
             uri(Path::new("/a b/rpm?x#y%"), "mode=ro"),
