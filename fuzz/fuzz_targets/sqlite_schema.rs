@@ -58,8 +58,8 @@ const COLUMNS: &[&str] = &[
     "hnum TEXT PRIMARY KEY, blob BLOB",
     "hnum INTEGER, blob BLOB",
     "hnum INTEGER PRIMARY KEY, raw BLOB, blob BLOB AS (raw)",
-    "hnum INTEGER PRIMARY KEY, raw BLOB, blob BLOB AS (zeroblob(300000000)) STORED",
-    "hnum INTEGER PRIMARY KEY, blob BLOB, extra TEXT DEFAULT (printf('%.*c', 100000000, 'x'))",
+    "hnum INTEGER PRIMARY KEY, raw BLOB, blob BLOB AS (zeroblob(3000000)) STORED",
+    "hnum INTEGER PRIMARY KEY, blob BLOB, extra TEXT DEFAULT (printf('%.*c', 1000000, 'x'))",
     "hnum INTEGER PRIMARY KEY, blob BLOB CHECK (length(blob) > 0)",
     "hnum INTEGER PRIMARY KEY DESC, blob BLOB",
     "blob BLOB, hnum INTEGER PRIMARY KEY",
@@ -70,7 +70,7 @@ const SUFFIX: &[&str] = &["", " WITHOUT ROWID", " STRICT"];
 
 const VIEWS: &[&str] = &[
     "WITH RECURSIVE c(hnum, blob) AS (SELECT 1, x'00' UNION ALL SELECT hnum + 1, blob FROM c) SELECT * FROM c",
-    "WITH RECURSIVE c(hnum, blob) AS (SELECT 1, zeroblob(1000000) UNION ALL SELECT hnum + 1, blob || blob FROM c) SELECT * FROM c",
+    "WITH RECURSIVE c(hnum, blob) AS (SELECT 1, zeroblob(1000) UNION ALL SELECT hnum + 1, blob || blob FROM c) SELECT * FROM c",
     "SELECT 1 AS hnum, randomblob(1000000000) AS blob",
     "SELECT a.hnum, a.blob FROM P0 a, P0 b, P0 c, P0 d",
     "SELECT hnum, blob FROM P0",
@@ -101,7 +101,7 @@ fn statement(input: &mut Input) -> String {
         2 => format!(
             "INSERT INTO Packages (hnum, blob) VALUES ({}, zeroblob({}))",
             input.num(),
-            input.num() % 4_000_000
+            input.num() % 2_000_000
         ),
         3 => format!(
             "INSERT INTO Packages (hnum, blob) VALUES ({}, {})",

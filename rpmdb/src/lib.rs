@@ -225,7 +225,7 @@ pub fn read_with(source: Source<'_>, options: &ReadOptions) -> Result<Scan, DbEr
     let (dir, name) = match source {
         Source::Root(root) => {
             options.check(root)?;
-            let (dir, name) = locate::locate_in(&confine::Root::open(root)?)?;
+            let (dir, name) = locate::locate_in(&locate::open_root(root)?)?;
             (dir, name.to_owned())
         }
         Source::Path(path) => {

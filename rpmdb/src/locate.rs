@@ -62,8 +62,20 @@ pub fn resolve_in_root(root: &Path, relative: &Path) -> Option<PathBuf> {
 /// The rpm database directory of the system at `root`, as a path under `root` (for watching
 /// it); reading goes through [`crate::read_with`] with [`crate::Source::Root`].
 pub fn locate(root: &Path) -> Result<PathBuf, DbError> {
-    let (dir, _) = locate_in(&Root::open(root)?)?;
+    let (dir, _) = locate_in(&open_root(root)?)?;
     Ok(dir.path().to_path_buf())
+}
+
+/// The root, opened; a root that does not exist holds no database.
+pub(crate) fn open_root(root: &Path) -> Result<Root, DbError> {
+    Root::open(root).map_err(|e| match e {
+        DbError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            DbError::NotFound {
+                path: root.to_path_buf(),
+            }
+        }
+        other => other,
+    })
 }
 
 /// The first candidate directory, resolved inside `root`, that holds a database file (an
