@@ -67,18 +67,19 @@ impl SystemScanner {
         }
     }
 
-    /// The database path to read.
-    fn database(&self) -> Result<PathBuf, rpmdb::DbError> {
+    /// What to read: under a root, every file is resolved inside it.
+    fn source(&self) -> rpmdb::Source<'_> {
         match &self.target {
-            TargetSpec::DbPath(path) => Ok(path.clone()),
-            TargetSpec::Root(root) => rpmdb::locate(root),
+            TargetSpec::DbPath(path) => rpmdb::Source::Path(path),
+            TargetSpec::Root(root) => rpmdb::Source::Root(root),
         }
     }
 
     /// Scans now.
     pub fn scan_now(&mut self) -> Result<Snapshot, ScanError> {
         let started = Instant::now();
-        let scan = rpmdb::read(&self.database()?)?;
+        let options = rpmdb::ReadOptions::timeout(rpmdb::DEFAULT_TIMEOUT);
+        let scan = rpmdb::read_with(self.source(), &options)?;
         let content_hash = report::content_hash(&scan.packages);
         let system = self
             .system

@@ -3,15 +3,21 @@
 //!
 //! Everything here is best effort: a missing or malformed file becomes a problem recorded in
 //! [`SystemInfo::problems`], never an error, because only an unreadable rpm database makes a
-//! report worthless. Files are resolved inside the root (symlinks included) and read without
-//! creating anything next to them.
+//! report worthless. These are the guest's files and as hostile as its rpm database: each is
+//! resolved inside the root ([`rpmdb::confine`]: symlinks followed as if the root were `/`,
+//! never out of it), must be a regular file (single-linked under a root that is not `/`), is
+//! read through the descriptor that was checked, and the dnf histories are opened with the
+//! same SQLite defences and deadline as the rpm database, with their own schema checks.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
 };
 
-use rpmdb::Package;
+use rpmdb::{
+    DbError, Package, ReadOptions,
+    confine::{Root, Stamp},
+};
 use rusqlite::Connection;
 use serde::Serialize;
 
@@ -57,11 +63,25 @@ impl SystemInfo {
         Self::default()
     }
 
-    /// Reads the distribution and dnf history of the system at `root`.
+    /// Reads the distribution and dnf history of the system at `root`, within
+    /// [`rpmdb::DEFAULT_TIMEOUT`].
     pub fn read(root: &Path) -> Self {
+        Self::read_with(root, &ReadOptions::timeout(rpmdb::DEFAULT_TIMEOUT))
+    }
+
+    /// Reads the distribution and dnf history of the system at `root`; the history read is
+    /// abandoned (a problem) at the options' deadline.
+    pub fn read_with(root: &Path, options: &ReadOptions) -> Self {
         let mut info = Self::default();
-        info.distribution = read_distribution(root, &mut info.problems);
-        read_history(root, &mut info);
+        let root = match Root::open(root) {
+            Ok(root) => root,
+            Err(e) => {
+                info.problems.push(format!("root unreadable: {e}"));
+                return info;
+            }
+        };
+        info.distribution = read_distribution(&root, &mut info.problems);
+        read_history(&root, &mut info, options);
         info
     }
 
@@ -91,11 +111,8 @@ impl SystemInfo {
 #[derive(Debug)]
 pub struct SystemReader {
     root: PathBuf,
-    last: Option<(Vec<Stamp>, SystemInfo)>,
+    last: Option<(Vec<Option<Stamp>>, SystemInfo)>,
 }
-
-/// Size, modification time and inode of a file, `None` when it does not exist.
-type Stamp = Option<(u64, std::time::SystemTime, u64)>;
 
 impl SystemReader {
     pub fn new(root: impl Into<PathBuf>) -> Self {
@@ -107,19 +124,30 @@ impl SystemReader {
 
     /// The system's facts, read now or reused if no file they come from changed.
     pub fn read(&mut self) -> SystemInfo {
+        self.read_with(&ReadOptions::timeout(rpmdb::DEFAULT_TIMEOUT))
+    }
+
+    /// [`SystemReader::read`] with the scan's options (its deadline).
+    pub fn read_with(&mut self, options: &ReadOptions) -> SystemInfo {
         let stamps = self.stamps();
         if let Some((seen, info)) = &self.last
             && *seen == stamps
         {
             return info.clone();
         }
-        let info = SystemInfo::read(&self.root);
-        self.last = Some((stamps, info.clone()));
+        let info = SystemInfo::read_with(&self.root, options);
+        // A read cut short by the deadline is not remembered: the next scan reads again.
+        if !info.problems.iter().any(|p| p.contains("deadline")) {
+            self.last = Some((stamps, info.clone()));
+        }
         info
     }
 
-    fn stamps(&self) -> Vec<Stamp> {
-        use std::os::unix::fs::MetadataExt;
+    /// The state of every file the facts come from, resolved inside the root like the reads.
+    fn stamps(&self) -> Vec<Option<Stamp>> {
+        let Ok(root) = Root::open(&self.root) else {
+            return Vec::new();
+        };
         let histories = [DNF5_HISTORY, DNF4_HISTORY]
             .into_iter()
             .flat_map(|h| [h.to_owned(), format!("{h}-wal")]);
@@ -128,26 +156,39 @@ impl SystemReader {
             .map(|s| (*s).to_owned())
             .chain([SYSTEM_RELEASE_CPE.to_owned()])
             .chain(histories)
-            .map(|rel| {
-                let meta =
-                    std::fs::metadata(rpmdb::resolve_in_root(&self.root, Path::new(&rel))?).ok()?;
-                Some((meta.len(), meta.modified().ok()?, meta.ino()))
-            })
+            .map(|rel| root.stamp(Path::new(&rel)))
             .collect()
     }
 }
 
-fn read_distribution(root: &Path, problems: &mut Vec<String>) -> Option<Distribution> {
-    let Some((shown, path)) = OS_RELEASE.iter().find_map(|rel| {
-        rpmdb::resolve_in_root(root, Path::new(rel))
-            .filter(|p| p.is_file())
-            .map(|p| (*rel, p))
-    }) else {
+/// Whether an error only says the file is not there (then the next candidate is tried).
+fn absent(e: &DbError) -> bool {
+    matches!(e, DbError::Io { source, .. }
+        if matches!(source.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory))
+}
+
+fn read_distribution(root: &Root, problems: &mut Vec<String>) -> Option<Distribution> {
+    let mut found = None;
+    for rel in OS_RELEASE {
+        match root.open_file(Path::new(rel)) {
+            Ok(file) => {
+                found = Some((*rel, file));
+                break;
+            }
+            Err(e) if absent(&e) => continue,
+            // There but refused (a fifo, a hard link, …): systemd would not look further.
+            Err(e) => {
+                problems.push(format!("/{rel}: {}", reason(&e)));
+                return None;
+            }
+        }
+    }
+    let Some((shown, file)) = found else {
         problems
             .push("os-release: not found (looked for /etc/os-release, /usr/lib/os-release)".into());
         return None;
     };
-    let text = match read_small(&path, MAX_OS_RELEASE) {
+    let text = match read_small(&file, MAX_OS_RELEASE) {
         Ok(text) => text,
         Err(e) => {
             problems.push(format!("/{shown}: {e}"));
@@ -165,12 +206,14 @@ fn read_distribution(root: &Path, problems: &mut Vec<String>) -> Option<Distribu
         pretty_name: get("PRETTY_NAME"),
         cpe: get("CPE_NAME"),
     };
-    if distribution.cpe.is_empty()
-        && let Some(path) =
-            rpmdb::resolve_in_root(root, Path::new(SYSTEM_RELEASE_CPE)).filter(|p| p.is_file())
-    {
-        match read_small(&path, MAX_OS_RELEASE) {
+    if distribution.cpe.is_empty() {
+        match root
+            .open_file(Path::new(SYSTEM_RELEASE_CPE))
+            .map_err(|e| reason(&e))
+            .and_then(|f| read_small(&f, MAX_OS_RELEASE))
+        {
             Ok(text) => distribution.cpe = text.trim().to_owned(),
+            Err(e) if e.contains("No such file") || e.contains("Not a directory") => {}
             Err(e) => problems.push(format!("/{SYSTEM_RELEASE_CPE}: {e}")),
         }
     }
@@ -181,16 +224,23 @@ fn read_distribution(root: &Path, problems: &mut Vec<String>) -> Option<Distribu
     Some(distribution)
 }
 
-fn read_small(path: &Path, limit: u64) -> Result<String, String> {
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut bytes = Vec::new();
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| e.to_string())?;
-    if bytes.len() as u64 > limit {
-        return Err(format!("larger than {limit} bytes"));
+/// An error's text without the host path it starts with (problems name the file in-root).
+fn reason(e: &DbError) -> String {
+    match e {
+        DbError::Io { source, .. } => source.to_string(),
+        DbError::NotRegular { kind, .. } => format!("refused: {kind}, not a regular file"),
+        DbError::HardLinked { links, .. } => {
+            format!("refused: {links} hard links (another one may be outside the root)")
+        }
+        other => other.to_string(),
     }
+}
+
+fn read_small(file: &rpmdb::confine::Opened, limit: u64) -> Result<String, String> {
+    let bytes = file.read_all(limit).map_err(|e| match e {
+        DbError::Limit { .. } => format!("larger than {limit} bytes"),
+        other => reason(&other),
+    })?;
     String::from_utf8(bytes).map_err(|_| "not UTF-8".to_owned())
 }
 
@@ -259,20 +309,43 @@ enum Dnf {
     V5,
 }
 
-fn read_history(root: &Path, info: &mut SystemInfo) {
+fn read_history(root: &Root, info: &mut SystemInfo, options: &ReadOptions) {
     // dnf5 is newer: a system upgraded from dnf4 keeps the old file around, stale.
     for (rel, dnf) in [(DNF5_HISTORY, Dnf::V5), (DNF4_HISTORY, Dnf::V4)] {
-        let Some(path) = rpmdb::resolve_in_root(root, Path::new(rel)).filter(|p| p.exists()) else {
+        let rel_path = Path::new(rel);
+        let (Some(parent), Some(name)) = (
+            rel_path.parent(),
+            rel_path.file_name().and_then(|n| n.to_str()),
+        ) else {
             continue;
         };
-        match read_repos(&path, dnf) {
+        // The directory is resolved inside the root; the file in it is never a link.
+        let dir = match root.open_dir(parent) {
+            Ok(dir) => dir,
+            Err(e) if absent(&e) => continue,
+            Err(e) => {
+                info.problems
+                    .push(format!("/{rel}: dnf history unreadable: {}", reason(&e)));
+                return;
+            }
+        };
+        match dir.entry(name) {
+            Ok(Some(_)) => {}
+            Ok(None) => continue,
+            Err(e) => {
+                info.problems
+                    .push(format!("/{rel}: dnf history unreadable: {}", reason(&e)));
+                return;
+            }
+        }
+        match read_repos(&dir, name, dnf, options) {
             Ok(repos) => {
                 info.repos = repos;
                 info.history = Some(format!("/{rel}"));
             }
             Err(e) => info
                 .problems
-                .push(format!("/{rel}: dnf history unreadable: {e}")),
+                .push(format!("/{rel}: dnf history unreadable: {}", reason(&e))),
         }
         return;
     }
@@ -298,18 +371,53 @@ const DNF5_QUERY: &str = "SELECT n.name, r.epoch, r.version, r.release, a.name, 
     WHERE act.name <> 'Remove'
     ORDER BY ti.trans_id, ti.id";
 
+/// The tables and columns each query reads: each must be an ordinary table (not a view or a
+/// virtual table) with those columns stored, not generated.
+const DNF4_TABLES: &[(&str, &[&str])] = &[
+    (
+        "trans_item",
+        &["id", "trans_id", "item_id", "repo_id", "action"],
+    ),
+    (
+        "rpm",
+        &["item_id", "name", "epoch", "version", "release", "arch"],
+    ),
+    ("repo", &["id", "repoid"]),
+];
+const DNF5_TABLES: &[(&str, &[&str])] = &[
+    (
+        "trans_item",
+        &["id", "trans_id", "item_id", "repo_id", "action_id"],
+    ),
+    (
+        "rpm",
+        &[
+            "item_id", "name_id", "epoch", "version", "release", "arch_id",
+        ],
+    ),
+    ("pkg_name", &["id", "name"]),
+    ("arch", &["id", "name"]),
+    ("repo", &["id", "repoid"]),
+    ("trans_item_action", &["id", "name"]),
+];
+
 /// Maps every package dnf installed to its repository; later transactions win (a reinstall
 /// from another repository).
-fn read_repos(path: &Path, dnf: Dnf) -> Result<BTreeMap<HistoryKey, String>, rpmdb::DbError> {
-    let query = match dnf {
-        Dnf::V4 => DNF4_QUERY,
-        Dnf::V5 => DNF5_QUERY,
+fn read_repos(
+    dir: &rpmdb::confine::Dir,
+    name: &str,
+    dnf: Dnf,
+    options: &ReadOptions,
+) -> Result<BTreeMap<HistoryKey, String>, DbError> {
+    let (query, tables) = match dnf {
+        Dnf::V4 => (DNF4_QUERY, DNF4_TABLES),
+        Dnf::V5 => (DNF5_QUERY, DNF5_TABLES),
     };
-    rpmdb::sqlite::with_snapshot(path, |path: &Path, conn: &Connection| {
-        let err = |e: rusqlite::Error| rpmdb::DbError::Sqlite {
-            path: PathBuf::from(path),
-            reason: e.to_string(),
-        };
+    rpmdb::sqlite::with_snapshot(dir, name, options, |path: &Path, conn: &Connection| {
+        for (table, columns) in tables {
+            rpmdb::sqlite::require_table(conn, path, table, columns, options)?;
+        }
+        let err = |e: rusqlite::Error| rpmdb::sqlite::classify(path, e, options);
         let mut statement = conn.prepare(query).map_err(err)?;
         let rows = statement
             .query_map([], |row| {

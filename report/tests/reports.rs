@@ -105,7 +105,8 @@ struct Scanned {
 
 fn scan(root: &Path) -> Scanned {
     let dir = rpmdb::locate(root).unwrap();
-    let scan = rpmdb::read(&dir).unwrap();
+    let scan = rpmdb::read_with(rpmdb::Source::Root(root), &rpmdb::ReadOptions::default()).unwrap();
+    assert_eq!(scan.path.parent(), Some(dir.as_path()));
     let system = SystemInfo::read(root);
     let shown = format!("/{}", scan.path.strip_prefix(root).unwrap().display());
     let facts = Facts::of_scan("test", &scan, shown, &system.problems);
@@ -509,6 +510,165 @@ fn symlinks_never_leave_the_root() {
         "read the host's os-release: {:?}",
         info.distribution
     );
+}
+
+#[test]
+fn os_release_and_histories_outside_the_root_are_never_read() {
+    let root = Root::new("ID=inside\n");
+    let r = root.path();
+    let host = TempDir::new_in(r.parent().unwrap()).unwrap();
+    let h = host.path();
+    std::fs::write(h.join("os-release"), "ID=outside\nCPE_NAME=outside\n").unwrap();
+    std::fs::write(h.join("cpe"), "cpe:/o:outside\n").unwrap();
+    std::fs::copy(
+        fixtures().join("claircore_dnf4-history/history.sqlite"),
+        h.join("history.sqlite"),
+    )
+    .unwrap();
+    let no_outside = |info: &SystemInfo| {
+        assert!(
+            info.distribution
+                .as_ref()
+                .is_none_or(|d| d.did != "outside" && !d.cpe.contains("outside")),
+            "read the host's os-release: {:?}",
+            info.distribution
+        );
+        assert_eq!(info.repository_ids().count(), 0, "read the host's history");
+    };
+
+    // os-release: an absolute link out (resolves inside the root, to nothing), then a hard link.
+    std::fs::remove_file(r.join("etc/os-release")).unwrap();
+    std::fs::remove_file(r.join("usr/lib/os-release")).unwrap();
+    std::os::unix::fs::symlink(h.join("os-release"), r.join("etc/os-release")).unwrap();
+    let info = SystemInfo::read(r);
+    no_outside(&info);
+    assert!(
+        info.problems[0].starts_with("os-release: not found"),
+        "{:?}",
+        info.problems
+    );
+    std::fs::remove_file(r.join("etc/os-release")).unwrap();
+    std::fs::hard_link(h.join("os-release"), r.join("etc/os-release")).unwrap();
+    let info = SystemInfo::read(r);
+    no_outside(&info);
+    assert!(
+        info.problems[0].starts_with("/etc/os-release: refused: 2 hard links"),
+        "{:?}",
+        info.problems
+    );
+    // system-release-cpe linked out.
+    std::fs::remove_file(r.join("etc/os-release")).unwrap();
+    std::fs::write(r.join("etc/os-release"), "ID=inside\n").unwrap();
+    std::os::unix::fs::symlink(h.join("cpe"), r.join("etc/system-release-cpe")).unwrap();
+    let info = SystemInfo::read(r);
+    no_outside(&info);
+    assert_eq!(info.distribution.as_ref().unwrap().cpe, "");
+
+    // dnf history: the file linked out (refused), hard-linked out (refused), its directory
+    // linked out (resolved inside the root: not found).
+    std::fs::create_dir_all(r.join("var/lib/dnf")).unwrap();
+    std::os::unix::fs::symlink(
+        h.join("history.sqlite"),
+        r.join("var/lib/dnf/history.sqlite"),
+    )
+    .unwrap();
+    let info = SystemInfo::read(r);
+    no_outside(&info);
+    assert!(
+        info.problems.iter().any(|p| p.starts_with(
+            "/var/lib/dnf/history.sqlite: dnf history unreadable: refused: a symbolic link"
+        )),
+        "{:?}",
+        info.problems
+    );
+    std::fs::remove_file(r.join("var/lib/dnf/history.sqlite")).unwrap();
+    std::fs::hard_link(
+        h.join("history.sqlite"),
+        r.join("var/lib/dnf/history.sqlite"),
+    )
+    .unwrap();
+    let info = SystemInfo::read(r);
+    no_outside(&info);
+    assert!(
+        info.problems
+            .iter()
+            .any(|p| p.contains("refused: 2 hard links")),
+        "{:?}",
+        info.problems
+    );
+    std::fs::remove_file(r.join("var/lib/dnf/history.sqlite")).unwrap();
+    std::fs::remove_dir(r.join("var/lib/dnf")).unwrap();
+    std::os::unix::fs::symlink(h, r.join("var/lib/dnf")).unwrap();
+    let info = SystemInfo::read(r);
+    no_outside(&info);
+    assert!(
+        info.problems
+            .iter()
+            .any(|p| p.starts_with("dnf history: not found")),
+        "{:?}",
+        info.problems
+    );
+    // The same history inside the root is read (the checks above are not just failing).
+    std::fs::remove_file(r.join("var/lib/dnf")).unwrap();
+    std::fs::create_dir_all(r.join("var/lib/dnf")).unwrap();
+    std::fs::copy(
+        h.join("history.sqlite"),
+        r.join("var/lib/dnf/history.sqlite"),
+    )
+    .unwrap();
+    assert!(SystemInfo::read(r).repository_ids().count() > 0);
+}
+
+#[test]
+fn hostile_history_schemas_are_refused() {
+    // dnf4's trans_item replaced by a view over a query that never ends, then by a virtual
+    // table: refused by the schema check, quickly, as a problem.
+    for (what, sql) in [
+        (
+            "is a view",
+            "ALTER TABLE trans_item RENAME TO t0;
+             CREATE VIEW trans_item AS WITH RECURSIVE c(id, trans_id, item_id, repo_id, action) AS
+               (SELECT 1, 1, 1, 1, 1 UNION ALL SELECT id + 1, 1, 1, 1, 1 FROM c) SELECT * FROM c;",
+        ),
+        (
+            "virtual table",
+            "ALTER TABLE trans_item RENAME TO t0;
+             CREATE VIRTUAL TABLE trans_item USING fts5(id, trans_id, item_id, repo_id, action);",
+        ),
+        (
+            "generated",
+            "ALTER TABLE repo RENAME TO r0;
+             CREATE TABLE repo (id INTEGER PRIMARY KEY, repoid TEXT AS (zeroblob(100000000)));",
+        ),
+    ] {
+        let root = Root::new("ID=rhel\n");
+        let hist = root.path().join("var/lib/dnf/history.sqlite");
+        std::fs::create_dir_all(hist.parent().unwrap()).unwrap();
+        std::fs::copy(
+            fixtures().join("claircore_dnf4-history/history.sqlite"),
+            &hist,
+        )
+        .unwrap();
+        {
+            let c = rusqlite::Connection::open(&hist).unwrap();
+            c.pragma_update(None, "journal_mode", "delete").unwrap();
+            c.execute_batch(sql).unwrap();
+        }
+        let started = std::time::Instant::now();
+        let info = SystemInfo::read(root.path());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{what}: slow"
+        );
+        assert_eq!(info.repository_ids().count(), 0, "{what}");
+        assert!(
+            info.problems
+                .iter()
+                .any(|p| p.contains("dnf history unreadable") && p.contains(what)),
+            "{what}: {:?}",
+            info.problems
+        );
+    }
 }
 
 #[test]

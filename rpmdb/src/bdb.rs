@@ -3,13 +3,14 @@
 //! The whole file is read once (databases are megabytes) and walked page by page: every hash
 //! page's key/data pairs, with data stored inline or in overflow-page chains. Both byte orders
 //! are accepted (the metadata magic tells which); header blobs themselves are always big
-//! endian. Every page number, offset and length is checked against the file before use;
-//! overflow chains are followed at most once per page of the file, so a cycle ends; a damaged
-//! entry is skipped with an error and the rest is still read.
+//! endian. Every page number, offset and length is checked against the file before use.
+//! Each overflow page is read at most once in the whole file: a chain that loops, or that runs
+//! into a page another entry's chain already used (many entries sharing one large chain would
+//! otherwise cost entries × chain), is a damaged entry. So is anything else wrong with an
+//! entry: it is skipped with an error and the rest is still read. The work is linear in the
+//! file size: items of a page cannot overlap, and every overflow page is decoded once.
 
-use std::path::Path;
-
-use crate::{DbError, EntryError, Package, header};
+use crate::{BytesError, DbError, Decoded, EntryError, ReadOptions, confine::Opened, header};
 
 const HASH_MAGIC: u32 = 0x0006_1561;
 const BTREE_MAGIC: u32 = 0x0005_3162;
@@ -66,22 +67,43 @@ impl<'a> Db<'a> {
     }
 
     /// Follows an overflow chain from `start`, expecting `total` bytes.
-    fn overflow(&self, start: u32, total: u32) -> Result<Vec<u8>, String> {
-        self.follow(start, total)
+    fn overflow(&self, start: u32, total: u32, walk: &mut Walk) -> Result<Vec<u8>, String> {
+        self.follow(start, total, walk)
             .map_err(|detail| format!("bad overflow chain at {start}: {detail}"))
     }
 
-    fn follow(&self, start: u32, total: u32) -> Result<Vec<u8>, String> {
+    fn follow(&self, start: u32, total: u32, walk: &mut Walk) -> Result<Vec<u8>, String> {
         if total as usize > self.data.len() {
             return Err(format!("overflow length {total} exceeds the file"));
         }
+        if total as usize > walk.max_blob {
+            return Err(format!(
+                "{total} bytes, more than the {} a header may have",
+                walk.max_blob
+            ));
+        }
+        walk.chains += 1;
+        let chain = walk.chains;
         let mut out = Vec::with_capacity(total as usize);
         let mut pgno = start;
-        // A chain can visit each page at most once: more links than pages is a cycle.
+        // Each page is marked with the chain that read it: a chain can visit each page at most
+        // once (more is a cycle), and a page read by another chain is not read again.
         for _ in 0..self.pages {
             let Some(page) = self.page(pgno).filter(|_| pgno != 0) else {
                 return Err(format!("page {pgno} is not in the file"));
             };
+            match walk.owner.get(pgno as usize).copied() {
+                Some(0) => {}
+                Some(c) if c == chain => return Err("the chain loops".into()),
+                _ => {
+                    return Err(format!(
+                        "page {pgno} belongs to another entry's chain (read once)"
+                    ));
+                }
+            }
+            if let Some(owner) = walk.owner.get_mut(pgno as usize) {
+                *owner = chain;
+            }
             if page[25] != P_OVERFLOW {
                 return Err(format!("page {pgno}: not an overflow page"));
             }
@@ -110,9 +132,9 @@ impl<'a> Db<'a> {
         &self,
         pgno: u32,
         page: &[u8],
-        packages: &mut Vec<Package>,
-        errors: &mut Vec<EntryError>,
-    ) {
+        out: &mut Decoded,
+        walk: &mut Walk,
+    ) -> Result<(), BytesError> {
         let count = self.u16(page, 20).unwrap_or(0) as usize;
         let index = |i: usize| self.u16(page, PAGE_HEADER + 2 * i).map(usize::from);
         // Items are packed from the end of the page downwards: item i ends where item i-1 starts.
@@ -129,11 +151,11 @@ impl<'a> Db<'a> {
             let (Some(key_at), Some(key_end), Some(data_at), Some(data_end)) =
                 (index(i), end(i), index(i + 1), end(i + 1))
             else {
-                errors.push(EntryError {
+                out.errors.push(EntryError {
                     entry,
                     reason: "item index outside the page".into(),
                 });
-                return;
+                return Ok(());
             };
             i += 2;
             if key_at >= key_end
@@ -141,11 +163,14 @@ impl<'a> Db<'a> {
                 || data_at >= data_end
                 || data_end > self.page_size
             {
-                errors.push(EntryError {
+                out.errors.push(EntryError {
                     entry,
                     reason: "item outside the page".into(),
                 });
                 continue;
+            }
+            if walk.options.expired() {
+                return Err(BytesError::Deadline);
             }
             // Key 0 holds rpm's next-instance counter, not a package.
             let key = &page[key_at..key_end];
@@ -156,35 +181,61 @@ impl<'a> Db<'a> {
                 H_KEYDATA => Ok(page[data_at + 1..data_end].to_vec()),
                 H_OFFPAGE => match (self.u32(page, data_at + 4), self.u32(page, data_at + 8)) {
                     (Some(start), Some(len)) if data_at + 12 <= data_end => self
-                        .overflow(start, len)
+                        .overflow(start, len, walk)
                         .map_err(|e| format!("page {pgno}: {e}")),
                     _ => Err(format!("page {pgno}: truncated off-page item")),
                 },
                 other => Err(format!("page {pgno}: unsupported item type {other}")),
             };
-            match blob.and_then(|b| header::package(&b).map_err(|e| e.to_string())) {
-                Ok(p) => packages.push(p),
-                Err(reason) => errors.push(EntryError { entry, reason }),
+            let blob = blob.and_then(|b| {
+                if b.len() > walk.max_blob {
+                    return Err(format!(
+                        "{} bytes, more than the {} a header may have",
+                        b.len(),
+                        walk.max_blob
+                    ));
+                }
+                out.bytes_decoded += b.len() as u64;
+                header::package(&b).map_err(|e| e.to_string())
+            });
+            match blob {
+                Ok(p) => out.packages.push(p),
+                Err(reason) => out.errors.push(EntryError { entry, reason }),
             }
         }
+        Ok(())
     }
 }
 
-/// Reads every package from a Berkeley DB hash `Packages` file.
-pub fn read(path: &Path) -> Result<(Vec<Package>, Vec<EntryError>), DbError> {
-    let data = std::fs::read(path).map_err(|source| DbError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    read_bytes(&data).map_err(|reason| DbError::NotRpmDb {
-        path: path.to_path_buf(),
-        reason,
-    })
+/// The state of one read: which chain read each overflow page, and its limits.
+struct Walk<'o> {
+    /// Per page: 0, or the number of the chain that read it.
+    owner: Vec<u32>,
+    chains: u32,
+    max_blob: usize,
+    options: &'o ReadOptions,
+}
+
+/// Reads every package from a Berkeley DB hash `Packages` file opened through its checked
+/// descriptor.
+pub(crate) fn read(file: &Opened, options: &ReadOptions) -> Result<Decoded, DbError> {
+    let data = file.read_all(u64::MAX)?;
+    read_bytes_with(&data, options).map_err(|e| e.at(file.path()))
 }
 
 /// Reads every package from the bytes of a `Packages` file; `Err` when the file as a whole is
 /// not a usable hash database.
-pub fn read_bytes(data: &[u8]) -> Result<(Vec<Package>, Vec<EntryError>), String> {
+pub fn read_bytes(data: &[u8]) -> Result<(Vec<crate::Package>, Vec<EntryError>), String> {
+    match read_bytes_with(data, &ReadOptions::default()) {
+        Ok(d) => Ok((d.packages, d.errors)),
+        Err(BytesError::Invalid(reason)) => Err(reason),
+        Err(BytesError::Deadline) => Err("deadline".into()),
+    }
+}
+
+/// [`read_bytes`] with options (deadline, largest header), and what it decoded.
+pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded, BytesError> {
+    let invalid = |s: String| BytesError::Invalid(s);
     let magic = |order: Order| {
         let b: [u8; 4] = data.get(12..16)?.try_into().ok()?;
         Some(match order {
@@ -196,11 +247,11 @@ pub fn read_bytes(data: &[u8]) -> Result<(Vec<Package>, Vec<EntryError>), String
         (Some(HASH_MAGIC), _) => Order::Little,
         (_, Some(HASH_MAGIC)) => Order::Big,
         (Some(BTREE_MAGIC), _) | (_, Some(BTREE_MAGIC)) => {
-            return Err(
+            return Err(invalid(
                 "a Berkeley DB btree (an rpm index file), not the Packages hash database".into(),
-            );
+            ));
         }
-        _ => return Err("not a Berkeley DB hash database".into()),
+        _ => return Err(invalid("not a Berkeley DB hash database".into())),
     };
     let mut db = Db {
         data,
@@ -210,27 +261,35 @@ pub fn read_bytes(data: &[u8]) -> Result<(Vec<Package>, Vec<EntryError>), String
     };
     let page_size = db.u32(data, 20).unwrap_or(0) as usize;
     if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
-        return Err(format!("bad page size {page_size}"));
+        return Err(invalid(format!("bad page size {page_size}")));
     }
     db.page_size = page_size;
     if data.get(25) != Some(&P_HASHMETA) {
-        return Err("the first page is not hash metadata".into());
+        return Err(invalid("the first page is not hash metadata".into()));
     }
     let last_pgno = db.u32(data, 32).unwrap_or(0) as usize;
     db.pages = (last_pgno + 1).min(data.len() / page_size);
-    let mut packages = Vec::new();
-    let mut errors = Vec::new();
+    let mut out = Decoded::default();
+    let mut walk = Walk {
+        owner: vec![0; db.pages],
+        chains: 0,
+        max_blob: options.max_header_bytes,
+        options,
+    };
     for pgno in 1..db.pages as u32 {
+        if options.expired() {
+            return Err(BytesError::Deadline);
+        }
         let Some(page) = db.page(pgno) else { break };
         if matches!(page[25], P_HASH | P_HASH_UNSORTED) {
-            db.entries(pgno, page, &mut packages, &mut errors);
+            db.entries(pgno, page, &mut out, &mut walk)?;
         }
     }
     if last_pgno + 1 > db.pages {
-        errors.push(EntryError {
+        out.errors.push(EntryError {
             entry: format!("pages {}..={last_pgno}", db.pages),
             reason: "the file ends before its last page".into(),
         });
     }
-    Ok((packages, errors))
+    Ok(out)
 }

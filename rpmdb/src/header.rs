@@ -103,6 +103,9 @@ impl<'a> Header<'a> {
         }
         let data = &blob[data_start..];
         let mut entries = Vec::with_capacity(il as usize);
+        // Entries whose strings overlap would each rescan the same bytes (65535 entries over
+        // one long unterminated run: quadratic); rpm's own entries never share data.
+        let mut budget = data.len().saturating_mul(2).saturating_add(64);
         for i in 0..il {
             let at = 8 + i as usize * ENTRY_LEN;
             let field = |n: usize| be32(blob, at + 4 * n).ok_or(HeaderError::Short(blob.len()));
@@ -112,7 +115,8 @@ impl<'a> Header<'a> {
                 offset: field(2)? as i32 as isize as usize,
                 count: field(3)? as usize,
             };
-            check_entry(&entry, data).map_err(|reason| HeaderError::Entry { entry: i, reason })?;
+            check_entry(&entry, data, &mut budget)
+                .map_err(|reason| HeaderError::Entry { entry: i, reason })?;
             entries.push(entry);
         }
         Ok(Self { entries, data })
@@ -185,7 +189,7 @@ impl<'a> Header<'a> {
 
 /// rpm's per-entry checks: known type, offset inside the data, alignment, and the data the
 /// entry describes fitting in the data store (strings NUL-terminated within it).
-fn check_entry(e: &Entry, data: &[u8]) -> Result<(), &'static str> {
+fn check_entry(e: &Entry, data: &[u8], budget: &mut usize) -> Result<(), &'static str> {
     if e.count == 0 {
         return Err("zero count");
     }
@@ -222,10 +226,16 @@ fn check_entry(e: &Entry, data: &[u8]) -> Result<(), &'static str> {
     let mut at = e.offset;
     for _ in 0..e.count {
         let rest = data.get(at..).ok_or("string beyond the end")?;
-        let len = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or("unterminated string")?;
+        // Never look further than the bytes still allowed for this header.
+        let window = &rest[..rest.len().min(*budget)];
+        let Some(len) = window.iter().position(|&b| b == 0) else {
+            return Err(if window.len() < rest.len() {
+                "string data shared by several entries"
+            } else {
+                "unterminated string"
+            });
+        };
+        *budget -= len + 1;
         at += len + 1;
     }
     Ok(())
@@ -345,6 +355,34 @@ mod tests {
                 let _ = package(&bad);
             }
         }
+        // 65535 entries over one long string: refused after scanning about twice the data,
+        // not 65535 times it.
+        let mut entries = vec![(tag::NAME, kind::STRING, 1, s("x"))];
+        let mut long = vec![b'a'; 100_000];
+        long[99_999] = 0;
+        entries.push((tag::SUMMARY, kind::BIN, long.len() as u32, long));
+        let mut shared = blob(&entries);
+        let il = 0xffffu32;
+        let data_start = 8 + 2 * 16;
+        let data = shared.split_off(data_start);
+        let mut index = Vec::new();
+        for _ in 0..il {
+            index.extend_from_slice(&tag::SUMMARY.to_be_bytes());
+            index.extend_from_slice(&kind::STRING.to_be_bytes());
+            index.extend_from_slice(&8u32.to_be_bytes());
+            index.extend_from_slice(&1u32.to_be_bytes());
+        }
+        let mut hostile = il.to_be_bytes().to_vec();
+        hostile.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        hostile.extend(index);
+        hostile.extend(data);
+        let started = std::time::Instant::now();
+        assert!(matches!(
+            Header::parse(&hostile),
+            Err(HeaderError::Entry { entry: 2, reason }) if reason.contains("shared")
+        ));
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+
         let mut huge = good.clone();
         huge[0..4].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
         assert_eq!(

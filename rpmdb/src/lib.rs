@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bdb;
+pub mod confine;
 mod header;
 mod locate;
 pub mod ndb;
@@ -13,7 +14,10 @@ mod package;
 mod pgp;
 pub mod sqlite;
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 pub use header::HeaderError;
 
@@ -64,6 +68,71 @@ pub struct Scan {
     pub pubkeys: Vec<Package>,
     /// Entries skipped.
     pub errors: Vec<EntryError>,
+    /// Bytes of header blobs handed to the decoder: at most about the file's size, whatever
+    /// the file says (shared overflow chains or blobs are read once).
+    pub bytes_decoded: u64,
+}
+
+/// How long [`read`] may take: the agent's default `--scan-timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// rpm's largest header blob: 65535 index entries of 16 bytes, 256 MiB of data, 8 bytes of
+/// counts.
+pub const MAX_HEADER_BYTES: usize = 8 + 0xffff * 16 + 0x0fff_ffff;
+
+/// How a database is read.
+#[derive(Clone, Debug)]
+pub struct ReadOptions {
+    /// Past this instant the read is abandoned with [`DbError::Deadline`] (`None`: no limit).
+    pub deadline: Option<Instant>,
+    /// Header blobs larger than this are skipped as damaged entries, never loaded (default:
+    /// rpm's own limit, [`MAX_HEADER_BYTES`]).
+    pub max_header_bytes: usize,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        Self {
+            deadline: None,
+            max_header_bytes: MAX_HEADER_BYTES,
+        }
+    }
+}
+
+impl ReadOptions {
+    /// Options whose deadline is `timeout` from now.
+    pub fn timeout(timeout: Duration) -> Self {
+        Self {
+            deadline: Instant::now().checked_add(timeout),
+            ..Self::default()
+        }
+    }
+
+    /// Whether the deadline has passed.
+    pub fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// `Err(Deadline)` once the deadline has passed.
+    pub(crate) fn check(&self, path: &Path) -> Result<(), DbError> {
+        if self.expired() {
+            return Err(DbError::Deadline {
+                path: path.to_path_buf(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// What to read.
+#[derive(Clone, Copy, Debug)]
+pub enum Source<'a> {
+    /// The system at this root: the database is located inside it and every file is resolved
+    /// inside it ([`confine`]).
+    Root(&'a Path),
+    /// A database directory or file named directly (`--dbpath`): the path is followed as
+    /// given; the database files in a directory are still opened without following links.
+    Path(&'a Path),
 }
 
 /// Why a database could not be read at all.
@@ -87,6 +156,16 @@ pub enum DbError {
     Locked { path: PathBuf },
     #[error("{}: {reason}", path.display())]
     Sqlite { path: PathBuf, reason: String },
+    #[error("{}: refused: {kind}, not a regular file", path.display())]
+    NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{}: refused: {links} hard links (another one may be outside the root)", path.display())]
+    HardLinked { path: PathBuf, links: u64 },
+    #[error("{}: refused: replaced while it was being opened", path.display())]
+    Replaced { path: PathBuf },
+    #[error("{}: abandoned: the scan deadline passed", path.display())]
+    Deadline { path: PathBuf },
+    #[error("{}: over a reading limit: {reason}", path.display())]
+    Limit { path: PathBuf, reason: String },
 }
 
 /// Database file names, in the order rpm prefers them.
@@ -97,15 +176,9 @@ const FILES: &[(&str, Backend)] = &[
 ];
 
 /// Detects a database's format from its first bytes.
-fn sniff(path: &Path) -> Result<Backend, DbError> {
-    use std::io::Read;
-    let io = |source| DbError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+fn sniff(file: &confine::Opened) -> Result<Backend, DbError> {
     let mut head = [0u8; 16];
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let n = file.read(&mut head).map_err(io)?;
+    let n = file.read_head(&mut head)?;
     let head = &head[..n];
     if head.starts_with(b"SQLite format 3\0") {
         return Ok(Backend::Sqlite);
@@ -126,37 +199,111 @@ fn sniff(path: &Path) -> Result<Backend, DbError> {
         }
     }
     Err(DbError::UnknownFormat {
-        path: path.to_path_buf(),
+        path: file.path().to_path_buf(),
     })
 }
 
-/// Reads every package from the database at `path` (a database directory or file).
+/// The first database file name present in `dir` (present as an entry of any kind: a
+/// symlink or fifo by that name is then refused when opened, not skipped).
+fn database_in(dir: &confine::Dir) -> Result<Option<&'static str>, DbError> {
+    for (name, _) in FILES {
+        if dir.entry(name)?.is_some() {
+            return Ok(Some(name));
+        }
+    }
+    Ok(None)
+}
+
+/// Reads every package from the database at `path` (a database directory or file), with
+/// [`DEFAULT_TIMEOUT`] as deadline.
 pub fn read(path: &Path) -> Result<Scan, DbError> {
-    let file = if path.is_dir() {
-        FILES
-            .iter()
-            .map(|(name, _)| path.join(name))
-            .find(|p| p.is_file())
-            .ok_or_else(|| DbError::NotFound {
-                path: path.to_path_buf(),
-            })?
-    } else {
-        path.to_path_buf()
+    read_with(Source::Path(path), &ReadOptions::timeout(DEFAULT_TIMEOUT))
+}
+
+/// Reads every package from the database of `source`.
+pub fn read_with(source: Source<'_>, options: &ReadOptions) -> Result<Scan, DbError> {
+    let (dir, name) = match source {
+        Source::Root(root) => {
+            options.check(root)?;
+            let (dir, name) = locate::locate_in(&locate::open_root(root)?)?;
+            (dir, name.to_owned())
+        }
+        Source::Path(path) => {
+            options.check(path)?;
+            plain(path)?
+        }
     };
+    let file = dir.open_file(&name)?;
     let backend = sniff(&file)?;
-    let (all, errors) = match backend {
-        Backend::Sqlite => sqlite::read(&file)?,
-        Backend::Bdb => bdb::read(&file)?,
-        Backend::Ndb => ndb::read(&file)?,
+    let read = match backend {
+        Backend::Sqlite => sqlite::read(&dir, &name, &file, options)?,
+        Backend::Bdb => bdb::read(&file, options)?,
+        Backend::Ndb => ndb::read(&file, options)?,
     };
-    let (pubkeys, packages) = all
+    let (pubkeys, packages) = read
+        .packages
         .into_iter()
         .partition(|p: &Package| p.name == "gpg-pubkey");
     Ok(Scan {
         backend,
-        path: file,
+        path: file.path().to_path_buf(),
         packages,
         pubkeys,
-        errors,
+        errors: read.errors,
+        bytes_decoded: read.bytes_decoded,
     })
+}
+
+/// A database named directly: a directory (the first database file in it) or a file.
+fn plain(path: &Path) -> Result<(confine::Dir, String), DbError> {
+    let not_found = || DbError::NotFound {
+        path: path.to_path_buf(),
+    };
+    let meta = std::fs::metadata(path).map_err(|source| DbError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.is_dir() {
+        let dir = confine::Dir::open_plain(path)?;
+        let name = database_in(&dir)?.ok_or_else(not_found)?;
+        return Ok((dir, name.to_owned()));
+    }
+    // A file: the caller's path is followed as given, to the file it names.
+    let real = std::fs::canonicalize(path).map_err(|source| DbError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (Some(parent), Some(file)) = (real.parent(), real.file_name().and_then(|n| n.to_str()))
+    else {
+        return Err(not_found());
+    };
+    Ok((confine::Dir::open_plain(parent)?, file.to_owned()))
+}
+
+/// Why the bytes of a Berkeley DB or NDB file were not read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BytesError {
+    /// Not a usable database of that format.
+    Invalid(String),
+    /// The deadline passed.
+    Deadline,
+}
+
+impl BytesError {
+    fn at(self, path: &Path) -> DbError {
+        let path = path.to_path_buf();
+        match self {
+            Self::Invalid(reason) => DbError::NotRpmDb { path, reason },
+            Self::Deadline => DbError::Deadline { path },
+        }
+    }
+}
+
+/// What a backend read from one database file.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub packages: Vec<Package>,
+    pub errors: Vec<EntryError>,
+    /// Bytes of header blobs handed to the decoder.
+    pub bytes_decoded: u64,
 }

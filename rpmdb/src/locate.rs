@@ -2,7 +2,10 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use crate::DbError;
+use crate::{
+    DbError,
+    confine::{Dir, Root},
+};
 
 /// Where rpm keeps its database, in the order rpm's own configuration prefers.
 const CANDIDATES: &[&str] = &["usr/lib/sysimage/rpm", "var/lib/rpm", "usr/share/rpm"];
@@ -56,20 +59,39 @@ pub fn resolve_in_root(root: &Path, relative: &Path) -> Option<PathBuf> {
     Some(done.iter().fold(root.to_path_buf(), |p, c| p.join(c)))
 }
 
-/// The rpm database directory of the system at `root`.
+/// The rpm database directory of the system at `root`, as a path under `root` (for watching
+/// it); reading goes through [`crate::read_with`] with [`crate::Source::Root`].
 pub fn locate(root: &Path) -> Result<PathBuf, DbError> {
+    let (dir, _) = locate_in(&open_root(root)?)?;
+    Ok(dir.path().to_path_buf())
+}
+
+/// The root, opened; a root that does not exist holds no database.
+pub(crate) fn open_root(root: &Path) -> Result<Root, DbError> {
+    Root::open(root).map_err(|e| match e {
+        DbError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            DbError::NotFound {
+                path: root.to_path_buf(),
+            }
+        }
+        other => other,
+    })
+}
+
+/// The first candidate directory, resolved inside `root`, that holds a database file (an
+/// entry by one of rpm's names, of any kind), and that file's name.
+pub(crate) fn locate_in(root: &Root) -> Result<(Dir, &'static str), DbError> {
     for candidate in CANDIDATES {
-        if let Some(dir) = resolve_in_root(root, Path::new(candidate))
-            && dir.is_dir()
-            && ["rpmdb.sqlite", "Packages.db", "Packages"]
-                .iter()
-                .any(|f| dir.join(f).is_file())
-        {
-            return Ok(dir);
+        // A candidate that is missing, not a directory or a link loop is no database.
+        let Ok(dir) = root.open_dir(Path::new(candidate)) else {
+            continue;
+        };
+        if let Some(name) = crate::database_in(&dir)? {
+            return Ok((dir, name));
         }
     }
     Err(DbError::NotFound {
-        path: root.to_path_buf(),
+        path: root.path().to_path_buf(),
     })
 }
 

@@ -5,11 +5,13 @@
 //! per package: a head ("BlbS", package index, generation, length), the header blob, padding,
 //! and a tail (Adler-32 of everything before the tail, length, "BlbE"). Every slot is checked
 //! against the file and every blob against its checksum; a damaged one is skipped with an
-//! error, as rpm skips it.
+//! error, as rpm skips it. Blobs may not overlap: a slot whose blob shares blocks with one
+//! already read is damaged (many slots naming one large blob would otherwise cost slots × blob),
+//! so the work is linear in the file size.
 
-use std::path::Path;
+use std::collections::BTreeMap;
 
-use crate::{DbError, EntryError, Package, header};
+use crate::{BytesError, DbError, Decoded, EntryError, ReadOptions, confine::Opened, header};
 
 const DB_MAGIC: u32 = u32::from_le_bytes(*b"RpmP");
 const SLOT_MAGIC: u32 = u32::from_le_bytes(*b"Slot");
@@ -44,36 +46,49 @@ pub fn adler32(data: &[u8]) -> u32 {
     (b << 16) | a
 }
 
-/// Reads every package from an NDB `Packages.db`.
-pub fn read(path: &Path) -> Result<(Vec<Package>, Vec<EntryError>), DbError> {
-    let data = std::fs::read(path).map_err(|source| DbError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    read_bytes(&data).map_err(|reason| DbError::NotRpmDb {
-        path: path.to_path_buf(),
-        reason,
-    })
+/// Reads every package from an NDB `Packages.db` opened through its checked descriptor.
+pub(crate) fn read(file: &Opened, options: &ReadOptions) -> Result<Decoded, DbError> {
+    let data = file.read_all(u64::MAX)?;
+    read_bytes_with(&data, options).map_err(|e| e.at(file.path()))
 }
 
 /// Reads every package from the bytes of a `Packages.db`.
-pub fn read_bytes(data: &[u8]) -> Result<(Vec<Package>, Vec<EntryError>), String> {
+pub fn read_bytes(data: &[u8]) -> Result<(Vec<crate::Package>, Vec<EntryError>), String> {
+    match read_bytes_with(data, &ReadOptions::default()) {
+        Ok(d) => Ok((d.packages, d.errors)),
+        Err(BytesError::Invalid(reason)) => Err(reason),
+        Err(BytesError::Deadline) => Err("deadline".into()),
+    }
+}
+
+/// [`read_bytes`] with options (deadline, largest header), and what it decoded.
+pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded, BytesError> {
     if le32(data, 0) != Some(DB_MAGIC) {
-        return Err("not an NDB database".into());
+        return Err(BytesError::Invalid("not an NDB database".into()));
     }
     match le32(data, 4) {
         Some(0) => {}
-        other => return Err(format!("unsupported NDB version {other:?}")),
+        other => {
+            return Err(BytesError::Invalid(format!(
+                "unsupported NDB version {other:?}"
+            )));
+        }
     }
     let slot_pages = le32(data, 12).unwrap_or(0) as usize;
     if slot_pages == 0 || slot_pages.saturating_mul(PAGE_SIZE) > data.len() {
-        return Err(format!("{slot_pages} slot pages do not fit in the file"));
+        return Err(BytesError::Invalid(format!(
+            "{slot_pages} slot pages do not fit in the file"
+        )));
     }
     let file_blocks = data.len() / BLK_SIZE;
     let first_blob_block = slot_pages * PAGE_SIZE / BLK_SIZE;
-    let mut packages = Vec::new();
-    let mut errors = Vec::new();
+    let mut out = Decoded::default();
+    // Blobs read so far: first block -> (end block, package index).
+    let mut read: BTreeMap<usize, (usize, u32)> = BTreeMap::new();
     for at in (HEADER_SIZE..slot_pages * PAGE_SIZE).step_by(SLOT_SIZE) {
+        if options.expired() {
+            return Err(BytesError::Deadline);
+        }
         let (Some(magic), Some(pkgidx), Some(blkoff), Some(blkcnt)) = (
             le32(data, at),
             le32(data, at + 4),
@@ -87,7 +102,7 @@ pub fn read_bytes(data: &[u8]) -> Result<(Vec<Package>, Vec<EntryError>), String
             reason: reason.into(),
         };
         if magic != SLOT_MAGIC {
-            errors.push(slot("bad magic"));
+            out.errors.push(slot("bad magic"));
             continue;
         }
         if blkoff == 0 {
@@ -95,28 +110,46 @@ pub fn read_bytes(data: &[u8]) -> Result<(Vec<Package>, Vec<EntryError>), String
         }
         let (blkoff, blkcnt) = (blkoff as usize, blkcnt as usize);
         if pkgidx == 0 || blkcnt == 0 || blkoff < first_blob_block {
-            errors.push(slot("bad slot entry"));
+            out.errors.push(slot("bad slot entry"));
             continue;
         }
         let pkg = |reason: String| EntryError {
             entry: format!("pkg {pkgidx}"),
             reason,
         };
-        let Some(blob) = blkoff
+        let Some((end, blob)) = blkoff
             .checked_add(blkcnt)
             .filter(|end| *end <= file_blocks)
-            .and_then(|end| data.get(blkoff * BLK_SIZE..end * BLK_SIZE))
+            .and_then(|end| Some((end, data.get(blkoff * BLK_SIZE..end * BLK_SIZE)?)))
         else {
-            errors.push(pkg("blob extent outside file".into()));
+            out.errors.push(pkg("blob extent outside file".into()));
             continue;
         };
+        // The blob read last before `end` is the only one that can overlap this one.
+        if let Some((_, (prev_end, prev_pkg))) = read.range(..end).next_back()
+            && *prev_end > blkoff
+        {
+            out.errors.push(pkg(format!(
+                "blob shares blocks with the blob of pkg {prev_pkg} (read once)"
+            )));
+            continue;
+        }
+        read.insert(blkoff, (end, pkgidx));
+        if blob.len() > options.max_header_bytes + HEAD_SIZE + TAIL_SIZE + BLK_SIZE {
+            out.errors.push(pkg(format!(
+                "blob of {} bytes, more than a header may have",
+                blob.len()
+            )));
+            continue;
+        }
+        out.bytes_decoded += blob.len() as u64;
         match blob_header(blob, pkgidx).and_then(|h| header::package(h).map_err(|e| e.to_string()))
         {
-            Ok(p) => packages.push(p),
-            Err(reason) => errors.push(pkg(reason)),
+            Ok(p) => out.packages.push(p),
+            Err(reason) => out.errors.push(pkg(reason)),
         }
     }
-    Ok((packages, errors))
+    Ok(out)
 }
 
 /// Checks a blob's head, tail and checksum; returns the header blob inside.
