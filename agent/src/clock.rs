@@ -24,6 +24,18 @@ pub fn boot_ns_to_system_time(ns: u64) -> SystemTime {
         .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
+/// The boot-clock time of a wall-clock time taken on this machine (a file's ctime).
+pub fn system_time_to_boot_ns(t: SystemTime) -> u64 {
+    let now = SystemTime::now();
+    let boot = boot_ns();
+    match now.duration_since(t) {
+        Ok(age) => boot.saturating_sub(u64::try_from(age.as_nanos()).unwrap_or(u64::MAX)),
+        Err(ahead) => {
+            boot.saturating_add(u64::try_from(ahead.duration().as_nanos()).unwrap_or(u64::MAX))
+        }
+    }
+}
+
 /// The same as a protocol [`Timestamp`](guestwatch_protocol::Timestamp).
 pub fn boot_ns_to_timestamp(ns: u64) -> guestwatch_protocol::Timestamp {
     guestwatch_protocol::Timestamp::from_system(boot_ns_to_system_time(ns))

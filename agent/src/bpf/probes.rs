@@ -465,6 +465,34 @@ impl Probes {
         &self.tamper
     }
 
+    /// The next record already in the ring buffer, without waiting: `None` once it is empty.
+    /// Every record the kernel submitted before the call is seen by calls until it returns
+    /// `None` (detection relies on this to order BPF records against inotify).
+    pub fn try_next(&mut self) -> Option<BpfRecord> {
+        if let Some(record) = self.pending.pop_front() {
+            return Some(record);
+        }
+        let ring = self.events.get_mut();
+        while let Some(item) = ring.next() {
+            match decode(&item) {
+                Ok(record) => self.pending.push_back(record),
+                Err(e) => log::warn!("ignoring a BPF record: {e}"),
+            }
+        }
+        self.pending.pop_front()
+    }
+
+    /// Waits until the ring buffer may have records. Cancel-safe.
+    pub async fn readable(&mut self) -> io::Result<()> {
+        if !self.pending.is_empty() {
+            return Ok(());
+        }
+        let mut guard = self.events.readable_mut().await?;
+        // Clear readiness before the caller drains: a record submitted meanwhile re-arms it.
+        guard.clear_ready();
+        Ok(())
+    }
+
     /// The next record. Cancel-safe.
     pub async fn next(&mut self) -> io::Result<BpfRecord> {
         loop {

@@ -91,10 +91,15 @@ impl EbpfSource {
         &mut self.probes
     }
 
-    /// The next record, interpreted.
-    pub async fn next(&mut self) -> std::io::Result<Signal> {
-        let record = self.probes.next().await?;
-        Ok(match record {
+    /// Waits until records may be in the ring buffer. Cancel-safe.
+    pub async fn readable(&mut self) -> std::io::Result<()> {
+        self.probes.readable().await
+    }
+
+    /// The next record already in the ring buffer, interpreted; `None` once it is empty.
+    pub fn try_next(&mut self) -> Option<Signal> {
+        let record = self.probes.try_next()?;
+        Some(match record {
             BpfRecord::Tx(tx) => self.transaction_signal(tx),
             BpfRecord::File(file) if file.tx_start_ns.is_some() => self.write_signal(&file),
             BpfRecord::File(file) => self.tamper_signal(file),

@@ -2,25 +2,26 @@
 //!
 //! A librpm transaction counts for the watched database only if it wrote it: the kernel saw
 //! its process write a database file inside its `rpmtsRun` window (`Evidence::Syscall`), or,
-//! for writes that are not syscalls (`mmap`), inotify saw a database file change while it was
-//! the only transaction that could have made it (`Evidence::Inotify`). Every other transaction
-//! — another database, a container's installroot, dnf's test transaction, a failed or
-//! read-only one, one killed before it wrote — is ignored and counted, whenever it ran.
+//! for writes that are not syscalls the probes saw (`mmap`, a descriptor opened before the
+//! agent started), a database file changed inside its window while no other transaction ran
+//! (`Evidence::Inotify`). Every other transaction — another database, a container's
+//! installroot, dnf's test transaction, a failed or read-only one, one killed before it wrote —
+//! is ignored and counted.
 //!
-//! An inotify change is *covered* when a transaction with syscall evidence was running when it
-//! arrived: that transaction's scan starts after its end, so it sees the change. Any other
-//! change becomes an `inotify` trigger (without attribution: inotify does not say who), so a
-//! change nothing explains is still scanned, never lost. Changes are held briefly first: a
-//! transaction's records and inotify events travel by different channels, and a change may
-//! arrive before the record of the transaction that made it.
+//! An inotify change is *covered* when a transaction with syscall evidence ended after it (or
+//! is still running): that transaction's scan starts after its end, so it sees the change. Any
+//! other change becomes an `inotify` trigger (without attribution: inotify does not say who),
+//! so a change nothing explains is still scanned, never lost.
 //!
-//! This is a pure state machine over boot-clock nanoseconds (the kernel's clock for
-//! transaction records, `clock::boot_ns()` for inotify arrivals), driven by `mod.rs`.
+//! Time is the kernel's boot clock in nanoseconds: transaction records carry it, and a change
+//! is dated by the changed file's ctime (a coarse kernel clock, so with a tolerance of
+//! [`ExplainConfig::clock_tick`]), not by when userspace read the inotify event. Records and
+//! inotify events travel by different channels; the driver drains both without waiting and
+//! tells the machine up to when each is complete ([`Explainer::drained`]): a change is decided
+//! once every transaction record up to it is in, a transaction once every inotify event up to
+//! its end is. This is a pure state machine, driven by `mod.rs`.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use super::trigger::{Attribution, Evidence, Timestamp, Trigger, TriggerKind};
 
@@ -91,18 +92,18 @@ pub enum Decision {
 /// Tuning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ExplainConfig {
-    /// How long after a change arrives, or a transaction without evidence ends, the other
-    /// channel's late records may still explain it.
-    pub grace: Duration,
-    /// A held change becomes a trigger after this long whatever is still running: a
-    /// transaction that never ends cannot hide a change.
+    /// The resolution of file times (the kernel's coarse clock ticks at 1-10 ms): a change
+    /// dated `t` happened in `[t, t + clock_tick)`.
+    pub clock_tick: Duration,
+    /// A change that a running transaction without evidence yet may still explain becomes a
+    /// trigger after this long anyway: a transaction that never ends cannot hide a change.
     pub max_hold: Duration,
 }
 
 impl Default for ExplainConfig {
     fn default() -> Self {
         Self {
-            grace: Duration::from_millis(500),
+            clock_tick: Duration::from_millis(10),
             max_hold: Duration::from_secs(2),
         }
     }
@@ -124,13 +125,24 @@ struct Tx {
     reported: bool,
 }
 
+impl Tx {
+    /// Whether it ran at some point of `[from, to + tick)`.
+    fn ran_during(&self, key: &TxKey, from: u64, to: u64, tick: u64) -> bool {
+        key.start_ns <= to.saturating_add(tick) && self.ended_ns.is_none_or(|e| e >= from)
+    }
+}
+
 #[derive(Debug)]
 struct Change {
+    /// When the change happened (kernel time, `[t, t + tick)`).
     at_ns: u64,
+    /// When the latest change merged into it happened.
+    latest_ns: u64,
+    /// When it was read.
+    read_ns: u64,
     what: String,
-    /// Further changes merged into this one (same candidates).
+    /// Further changes merged into this one.
     more: u32,
-    candidates: BTreeSet<TxKey>,
 }
 
 /// The machine.
@@ -139,14 +151,15 @@ pub struct Explainer {
     config: ExplainConfig,
     txs: BTreeMap<TxKey, Tx>,
     held: Vec<Change>,
+    /// Every transaction record up to this time has been given.
+    records_until: u64,
+    /// Every inotify change up to this time has been given.
+    changes_until: u64,
 }
 
 /// Bounds memory and work whatever the kernel sends: the oldest state goes first.
 const MAX_TXS: usize = 4096;
 const MAX_HELD: usize = 1024;
-/// Transactions remembered as possible authors of one change; with more running at once the
-/// change can only be reported without attribution anyway.
-const MAX_CANDIDATES: usize = 32;
 
 fn ns(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
@@ -158,6 +171,8 @@ impl Explainer {
             config,
             txs: BTreeMap::new(),
             held: Vec::new(),
+            records_until: 0,
+            changes_until: 0,
         }
     }
 
@@ -192,13 +207,6 @@ impl Explainer {
         // What a write record may have filled in before the start record arrived stays.
         let database = tx.who.database.take().or(who.database.clone());
         tx.who = Attribution { database, ..who };
-        // A change that arrived before this record, but after the transaction began, may be
-        // its own.
-        for change in &mut self.held {
-            if change.at_ns >= key.start_ns && change.candidates.len() < MAX_CANDIDATES {
-                change.candidates.insert(key);
-            }
-        }
     }
 
     /// The transaction's process wrote a watched path.
@@ -218,17 +226,20 @@ impl Explainer {
     }
 
     /// The transaction ended (`return_code` `None`: its thread died inside `rpmtsRun`);
-    /// `writes` is what the kernel counted.
+    /// `writes` is what the kernel counted. A transaction with syscall evidence triggers at
+    /// once (its trigger comes out of this call).
     pub fn ended(
         &mut self,
-        now_ns: u64,
         key: TxKey,
         who: impl FnOnce() -> Attribution,
         return_code: Option<i32>,
         end_ns: u64,
         writes: u32,
-    ) -> Vec<Decision> {
+    ) -> Option<Decision> {
         let tx = self.tx(key, who);
+        if tx.ended_ns.is_some() {
+            return None;
+        }
         tx.ended_ns = Some(end_ns.max(key.start_ns));
         tx.aborted = return_code.is_none();
         tx.who.return_code = return_code;
@@ -240,73 +251,57 @@ impl Explainer {
         if tx.evidence.is_none() && writes > tx.writes_seen && !tx.elsewhere {
             tx.evidence = Some(Evidence::Syscall);
         }
-        let mut out = Vec::new();
-        if tx.evidence.is_some() {
-            out.push(Decision::Trigger(Box::new(transaction_trigger(tx))));
+        if tx.evidence.is_some() && !tx.reported {
             tx.reported = true;
+            return Some(Decision::Trigger(Box::new(transaction_trigger(tx))));
         }
-        out.extend(self.settle(now_ns));
-        out
+        None
     }
 
-    /// inotify saw database file `what` change (lock and reader-written files excluded).
-    pub fn changed(&mut self, now_ns: u64, what: &str) -> Vec<Decision> {
-        let candidates: BTreeSet<TxKey> = self
-            .txs
-            .iter()
-            .filter(|(k, t)| {
-                k.start_ns <= now_ns
-                    && match t.ended_ns {
-                        // Running with evidence: covers the change. Running without: may
-                        // have made it, unless it is known to write another database.
-                        None => t.evidence.is_some() || !t.elsewhere,
-                        Some(_) if t.evidence.is_some() || t.elsewhere => false,
-                        Some(end) => now_ns <= end.saturating_add(ns(self.config.grace)),
-                    }
-            })
-            .map(|(k, _)| *k)
-            .take(MAX_CANDIDATES)
-            .collect();
-        // A burst (a writer's many writes) is one change: one trigger is enough for it.
+    /// inotify saw database file `what` change (lock and reader-written files excluded); the
+    /// change happened at `at_ns` (the file's ctime on the boot clock) and was read at
+    /// `read_ns`.
+    pub fn changed(&mut self, at_ns: u64, read_ns: u64, what: &str) {
+        let at_ns = at_ns.min(read_ns);
+        // A burst (a writer's many writes) is one change: one trigger is enough for it. Only
+        // a later change joins an earlier one (it is then dated by the earlier, the safe side).
         let full = self.held.len() >= MAX_HELD;
-        match self.held.last_mut() {
-            Some(last) if last.candidates == candidates || full => {
-                last.more = last.more.saturating_add(1);
-                if last.candidates.len() < MAX_CANDIDATES {
-                    last.candidates.extend(candidates);
-                }
-            }
-            _ => self.held.push(Change {
-                at_ns: now_ns,
-                what: what.to_owned(),
-                more: 0,
-                candidates,
-            }),
+        let tick = ns(self.config.clock_tick);
+        if let Some(last) = self.held.last_mut()
+            && (full || (at_ns >= last.at_ns && at_ns <= last.latest_ns.saturating_add(tick)))
+        {
+            last.more = last.more.saturating_add(1);
+            last.at_ns = last.at_ns.min(at_ns);
+            last.latest_ns = last.latest_ns.max(at_ns);
+            return;
         }
-        self.settle(now_ns)
-    }
-
-    /// Time passed.
-    pub fn tick(&mut self, now_ns: u64) -> Vec<Decision> {
-        self.settle(now_ns)
-    }
-
-    /// When [`Self::tick`] has something to decide next.
-    pub fn next_deadline(&self) -> Option<u64> {
-        let grace = ns(self.config.grace);
-        let held = self.held.iter().map(|c| {
-            let waiting_for_start = c.candidates.is_empty();
-            if waiting_for_start {
-                c.at_ns.saturating_add(grace)
-            } else {
-                c.at_ns.saturating_add(ns(self.config.max_hold))
-            }
+        self.held.push(Change {
+            at_ns,
+            latest_ns: at_ns,
+            read_ns,
+            what: what.to_owned(),
+            more: 0,
         });
-        let txs = self
-            .txs
-            .values()
-            .filter_map(|t| t.ended_ns.map(|e| e.saturating_add(grace)));
-        held.chain(txs).min()
+    }
+
+    /// Every transaction record (`records`), or inotify change (`changes`), up to that time
+    /// has been given.
+    pub fn drained(&mut self, records: Option<u64>, changes: Option<u64>) {
+        if let Some(t) = records {
+            self.records_until = self.records_until.max(t);
+        }
+        if let Some(t) = changes {
+            self.changes_until = self.changes_until.max(t);
+        }
+    }
+
+    /// When [`Self::settle`] has something to decide by time alone (a held change's maximum
+    /// hold).
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.held
+            .iter()
+            .map(|c| c.read_ns.saturating_add(ns(self.config.max_hold)))
+            .min()
     }
 
     /// Transactions still running, for a liveness check of their processes.
@@ -317,95 +312,99 @@ impl Explainer {
             .map(|(k, _)| *k)
     }
 
-    fn resolved_without_evidence(&self, key: &TxKey, now_ns: u64) -> bool {
-        self.txs.get(key).is_none_or(|t| {
-            t.evidence.is_none()
-                && t.ended_ns
-                    .is_some_and(|e| now_ns >= e.saturating_add(ns(self.config.grace)))
-        })
-    }
-
-    /// Decides what time and records allow.
-    fn settle(&mut self, now_ns: u64) -> Vec<Decision> {
-        let grace = ns(self.config.grace);
+    /// Decides what the records and changes given so far allow.
+    pub fn settle(&mut self, now_ns: u64) -> Vec<Decision> {
+        let tick = ns(self.config.clock_tick);
         let max_hold = ns(self.config.max_hold);
         let mut out = Vec::new();
         let mut held = std::mem::take(&mut self.held);
         held.retain(|change| {
-            let covered = change.candidates.iter().any(|k| {
-                self.txs
-                    .get(k)
-                    .is_some_and(|t| t.evidence == Some(Evidence::Syscall))
+            let (from, to) = (change.at_ns, change.latest_ns);
+            // Not before every transaction record up to the change is in.
+            if self.records_until < to.saturating_add(tick) {
+                return true;
+            }
+            let covered = self.txs.values().any(|tx| {
+                tx.evidence == Some(Evidence::Syscall)
+                    && tx.ended_ns.is_none_or(|e| e >= to.saturating_add(tick))
             });
             if covered {
                 return false;
             }
-            let age = now_ns.saturating_sub(change.at_ns);
-            if change.candidates.is_empty() {
-                if age < grace {
-                    return true;
-                }
-                out.push(Decision::Trigger(Box::new(inotify_trigger(change, ""))));
-                return false;
-            }
-            let all_resolved = change
-                .candidates
+            let during: Vec<TxKey> = self
+                .txs
                 .iter()
-                .all(|k| self.resolved_without_evidence(k, now_ns));
-            if !all_resolved && age < max_hold {
+                // With syscall evidence it would cover the change, unless it ended within the
+                // clock's tolerance of it: then the change may postdate its scan.
+                .filter(|(k, tx)| {
+                    tx.ran_during(k, from, to, tick)
+                        && !tx.elsewhere
+                        && tx.evidence != Some(Evidence::Syscall)
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            let still_running = during
+                .iter()
+                .any(|k| self.txs.get(k).is_some_and(|tx| tx.ended_ns.is_none()));
+            let held_long = now_ns >= change.read_ns.saturating_add(max_hold);
+            if still_running && !held_long {
+                // It may yet show evidence and cover the change.
                 return true;
             }
-            let only = (change.candidates.len() == 1)
-                .then(|| change.candidates.first().copied())
-                .flatten();
-            if let Some(key) = only
-                && all_resolved
-                && let Some(tx) = self.txs.get_mut(&key)
+            if let [only] = during.as_slice()
+                && !still_running
+                && let Some(tx) = self.txs.get_mut(only)
+                && !tx.ambiguous
             {
                 // The one transaction that could have made a change no syscall showed.
-                tx.evidence = Some(Evidence::Inotify);
-                out.push(Decision::Trigger(Box::new(transaction_trigger(tx))));
-                tx.reported = true;
+                if tx.evidence.is_none() {
+                    tx.evidence = Some(Evidence::Inotify);
+                }
+                if !tx.reported {
+                    tx.reported = true;
+                    out.push(Decision::Trigger(Box::new(transaction_trigger(tx))));
+                }
                 return false;
             }
-            let who: Vec<String> = change
-                .candidates
-                .iter()
-                .filter_map(|k| self.txs.get(k))
-                .map(|t| format!("{} (pid {})", t.who.comm, t.who.pid))
-                .collect();
-            let during = format!(" during transactions of {}", who.join(", "));
+            let mut names = Vec::new();
+            for key in &during {
+                if let Some(tx) = self.txs.get_mut(key) {
+                    tx.ambiguous = true;
+                    names.push(format!("{} (pid {})", tx.who.comm, tx.who.pid));
+                }
+            }
+            let during = if names.is_empty() {
+                String::new()
+            } else {
+                format!(" during transactions of {}", names.join(", "))
+            };
             out.push(Decision::Trigger(Box::new(inotify_trigger(
                 change, &during,
             ))));
-            for key in &change.candidates {
-                if let Some(tx) = self.txs.get_mut(key)
-                    && tx.evidence.is_none()
-                {
-                    tx.ambiguous = true;
-                }
-            }
             false
         });
         self.held = held;
 
-        // Transactions past their grace with nothing more to learn.
-        let referenced: BTreeSet<TxKey> = self
-            .held
-            .iter()
-            .flat_map(|c| c.candidates.iter().copied())
-            .collect();
+        // Ended transactions whose every change up to their end has been read: decided.
+        let changes_until = self.changes_until;
         let done: Vec<TxKey> = self
             .txs
             .iter()
-            .filter(|(k, t)| {
-                !referenced.contains(k)
-                    && t.ended_ns
-                        .is_some_and(|e| now_ns >= e.saturating_add(grace))
+            .filter(|(_, tx)| {
+                tx.ended_ns
+                    .is_some_and(|e| changes_until >= e.saturating_add(tick))
             })
             .map(|(k, _)| *k)
             .collect();
         for key in done {
+            let pending = self.held.iter().any(|c| {
+                self.txs
+                    .get(&key)
+                    .is_some_and(|tx| tx.ran_during(&key, c.at_ns, c.latest_ns, tick))
+            });
+            if pending {
+                continue;
+            }
             let Some(tx) = self.txs.remove(&key) else {
                 continue;
             };
@@ -507,30 +506,41 @@ mod tests {
     }
 
     fn ignored(d: &[Decision]) -> Vec<(u32, IgnoreReason)> {
-        d.iter()
+        let mut v: Vec<_> = d
+            .iter()
             .filter_map(|d| match d {
                 Decision::Ignored { who, reason } => Some((who.pid, *reason)),
                 Decision::Trigger(_) => None,
             })
-            .collect()
+            .collect();
+        v.sort_by_key(|(pid, _)| *pid);
+        v
     }
 
     fn machine() -> Explainer {
         Explainer::new(ExplainConfig::default())
     }
 
+    /// Both channels drained up to `t`, then a decision.
+    fn settle_at(m: &mut Explainer, t: u64) -> Vec<Decision> {
+        m.drained(Some(t), Some(t));
+        m.settle(t)
+    }
+
+    fn end(m: &mut Explainer, k: TxKey, rc: Option<i32>, at: u64, writes: u32) -> Vec<Decision> {
+        m.ended(k, || who(k.tgid, "rpm"), rc, at, writes)
+            .into_iter()
+            .collect()
+    }
+
     #[test]
-    fn a_transaction_that_wrote_triggers_at_once_with_its_attribution() {
+    fn a_transaction_that_wrote_triggers_at_once_and_covers_its_changes() {
         let mut m = machine();
         let k = key(10, 1_000 * MS);
         m.started(k, who(10, "rpm"));
         m.wrote(k, || who(10, "rpm"), ours());
-        // Its own writes, seen by inotify during the transaction, are covered.
-        assert!(
-            m.changed(1_001 * MS, "rpmdb.sqlite-wal modified")
-                .is_empty()
-        );
-        let d = m.ended(1_002 * MS, k, || who(10, "rpm"), Some(0), 1_002 * MS, 1);
+        m.changed(1_001 * MS, 1_001 * MS, "rpmdb.sqlite-wal modified");
+        let d = end(&mut m, k, Some(0), 1_020 * MS, 1);
         let t = triggers(&d);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].kind, TriggerKind::Transaction);
@@ -539,9 +549,11 @@ mod tests {
         assert_eq!(a.evidence, Some(Evidence::Syscall));
         assert_eq!(a.database.as_deref(), Some("/var/lib/rpm/rpmdb.sqlite"));
         assert!(t[0].detail.as_deref().unwrap().contains("rpm (pid 10)"));
-        // Nothing else comes of it.
-        assert!(m.tick(10_000 * MS).is_empty());
+        // Its own change, even read late, is covered: nothing else comes of it.
+        m.changed(1_005 * MS, 1_500 * MS, "rpmdb.sqlite-wal modified");
+        assert!(settle_at(&mut m, 2_000 * MS).is_empty());
         assert_eq!(m.next_deadline(), None);
+        assert_eq!(m.running().count(), 0);
     }
 
     #[test]
@@ -557,6 +569,7 @@ mod tests {
                 IgnoreReason::OtherDatabase,
             ),
             (4, None, None, IgnoreReason::Killed),
+            (5, Some(0), Some(Written::Shared), IgnoreReason::NoWrite),
         ];
         let mut all = Vec::new();
         for (pid, rc, write, _) in &cases {
@@ -566,24 +579,25 @@ mod tests {
                 m.wrote(k, || who(*pid, "dnf"), w.clone());
             }
             let writes = u32::from(write.is_some());
-            all.extend(m.ended(101 * MS, k, || who(*pid, "dnf"), *rc, 101 * MS, writes));
+            all.extend(end(&mut m, k, *rc, 101 * MS, writes));
         }
         assert!(triggers(&all).is_empty(), "{all:?}");
-        // They are decided once the grace for late inotify evidence passed.
-        all.extend(m.tick(700 * MS));
-        let mut got = ignored(&all);
-        got.sort_by_key(|(pid, _)| *pid);
+        // Decided once every inotify change up to their end has been read, not before.
+        m.drained(Some(105 * MS), Some(105 * MS));
+        assert!(m.settle(105 * MS).is_empty());
+        all.extend(settle_at(&mut m, 200 * MS));
         let want: Vec<_> = cases.iter().map(|(p, _, _, r)| (*p, *r)).collect();
-        assert_eq!(got, want);
+        assert_eq!(ignored(&all), want);
     }
 
     #[test]
-    fn a_change_nothing_explains_is_an_inotify_trigger_after_the_grace() {
+    fn a_change_nothing_explains_is_an_inotify_trigger() {
         let mut m = machine();
-        assert!(m.changed(0, "Packages modified").is_empty());
-        assert_eq!(m.next_deadline(), Some(500 * MS));
-        assert!(m.tick(499 * MS).is_empty());
-        let d = m.tick(500 * MS);
+        m.changed(50 * MS, 51 * MS, "Packages modified");
+        // Not before the records up to the change are in.
+        m.drained(Some(55 * MS), None);
+        assert!(m.settle(55 * MS).is_empty());
+        let d = settle_at(&mut m, 61 * MS);
         let t = triggers(&d);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].kind, TriggerKind::Inotify);
@@ -592,59 +606,49 @@ mod tests {
     }
 
     #[test]
-    fn a_change_arriving_before_the_start_record_is_still_the_transactions() {
+    fn a_change_read_before_its_transactions_records_is_still_covered() {
         let mut m = machine();
-        // inotify is read first; the transaction had started 1 ms before the change.
-        assert!(m.changed(5 * MS, "rpmdb.sqlite-wal modified").is_empty());
+        // inotify was read first; the transaction started at 4 ms and wrote at 5 ms.
+        m.changed(5 * MS, 6 * MS, "rpmdb.sqlite-wal modified");
+        m.drained(None, Some(6 * MS));
+        assert!(m.settle(6 * MS).is_empty(), "waits for the records");
         let k = key(20, 4 * MS);
         m.started(k, who(20, "rpm"));
         m.wrote(k, || who(20, "rpm"), ours());
-        let d = m.ended(6 * MS, k, || who(20, "rpm"), Some(0), 6 * MS, 1);
+        let d = end(&mut m, k, Some(0), 30 * MS, 1);
         assert_eq!(triggers(&d).len(), 1);
-        // The change was covered: no unattributed trigger later.
-        assert!(m.tick(10_000 * MS).is_empty());
+        assert!(settle_at(&mut m, 100 * MS).is_empty(), "covered");
     }
 
     #[test]
-    fn a_change_before_a_transaction_started_is_not_its_own() {
+    fn a_change_before_a_transaction_or_after_its_end_is_scanned_on_its_own() {
         let mut m = machine();
-        assert!(m.changed(5 * MS, "Packages modified").is_empty());
-        let k = key(21, 6 * MS);
+        m.changed(5 * MS, 5 * MS, "Packages modified");
+        let k = key(21, 100 * MS);
         m.started(k, who(21, "rpm"));
         m.wrote(k, || who(21, "rpm"), ours());
-        let d = m.ended(7 * MS, k, || who(21, "rpm"), Some(0), 7 * MS, 1);
-        assert_eq!(triggers(&d).len(), 1);
-        let later = m.tick(600 * MS);
-        let t = triggers(&later);
-        assert_eq!(t.len(), 1, "the earlier change is reported on its own");
-        assert_eq!(t[0].kind, TriggerKind::Inotify);
-    }
-
-    #[test]
-    fn a_change_after_the_transactions_trigger_is_scanned_again() {
-        // Its scan may have started before this change (SQLite's checkpoint on close, or
-        // another writer): a second scan finds out.
-        let mut m = machine();
-        let k = key(30, 0);
-        m.started(k, who(30, "rpm"));
-        m.wrote(k, || who(30, "rpm"), ours());
-        assert_eq!(
-            triggers(&m.ended(MS, k, || who(30, "rpm"), Some(0), MS, 1)).len(),
-            1
-        );
-        assert!(m.changed(2 * MS, "rpmdb.sqlite modified").is_empty());
-        let t = m.tick(502 * MS);
+        // The earlier change is before the transaction: its scan covers it all the same.
+        assert_eq!(triggers(&end(&mut m, k, Some(0), 110 * MS, 1)).len(), 1);
+        assert!(settle_at(&mut m, 120 * MS).is_empty());
+        // A change after the end (SQLite's checkpoint, or another writer) may postdate the
+        // scan: scanned again.
+        m.changed(130 * MS, 131 * MS, "rpmdb.sqlite modified");
+        let t = settle_at(&mut m, 150 * MS);
         assert_eq!(triggers(&t)[0].kind, TriggerKind::Inotify);
     }
 
     #[test]
-    fn inotify_is_evidence_when_one_transaction_alone_could_have_made_the_change() {
+    fn inotify_is_evidence_when_one_transaction_alone_ran_during_the_change() {
         let mut m = machine();
         let k = key(40, 0);
         m.started(k, who(40, "rpm"));
-        assert!(m.changed(MS, "Index.db modified").is_empty());
-        assert!(triggers(&m.ended(2 * MS, k, || who(40, "rpm"), Some(0), 2 * MS, 0)).is_empty());
-        let d = m.tick(502 * MS);
+        m.changed(MS, 2 * MS, "Index.db modified");
+        assert!(
+            settle_at(&mut m, 3 * MS).is_empty(),
+            "it may still show evidence"
+        );
+        assert!(end(&mut m, k, Some(0), 20 * MS, 0).is_empty());
+        let d = settle_at(&mut m, 40 * MS);
         let t = triggers(&d);
         assert_eq!(t.len(), 1, "{d:?}");
         assert_eq!(t[0].kind, TriggerKind::Transaction);
@@ -656,15 +660,42 @@ mod tests {
     }
 
     #[test]
-    fn with_two_candidates_nobody_is_credited() {
+    fn a_transaction_that_ended_before_a_change_is_never_credited_with_it() {
+        // dnf's test transaction ends, its real one writes, SQLite checkpoints after: the
+        // checkpoint is not the test transaction's.
+        let mut m = machine();
+        let test = key(45, 0);
+        let real = key(45, 50 * MS);
+        m.started(test, who(45, "dnf"));
+        assert!(end(&mut m, test, Some(0), 10 * MS, 0).is_empty());
+        m.started(real, who(45, "dnf"));
+        m.wrote(real, || who(45, "dnf"), ours());
+        m.changed(60 * MS, 61 * MS, "rpmdb.sqlite-wal modified");
+        let d = end(&mut m, real, Some(0), 80 * MS, 1);
+        assert_eq!(triggers(&d).len(), 1);
+        m.changed(90 * MS, 95 * MS, "rpmdb.sqlite modified");
+        let d = settle_at(&mut m, 200 * MS);
+        let t = triggers(&d);
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            t[0].kind,
+            TriggerKind::Inotify,
+            "not the test transaction's"
+        );
+        assert_eq!(t[0].attribution, None);
+        assert_eq!(ignored(&d), [(45, IgnoreReason::NoWrite)]);
+    }
+
+    #[test]
+    fn with_two_transactions_running_nobody_is_credited() {
         let mut m = machine();
         let (a, b) = (key(50, 0), key(51, 0));
         m.started(a, who(50, "rpm"));
         m.started(b, who(51, "rpm"));
-        assert!(m.changed(MS, "Packages modified").is_empty());
-        m.ended(2 * MS, a, || who(50, "rpm"), Some(0), 2 * MS, 0);
-        m.ended(2 * MS, b, || who(51, "rpm"), Some(0), 2 * MS, 0);
-        let d = m.tick(502 * MS);
+        m.changed(MS, MS, "Packages modified");
+        end(&mut m, a, Some(0), 20 * MS, 0);
+        end(&mut m, b, Some(0), 20 * MS, 0);
+        let d = settle_at(&mut m, 100 * MS);
         let t = triggers(&d);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].kind, TriggerKind::Inotify);
@@ -674,32 +705,30 @@ mod tests {
             detail.contains("pid 50") && detail.contains("pid 51"),
             "{detail}"
         );
-        let mut got = ignored(&d);
-        got.sort_by_key(|(pid, _)| *pid);
         assert_eq!(
-            got,
+            ignored(&d),
             [(50, IgnoreReason::Ambiguous), (51, IgnoreReason::Ambiguous)]
         );
     }
 
     #[test]
     fn another_databases_transactions_never_explain_or_hide_a_change_here() {
-        // A transaction elsewhere runs throughout; a tamper-like change here is reported.
         let mut m = machine();
         let other = key(60, 0);
         m.started(other, who(60, "rpm"));
         m.wrote(other, || who(60, "rpm"), Written::Elsewhere);
-        assert!(m.changed(MS, "Packages modified").is_empty());
-        // It is no candidate: the change goes out after the grace, unattributed.
-        let d = m.tick(501 * MS);
+        m.changed(MS, MS, "Packages modified");
+        let d = settle_at(&mut m, 20 * MS);
         let t = triggers(&d);
-        assert_eq!(t[0].kind, TriggerKind::Inotify);
-        assert_eq!(t[0].detail.as_deref(), Some("Packages modified"));
-        // And the other transaction, when it ends, is ignored.
-        let end = m.ended(3_000 * MS, other, || who(60, "rpm"), Some(0), 3_000 * MS, 1);
-        assert!(triggers(&end).is_empty());
         assert_eq!(
-            ignored(&m.tick(4_000 * MS)),
+            t.len(),
+            1,
+            "reported at once: the other transaction is no candidate"
+        );
+        assert_eq!(t[0].detail.as_deref(), Some("Packages modified"));
+        assert!(end(&mut m, other, Some(0), 3_000 * MS, 1).is_empty());
+        assert_eq!(
+            ignored(&settle_at(&mut m, 4_000 * MS)),
             [(60, IgnoreReason::OtherDatabase)]
         );
     }
@@ -709,9 +738,10 @@ mod tests {
         let mut m = machine();
         let k = key(61, 0);
         m.started(k, who(61, "rpm"));
-        assert!(m.changed(MS, "Packages modified").is_empty());
-        assert!(m.tick(2_000 * MS).is_empty());
-        let d = m.tick(2_001 * MS);
+        m.changed(MS, MS, "Packages modified");
+        assert_eq!(m.next_deadline(), Some(2_001 * MS));
+        assert!(settle_at(&mut m, 2_000 * MS).is_empty());
+        let d = settle_at(&mut m, 2_001 * MS);
         let t = triggers(&d);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].kind, TriggerKind::Inotify);
@@ -721,10 +751,9 @@ mod tests {
                 .unwrap()
                 .contains("during transactions of rpm (pid 61)")
         );
-        let end = m.ended(5_000 * MS, k, || who(61, "rpm"), Some(0), 5_000 * MS, 0);
-        assert!(triggers(&end).is_empty());
+        assert!(end(&mut m, k, Some(0), 5_000 * MS, 0).is_empty());
         assert_eq!(
-            ignored(&m.tick(6_000 * MS)),
+            ignored(&settle_at(&mut m, 6_000 * MS)),
             [(61, IgnoreReason::Ambiguous)]
         );
     }
@@ -735,40 +764,47 @@ mod tests {
         let k = key(70, 0);
         m.started(k, who(70, "rpm"));
         m.wrote(k, || who(70, "rpm"), ours());
-        let d = m.ended(MS, k, || who(70, "rpm"), None, MS, 1);
+        let d = end(&mut m, k, None, MS, 1);
         let t = triggers(&d);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].attribution.as_ref().unwrap().return_code, None);
         assert!(t[0].detail.as_deref().unwrap().contains("died inside"));
         assert_eq!(m.running().count(), 0);
         // A later change is not swallowed by stale state.
-        m.tick(1_000 * MS);
-        m.changed(1_000 * MS, "Packages modified");
-        assert_eq!(triggers(&m.tick(1_500 * MS)).len(), 1);
-    }
-
-    #[test]
-    fn writes_readers_make_too_are_no_evidence() {
-        // A read-only transaction (dnf's test transaction) maps SQLite's -shm.
-        let mut m = machine();
-        let k = key(90, 0);
-        m.started(k, who(90, "dnf"));
-        m.wrote(k, || who(90, "dnf"), Written::Shared);
-        assert!(triggers(&m.ended(MS, k, || who(90, "dnf"), Some(0), MS, 1)).is_empty());
-        assert_eq!(ignored(&m.tick(600 * MS)), [(90, IgnoreReason::NoWrite)]);
+        settle_at(&mut m, 1_000 * MS);
+        m.changed(1_000 * MS, 1_000 * MS, "Packages modified");
+        assert_eq!(triggers(&settle_at(&mut m, 1_100 * MS)).len(), 1);
     }
 
     #[test]
     fn dropped_write_records_still_count_as_evidence() {
         let mut m = machine();
-        let k = key(80, 0);
         // No start, no write record (ring buffer full): the end's count says it wrote.
-        let d = m.ended(MS, k, || who(80, "rpm"), Some(0), MS, 2);
-        assert_eq!(triggers(&d).len(), 1);
+        assert_eq!(triggers(&end(&mut m, key(80, 0), Some(0), MS, 2)).len(), 1);
         // Unless a seen write went elsewhere.
         let k2 = key(81, 0);
         m.wrote(k2, || who(81, "rpm"), Written::Elsewhere);
-        assert!(triggers(&m.ended(MS, k2, || who(81, "rpm"), Some(0), MS, 2)).is_empty());
+        assert!(end(&mut m, k2, Some(0), MS, 2).is_empty());
+    }
+
+    #[test]
+    fn a_burst_of_changes_is_one_trigger() {
+        let mut m = machine();
+        for i in 0..100 {
+            m.changed(
+                1_000 * MS + i * 50_000,
+                1_000 * MS + i * 50_000,
+                "Packages modified",
+            );
+        }
+        assert_eq!(m.held.len(), 1);
+        let d = settle_at(&mut m, 1_100 * MS);
+        let t = triggers(&d);
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            t[0].detail.as_deref(),
+            Some("Packages modified (and 99 more changes)")
+        );
     }
 
     #[test]
@@ -779,25 +815,10 @@ mod tests {
         }
         assert!(m.txs.len() <= MAX_TXS);
         for i in 0..(MAX_HELD as u64 + 100) {
-            m.changed(i, "Packages modified");
+            m.changed(i * 100 * MS, i * 100 * MS, "Packages modified");
         }
         assert!(m.held.len() <= MAX_HELD);
-        assert!(m.held.iter().all(|c| c.candidates.len() <= MAX_CANDIDATES));
-    }
-
-    #[test]
-    fn a_burst_of_changes_is_one_held_change_and_one_trigger() {
-        let mut m = machine();
-        for i in 0..100 {
-            assert!(m.changed(i * MS, "Packages modified").is_empty());
-        }
-        assert_eq!(m.held.len(), 1);
-        let d = m.tick(600 * MS);
-        let t = triggers(&d);
-        assert_eq!(t.len(), 1);
-        assert_eq!(
-            t[0].detail.as_deref(),
-            Some("Packages modified (and 99 more changes)")
-        );
+        // Deciding stays cheap: every change here is held by running transactions.
+        assert!(settle_at(&mut m, 1).is_empty());
     }
 }

@@ -12,8 +12,8 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
-use futures_util::StreamExt;
-use inotify::{EventMask, EventStream, Inotify, WatchDescriptor, WatchMask, Watches};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
+use tokio::io::unix::AsyncFd;
 
 /// A change the watcher noticed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,10 +63,20 @@ struct ParentWatch {
     child: std::ffi::OsString,
 }
 
+/// One raw event, copied out of the read buffer.
+struct RawEvent {
+    wd: WatchDescriptor,
+    mask: EventMask,
+    name: Option<std::ffi::OsString>,
+}
+
 /// Watches one rpm database directory, following it when it is replaced.
 pub struct DbDirWatcher {
     configured: PathBuf,
-    stream: EventStream<Vec<u8>>,
+    inotify: AsyncFd<Inotify>,
+    buffer: Vec<u8>,
+    /// Events read but not yet interpreted.
+    queue: std::collections::VecDeque<RawEvent>,
     watches: Watches,
     dir: Option<(WatchDescriptor, PathBuf)>,
     parents: Vec<ParentWatch>,
@@ -77,11 +87,17 @@ impl DbDirWatcher {
     pub fn new(path: &Path) -> io::Result<Self> {
         let inotify = Inotify::init()?;
         let watches = inotify.watches();
-        let stream = inotify.into_event_stream(vec![0u8; 64 * 1024])?;
         let configured = absolute(path)?;
+        // SAFETY: the Inotify owns its descriptor and keeps it open, unchanged, for as long as
+        // it lives; the AsyncFd owns the Inotify, so the descriptor outlives the registration.
+        let inotify =
+            unsafe { AsyncFd::register_with_interest(inotify, tokio::io::Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)?;
         let mut watcher = Self {
             configured,
-            stream,
+            inotify,
+            buffer: vec![0u8; 64 * 1024],
+            queue: std::collections::VecDeque::new(),
             watches,
             dir: None,
             parents: Vec::new(),
@@ -131,48 +147,95 @@ impl DbDirWatcher {
     }
 
     /// The next relevant change. Cancel-safe.
+    /// The next change. Cancel-safe.
     pub async fn next(&mut self) -> io::Result<DirEvent> {
         loop {
-            let event = match self.stream.next().await {
-                Some(event) => event?,
-                None => return Err(io::Error::other("the inotify stream ended")),
-            };
-            if event.mask.contains(EventMask::Q_OVERFLOW) {
-                // Watches may be stale after an overflow; re-establish them.
-                self.rewatch()?;
-                return Ok(DirEvent::Overflow);
+            if let Some(event) = self.try_next()? {
+                return Ok(event);
             }
-            let name = event.name.as_deref();
-            let on_dir = self.dir.as_ref().is_some_and(|(wd, _)| *wd == event.wd);
-            if on_dir {
-                if event
-                    .mask
-                    .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED)
-                {
-                    return self.moved();
+            let mut guard = self.inotify.readable_mut().await?;
+            // Clear readiness before reading: an event queued meanwhile re-arms it.
+            guard.clear_ready();
+        }
+    }
+
+    /// Waits until changes may be queued. Cancel-safe.
+    pub async fn readable(&mut self) -> io::Result<()> {
+        if !self.queue.is_empty() {
+            return Ok(());
+        }
+        let mut guard = self.inotify.readable_mut().await?;
+        // Clear readiness before the caller drains: an event queued meanwhile re-arms it.
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// The next change already queued in the kernel, without waiting: `None` once the
+    /// queue is empty. Everything the kernel queued before the call is seen by calls until it
+    /// returns `None` (detection relies on this to order inotify against BPF records).
+    pub fn try_next(&mut self) -> io::Result<Option<DirEvent>> {
+        loop {
+            while let Some(raw) = self.queue.pop_front() {
+                if let Some(event) = self.interpret(raw)? {
+                    return Ok(Some(event));
                 }
-                let Some(name) = name.and_then(OsStr::to_str) else {
-                    continue;
-                };
-                if let Some(what) = classify(name, event.mask) {
-                    return Ok(DirEvent::Changed {
-                        file: name.to_owned(),
-                        what,
-                    });
-                }
-                continue;
             }
-            let relevant_parent = self.parents.iter().any(|p| {
-                p.wd == event.wd
-                    && (event
-                        .mask
-                        .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
-                        || name == Some(p.child.as_os_str()))
-            });
-            if relevant_parent {
-                return self.moved();
+            let read = self.inotify.get_mut().read_events(&mut self.buffer);
+            match read {
+                Ok(events) => {
+                    let mut any = false;
+                    for e in events {
+                        any = true;
+                        self.queue.push_back(RawEvent {
+                            wd: e.wd,
+                            mask: e.mask,
+                            name: e.name.map(OsStr::to_owned),
+                        });
+                    }
+                    if !any {
+                        return Ok(None);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
             }
         }
+    }
+
+    /// What a raw event means, if anything.
+    fn interpret(&mut self, event: RawEvent) -> io::Result<Option<DirEvent>> {
+        if event.mask.contains(EventMask::Q_OVERFLOW) {
+            self.rewatch()?;
+            return Ok(Some(DirEvent::Overflow));
+        }
+        let name = event.name.as_deref();
+        let on_dir = self.dir.as_ref().is_some_and(|(wd, _)| *wd == event.wd);
+        if on_dir {
+            if event
+                .mask
+                .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED)
+            {
+                return self.moved().map(Some);
+            }
+            let Some(name) = name.and_then(OsStr::to_str) else {
+                return Ok(None);
+            };
+            return Ok(classify(name, event.mask).map(|what| DirEvent::Changed {
+                file: name.to_owned(),
+                what,
+            }));
+        }
+        let relevant_parent = self.parents.iter().any(|p| {
+            p.wd == event.wd
+                && (event
+                    .mask
+                    .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF)
+                    || name == Some(p.child.as_os_str()))
+        });
+        if relevant_parent {
+            return self.moved().map(Some);
+        }
+        Ok(None)
     }
 
     fn moved(&mut self) -> io::Result<DirEvent> {

@@ -240,13 +240,17 @@ impl Detector {
     ///
     /// Beside eBPF, transactions and inotify changes go through the [`Explainer`]: a
     /// transaction that wrote the watched database triggers a scan when it ends; one that did
-    /// not is ignored (and counted); an inotify change no running transaction with evidence
-    /// covers becomes an `inotify` trigger. Inotify changes also confirm tamper records whose
-    /// process exited too soon to be located (`confirm.rs`). Without eBPF, every inotify
-    /// change is a trigger.
+    /// not is ignored (and counted); an inotify change no transaction with evidence covers
+    /// becomes an `inotify` trigger. Whenever either source is readable both are drained
+    /// without waiting, so the explainer knows up to when each is complete. Inotify changes
+    /// also confirm tamper records whose process exited too soon to be located
+    /// (`confirm.rs`). Without eBPF, every inotify change is a trigger.
     pub async fn run(mut self, triggers: mpsc::Sender<Trigger>, stop: CancellationToken) {
-        let mut confirmer = TamperConfirmer::default();
-        let mut explainer = Explainer::new(ExplainConfig::default());
+        let mut state = Loop {
+            confirmer: TamperConfirmer::default(),
+            explainer: Explainer::new(ExplainConfig::default()),
+            out: Vec::new(),
+        };
         let procfs = Procfs::default();
         let mut rediscover = self
             .rediscover
@@ -256,58 +260,30 @@ impl Detector {
         let mut liveness = tokio::time::interval(LIVENESS_EVERY);
         liveness.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let deadline = explainer.next_deadline().map(instant_of_boot_ns);
-            let checking = explainer.running().next().is_some();
-            let decisions = tokio::select! {
-                // Records first: a transaction's records should be in before the inotify
-                // changes they explain.
-                biased;
+            let deadline = state.explainer.next_deadline().map(instant_of_boot_ns);
+            let checking = state.explainer.running().next().is_some();
+            tokio::select! {
                 () = stop.cancelled() => return,
-                signal = next_bpf(&mut self.ebpf) => match signal {
-                    Ok(Signal::TxStarted { key, who }) => {
-                        explainer.started(key, *who);
-                        Vec::new()
-                    }
-                    Ok(Signal::TxWrote { key, who, written }) => {
-                        explainer.wrote(key, || *who, written);
-                        Vec::new()
-                    }
-                    Ok(Signal::TxEnded { key, who, return_code, end_ns, writes }) => {
-                        explainer.ended(clock::boot_ns(), key, || *who, return_code, end_ns, writes)
-                    }
-                    Ok(Signal::Tamper(t)) => vec![Decision::Trigger(t)],
-                    Ok(Signal::Unconfirmed(record)) => match confirmer.record(Instant::now(), *record) {
-                        Some(t) => vec![Decision::Trigger(Box::new(t))],
-                        None => Vec::new(),
-                    },
-                    Ok(Signal::None) => Vec::new(),
-                    Err(e) => {
-                        log::error!("reading BPF events failed: {e}; continuing with inotify");
-                        self.ebpf = None;
-                        Vec::new()
-                    }
+                ready = readable_bpf(&mut self.ebpf) => if let Err(e) = ready {
+                    log::error!("reading BPF events failed: {e}; continuing with inotify");
+                    self.ebpf = None;
                 },
-                event = next_dir(&mut self.inotify) => match event {
-                    Ok(event) => self.dir_event(event, &mut confirmer, &mut explainer, &triggers).await,
-                    Err(e) => {
-                        log::error!("inotify failed: {e}; relying on the other detectors");
-                        self.inotify = None;
-                        Vec::new()
-                    }
+                ready = readable_dir(&mut self.inotify) => if let Err(e) = ready {
+                    log::error!("inotify failed: {e}; relying on the other detectors");
+                    self.inotify = None;
                 },
-                () = sleep_until(deadline) => explainer.tick(clock::boot_ns()),
+                () = sleep_until(deadline) => {}
                 _ = liveness.tick(), if checking => {
-                    let gone: Vec<_> = explainer
+                    let gone: Vec<_> = state
+                        .explainer
                         .running()
                         .filter(|k| !process::still_running(&procfs, k.tgid, k.start_ns))
                         .collect();
                     let now = clock::boot_ns();
-                    let mut out = Vec::new();
                     for key in gone {
                         log::debug!("process {} is gone inside its transaction", key.tgid);
-                        out.extend(explainer.ended(now, key, Attribution::default, None, now, 0));
+                        state.out.extend(state.explainer.ended(key, Attribution::default, None, now, 0));
                     }
-                    out
                 }
                 () = tick(&mut rediscover) => {
                     // New librpm copies (another soname, a container) are found on the periodic
@@ -316,7 +292,6 @@ impl Detector {
                     if self.ebpf.is_some() && discovering.is_none() {
                         discovering = Some(tokio::task::spawn_blocking(crate::bpf::librpm::discover));
                     }
-                    Vec::new()
                 }
                 found = join(&mut discovering) => {
                     discovering = None;
@@ -325,10 +300,13 @@ impl Detector {
                             log::info!("attached to rpmtsRun in newly found {}", library.path.display());
                         }
                     }
-                    Vec::new()
                 }
-            };
-            for decision in decisions {
+            }
+            self.pump(&mut state);
+            let now = clock::boot_ns();
+            let decided = state.explainer.settle(now);
+            state.out.extend(decided);
+            for decision in std::mem::take(&mut state.out) {
                 match decision {
                     Decision::Trigger(trigger) => {
                         if triggers.send(*trigger).await.is_err() {
@@ -351,15 +329,50 @@ impl Detector {
         }
     }
 
+    /// Drains both sources without waiting, telling the explainer up to when each is complete;
+    /// a few rounds at most, so a flood cannot keep the loop from deciding.
+    fn pump(&mut self, state: &mut Loop) {
+        for _ in 0..8 {
+            let mut progressed = false;
+            if self.ebpf.is_some() {
+                let until = clock::boot_ns();
+                while let Some(signal) = self.ebpf.as_mut().and_then(EbpfSource::try_next) {
+                    progressed = true;
+                    state.signal(signal);
+                }
+                state.explainer.drained(Some(until), None);
+            }
+            if self.inotify.is_some() {
+                let until = clock::boot_ns();
+                loop {
+                    let next = self.inotify.as_mut().map(DbDirWatcher::try_next);
+                    match next {
+                        Some(Ok(Some(event))) => {
+                            progressed = true;
+                            self.dir_event(event, state);
+                        }
+                        Some(Ok(None)) | None => break,
+                        Some(Err(e)) => {
+                            log::error!("inotify failed: {e}; relying on the other detectors");
+                            self.inotify = None;
+                            break;
+                        }
+                    }
+                }
+                state.explainer.drained(None, Some(until));
+            } else {
+                // Nothing can arrive by inotify: nothing is missing from it.
+                state.explainer.drained(None, Some(clock::boot_ns()));
+            }
+            if !progressed {
+                break;
+            }
+        }
+    }
+
     /// What an inotify event means: beside eBPF a change for the explainer (the lock file says
     /// nothing the probes do not), else a trigger of its own.
-    async fn dir_event(
-        &mut self,
-        event: DirEvent,
-        confirmer: &mut TamperConfirmer,
-        explainer: &mut Explainer,
-        triggers: &mpsc::Sender<Trigger>,
-    ) -> Vec<Decision> {
+    fn dir_event(&mut self, event: DirEvent, state: &mut Loop) {
         if let DirEvent::Moved { now_at } = &event {
             log::info!(
                 "the rpm database directory moved; now watching {}",
@@ -371,22 +384,80 @@ impl Detector {
             );
         }
         let DirEvent::Changed { file, what } = &event else {
-            return vec![Decision::Trigger(Box::new(inotify_trigger(&event)))];
+            state.trigger(inotify_trigger(&event));
+            return;
         };
         if self.ebpf.is_none() {
-            return vec![Decision::Trigger(Box::new(inotify_trigger(&event)))];
+            state.trigger(inotify_trigger(&event));
+            return;
         }
-        if let Some(dir) = self.inotify.as_ref().and_then(DbDirWatcher::watched_dir) {
-            for tamper in confirmer.change(Instant::now(), file, dir) {
-                if triggers.send(tamper).await.is_err() {
-                    return Vec::new();
-                }
+        let read_ns = clock::boot_ns();
+        let dir = self.inotify.as_ref().and_then(DbDirWatcher::watched_dir);
+        let mut at_ns = read_ns;
+        if let Some(dir) = dir {
+            for tamper in state.confirmer.change(Instant::now(), file, dir) {
+                state.trigger(tamper);
+            }
+            // Dated by the kernel: the file's ctime (the directory's for a removal).
+            let changed = std::fs::symlink_metadata(dir.join(file))
+                .or_else(|_| std::fs::metadata(dir))
+                .and_then(|m| m.modified().map(|_| m));
+            if let Ok(meta) = changed {
+                use std::os::unix::fs::MetadataExt;
+                let ctime = std::time::UNIX_EPOCH
+                    + Duration::new(
+                        u64::try_from(meta.ctime()).unwrap_or(0),
+                        u32::try_from(meta.ctime_nsec()).unwrap_or(0),
+                    );
+                at_ns = clock::system_time_to_boot_ns(ctime).min(read_ns);
             }
         }
         if file == LOCK_FILE {
-            return Vec::new();
+            return;
         }
-        explainer.changed(clock::boot_ns(), &format!("{file} {what}"))
+        state
+            .explainer
+            .changed(at_ns, read_ns, &format!("{file} {what}"));
+    }
+}
+
+/// What the detection loop carries between sources.
+struct Loop {
+    confirmer: TamperConfirmer,
+    explainer: Explainer,
+    /// Decisions waiting to be sent.
+    out: Vec<Decision>,
+}
+
+impl Loop {
+    fn trigger(&mut self, trigger: Trigger) {
+        self.out.push(Decision::Trigger(Box::new(trigger)));
+    }
+
+    fn signal(&mut self, signal: Signal) {
+        match signal {
+            Signal::TxStarted { key, who } => self.explainer.started(key, *who),
+            Signal::TxWrote { key, who, written } => self.explainer.wrote(key, || *who, written),
+            Signal::TxEnded {
+                key,
+                who,
+                return_code,
+                end_ns,
+                writes,
+            } => {
+                let decided = self
+                    .explainer
+                    .ended(key, || *who, return_code, end_ns, writes);
+                self.out.extend(decided);
+            }
+            Signal::Tamper(t) => self.out.push(Decision::Trigger(t)),
+            Signal::Unconfirmed(record) => {
+                if let Some(t) = self.confirmer.record(Instant::now(), *record) {
+                    self.trigger(t);
+                }
+            }
+            Signal::None => {}
+        }
     }
 }
 
@@ -459,16 +530,16 @@ fn load_probes(watch_dirs: &[PathBuf], disabled: Option<&str>) -> Result<Probes,
     })
 }
 
-async fn next_bpf(source: &mut Option<EbpfSource>) -> std::io::Result<Signal> {
+async fn readable_bpf(source: &mut Option<EbpfSource>) -> std::io::Result<()> {
     match source {
-        Some(s) => s.next().await,
+        Some(s) => s.readable().await,
         None => std::future::pending().await,
     }
 }
 
-async fn next_dir(watcher: &mut Option<DbDirWatcher>) -> std::io::Result<DirEvent> {
+async fn readable_dir(watcher: &mut Option<DbDirWatcher>) -> std::io::Result<()> {
     match watcher {
-        Some(w) => w.next().await,
+        Some(w) => w.readable().await,
         None => std::future::pending().await,
     }
 }
