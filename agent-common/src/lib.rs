@@ -233,6 +233,24 @@ impl FileEvent {
     pub const SIZE: usize = core::mem::size_of::<Self>();
 }
 
+/// A watched file opened for writing, by descriptor (the `WRITE_FDS` map, keyed by
+/// `tgid << 32 | fd`): entered by the open tracepoints, or by userspace for descriptors a
+/// transaction's process opened before the probes were there.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OpenedFile {
+    /// 0 until a write through it is reported; then the transaction it was reported in (its
+    /// start), or [`REPORTED_OUTSIDE`]: one record per descriptor per transaction is enough.
+    pub reported: u64,
+    pub flags: u32,
+    /// The directory descriptor of a relative open ([`AT_FDCWD`] otherwise).
+    pub dirfd: i32,
+    pub path: [u8; PATH_LEN],
+}
+
+/// `OpenedFile::reported` of a descriptor whose first write was reported as tampering.
+pub const REPORTED_OUTSIDE: u64 = 1;
+
 /// A watched directory prefix, written by userspace into the `WATCH_PREFIXES` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -255,6 +273,7 @@ pub struct WatchName {
 mod user {
     // SAFETY (all of these): repr(C), Copy, no pointers, every bit pattern valid.
     unsafe impl aya::Pod for super::TaskOffsets {}
+    unsafe impl aya::Pod for super::OpenedFile {}
     unsafe impl aya::Pod for super::FileEvent {}
     unsafe impl aya::Pod for super::WatchPrefix {}
     unsafe impl aya::Pod for super::WatchName {}

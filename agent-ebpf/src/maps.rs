@@ -4,9 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use guestwatch_agent_common::{
-    MAX_NAMES, MAX_PREFIXES, PATH_LEN, TaskOffsets, WatchName, WatchPrefix,
-};
+use guestwatch_agent_common::{MAX_NAMES, MAX_PREFIXES, TaskOffsets, WatchName, WatchPrefix};
 
 /// Set by the loader: the agent's own tgid, which no program reports on.
 #[unsafe(no_mangle)]
@@ -52,21 +50,7 @@ pub static WATCH_PREFIXES: Array<WatchPrefix> = Array::with_max_entries(MAX_PREF
 #[map]
 pub static WATCH_NAMES: Array<WatchName> = Array::with_max_entries(MAX_NAMES, 0);
 
-/// `OpenedFile::reported` of a descriptor whose first write was reported as tampering.
-pub const REPORTED_OUTSIDE: u64 = 1;
-
-/// A watched file opened for writing.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct OpenedFile {
-    /// 0 until a write through it is reported; then the transaction it was reported in (its
-    /// start), or [`REPORTED_OUTSIDE`]: one record per descriptor per transaction is enough.
-    pub reported: u64,
-    pub flags: u32,
-    /// The directory descriptor of a relative open.
-    pub dirfd: i32,
-    pub path: [u8; PATH_LEN],
-}
+pub use guestwatch_agent_common::{OpenedFile, REPORTED_OUTSIDE};
 
 /// Watched opens between syscall entry and exit, keyed by pid_tgid.
 #[map]

@@ -17,7 +17,8 @@ use aya::{
     programs::{FEntry, TracePoint, UProbe, uprobe::UProbeAttachPoint, uprobe::UProbeScope},
 };
 use guestwatch_agent_common::{
-    MAX_NAMES, MAX_PREFIXES, NAME_LEN, PREFIX_LEN, WatchName, WatchPrefix,
+    AT_FDCWD, MAX_NAMES, MAX_PREFIXES, NAME_LEN, OpenedFile, PATH_LEN, PREFIX_LEN, WatchName,
+    WatchPrefix,
 };
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -453,6 +454,41 @@ impl Probes {
             })?;
         }
         Ok(())
+    }
+
+    /// Tracks descriptor `fd` of process `tgid`, open for writing on the watched file `path`,
+    /// as if the open tracepoint had seen it (it was opened before the probes were there):
+    /// its writes inside a transaction then become evidence. An entry the kernel has already
+    /// is left alone.
+    pub fn track_descriptor(&mut self, tgid: u32, fd: u32, path: &Path, flags: u32) {
+        let Some(map) = self.ebpf.map_mut("WRITE_FDS") else {
+            return;
+        };
+        let mut fds = match aya::maps::HashMap::<_, u64, OpenedFile>::try_from(map) {
+            Ok(fds) => fds,
+            Err(e) => {
+                log::debug!("cannot track descriptors: {e}");
+                return;
+            }
+        };
+        let bytes = path.as_os_str().as_encoded_bytes();
+        if bytes.len() >= PATH_LEN {
+            return;
+        }
+        let mut entry = OpenedFile {
+            reported: 0,
+            flags,
+            dirfd: AT_FDCWD,
+            path: [0; PATH_LEN],
+        };
+        entry.path[..bytes.len()].copy_from_slice(bytes);
+        let key = (u64::from(tgid) << 32) | u64::from(fd);
+        // BPF_NOEXIST: an entry the open tracepoint made keeps its reporting state.
+        const BPF_NOEXIST: u64 = 1;
+        match fds.insert(key, entry, BPF_NOEXIST) {
+            Ok(()) => log::debug!("tracking descriptor {fd} of {tgid} on {}", path.display()),
+            Err(e) => log::debug!("descriptor {fd} of {tgid} not tracked: {e}"),
+        }
     }
 
     /// The libraries the probes are attached to; an event's `cookie` indexes this list.

@@ -133,6 +133,7 @@ impl EbpfSource {
         };
         match tx.kind {
             EventKind::TxStart => {
+                self.track_open_descriptors(tx.tgid);
                 let mut who = process::attribution(&tx, &self.procfs, self.mode);
                 who.library = self.library(tx.cookie);
                 if self.running.len() >= MAX_RUNNING
@@ -166,6 +167,48 @@ impl EbpfSource {
                     end_ns: tx.now_ns,
                     writes: tx.writes,
                 }
+            }
+        }
+    }
+
+    /// Descriptors on the watched database the process opened for writing before the probes
+    /// were there (a long-running daemon such as PackageKit): tracked from now on, so that the
+    /// transaction's writes through them are seen as its evidence.
+    fn track_open_descriptors(&mut self, tgid: u32) {
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{tgid}/fd")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let Some(fd) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(target) = std::fs::read_link(entry.path()) else {
+                continue;
+            };
+            if !self.inside(&target)
+                || target
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_none_or(reader_written)
+            {
+                continue;
+            }
+            let flags = std::fs::read_to_string(format!("/proc/{tgid}/fdinfo/{fd}"))
+                .ok()
+                .and_then(|info| {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix("flags:"))
+                        .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                });
+            const O_ACCMODE: u32 = 0o3;
+            if let Some(flags) = flags
+                && flags & O_ACCMODE != 0
+            {
+                self.probes.track_descriptor(tgid, fd, &target, flags);
             }
         }
     }
