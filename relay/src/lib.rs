@@ -3,6 +3,8 @@
 pub mod cache;
 pub mod config;
 pub mod deliver;
+pub mod escape;
+pub mod guestlog;
 pub mod identity;
 pub mod listen;
 pub mod metrics;
