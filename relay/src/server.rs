@@ -107,10 +107,11 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
     drop(incoming_tx);
 
     if let Some(addr) = settings.metrics {
+        let health = deliverer.clone();
         let server = guestwatch_telemetry::MetricsServer::bind(
             addr,
             metrics.registry.clone(),
-            Arc::new(|| Ok(())),
+            Arc::new(move || health.health()),
         )
         .await
         .with_context(|| format!("metrics endpoint on {addr}"))?;

@@ -256,7 +256,7 @@ async fn handle_report(
     deliverer: &Deliverer,
     metrics: &Metrics,
 ) -> Result<Message, Message> {
-    let _slot = deliverer.slot().await;
+    let _slot = deliverer.slot(&identity.name).await;
     let payload = match &report.body {
         ReportBody::Full(payload) => payload,
         ReportBody::Delta { .. } => {
@@ -315,8 +315,8 @@ async fn handle_report(
         } => {
             let retry_after_ms = retry_after.as_millis().min(u128::from(u32::MAX)) as u32;
             match reason {
-                crate::deliver::Deferral::RateLimited => {
-                    nack_id(id, NackReason::RateLimited, "", retry_after_ms)
+                crate::deliver::Deferral::RateLimited(why) => {
+                    nack_id(id, NackReason::RateLimited, &why, retry_after_ms)
                 }
                 crate::deliver::Deferral::SinkUnavailable(why) => {
                     nack_id(id, NackReason::SinkUnavailable, &why, retry_after_ms)
