@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod server;
 pub mod session;
 pub mod sink;
+pub mod validate;
