@@ -23,7 +23,7 @@ use std::{
 
 use tokio::sync::oneshot;
 
-use super::{Delivery, DeliveryRecord, SinkError, envelope};
+use super::{Delivery, DeliveryRecord, ENVELOPE_TAIL, SinkError, envelope_head};
 
 type Append = (Vec<u8>, oneshot::Sender<Result<(), SinkError>>);
 
@@ -224,22 +224,24 @@ fn write_latest(
     let vm_dir = root.join("vms").join(&delivery.vm);
     create_dir_synced(&vm_dir).map_err(io(&vm_dir))?;
     let latest = vm_dir.join("latest.json");
-    let body = envelope(delivery, delivered_at).map_err(|e| SinkError::Io {
+    let head = envelope_head(delivery, delivered_at).map_err(|e| SinkError::Io {
         path: latest.clone(),
         source: io::Error::other(e),
     })?;
+    let body: [&[u8]; 3] = [&head, &delivery.report, ENVELOPE_TAIL];
     // Both files are written and fsynced, then renamed into place, then the directory is
     // fsynced once: the sidecar (report id and hash, read back to recognise duplicates
     // without parsing latest.json) never describes a latest.json that is not there.
     let id = format!("{} {}\n", delivery.report_id, delivery.content_hash);
-    let files = [(latest, body), (vm_dir.join("latest.id"), id.into_bytes())];
+    let id: [&[u8]; 1] = [id.as_bytes()];
+    let files: [(PathBuf, &[&[u8]]); 2] = [(latest, &body), (vm_dir.join("latest.id"), &id)];
     let tmp = |path: &Path| {
         let mut name = path.as_os_str().to_owned();
         name.push(".tmp");
         PathBuf::from(name)
     };
-    for (path, bytes) in &files {
-        if let Err(e) = write_synced(&tmp(path), bytes) {
+    for (path, parts) in &files {
+        if let Err(e) = write_synced(&tmp(path), parts) {
             let _ = std::fs::remove_file(tmp(path));
             return Err(io(path)(e));
         }
@@ -248,12 +250,19 @@ fn write_latest(
         std::fs::rename(tmp(path), path).map_err(io(path))?;
     }
     sync_dir(&vm_dir).map_err(io(&vm_dir))?;
-    Ok(files.iter().map(|(_, b)| b.len() as u64).sum())
+    Ok(files
+        .iter()
+        .flat_map(|(_, parts)| parts.iter())
+        .map(|p| p.len() as u64)
+        .sum())
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// Writes `parts` one after the other into a new file at `path`, and fsyncs it.
+fn write_synced(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
     let mut file = File::create(path)?;
-    file.write_all(bytes)?;
+    for part in parts {
+        file.write_all(part)?;
+    }
     file.sync_all()
 }
 

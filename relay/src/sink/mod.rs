@@ -280,15 +280,30 @@ pub fn envelope(
     delivery: &Delivery,
     delivered_at: SystemTime,
 ) -> Result<Vec<u8>, serde_json::Error> {
-    let record = serde_json::to_vec(&DeliveryRecord::new(delivery, delivered_at))?;
-    let mut out = Vec::with_capacity(record.len() + delivery.report.len() + 32);
-    out.extend_from_slice(b"{\"delivery\":");
-    out.extend_from_slice(&record);
-    out.extend_from_slice(b",\"report\":");
+    let head = envelope_head(delivery, delivered_at)?;
+    let mut out = Vec::with_capacity(head.len() + delivery.report.len() + ENVELOPE_TAIL.len());
+    out.extend_from_slice(&head);
     out.extend_from_slice(&delivery.report);
-    out.extend_from_slice(b"}\n");
+    out.extend_from_slice(ENVELOPE_TAIL);
     Ok(out)
 }
+
+/// What comes before the report in [`envelope`] (a sink that writes the parts one after the
+/// other needs no copy of a report that may be 64 MiB).
+pub fn envelope_head(
+    delivery: &Delivery,
+    delivered_at: SystemTime,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let record = serde_json::to_vec(&DeliveryRecord::new(delivery, delivered_at))?;
+    let mut head = Vec::with_capacity(record.len() + 24);
+    head.extend_from_slice(b"{\"delivery\":");
+    head.extend_from_slice(&record);
+    head.extend_from_slice(b",\"report\":");
+    Ok(head)
+}
+
+/// What comes after the report in [`envelope`].
+pub const ENVELOPE_TAIL: &[u8] = b"}\n";
 
 #[cfg(test)]
 pub(crate) mod tests {
