@@ -448,16 +448,26 @@ impl Deliverer {
 
     fn bytes_detail(&self) -> String {
         format!(
-            "over {} sink bytes per minute; the relay keeps the newest report and delivers it",
-            self.config.max_sink_bytes_per_minute
+            "over {} sink bytes per minute; {}",
+            self.config.max_sink_bytes_per_minute,
+            self.kept()
         )
     }
 
     fn reports_detail(&self) -> String {
         format!(
-            "over {} reports per minute; the relay keeps the newest report and delivers it",
-            self.config.reports_per_minute
+            "over {} reports per minute; {}",
+            self.config.reports_per_minute,
+            self.kept()
         )
+    }
+
+    fn kept(&self) -> &'static str {
+        if self.config.cache_slots == 0 {
+            "send it again later"
+        } else {
+            "the relay keeps the newest report and delivers it"
+        }
     }
 
     fn defer(&self, reason: Deferral, retry_after: Duration) -> Outcome {
