@@ -2,6 +2,11 @@
 //! 500-package reports to a real `guestwatch-relay` process with the `dir` sink. Prints
 //! reports/s, ack latency (p50/p99) and the relay's memory for N = 100 and 1,000.
 //! Target: >= 500 reports/s on 2 cores, memory bounded by the cache size.
+//!
+//! Then, with the relay's default limits: 100 guests each delivering one report a second, once
+//! alone and once beside a hostile guest that sends the largest facts it may (64 KiB encoded,
+//! control characters that JSON escapes at 6 bytes each) at its rate limit. Prints the good
+//! guests' ack latency, the relay's memory and the sink bytes per minute of both runs.
 
 use std::{
     process::{Command, Stdio},
@@ -10,8 +15,8 @@ use std::{
 };
 
 use guestwatch_protocol::{
-    AgentInfo, Connection, ContentHash, Hello, Limits, Message, Payload, Report, ReportBody,
-    ReportFacts, ReportId, Trigger, TriggerKind,
+    AgentInfo, Attribution, Connection, ContentHash, Hello, Limits, Message, Payload, Report,
+    ReportBody, ReportFacts, ReportId, Trigger, TriggerKind, guest,
 };
 use tokio::{net::UnixStream, sync::Mutex};
 
@@ -201,6 +206,250 @@ fn run(n: usize, per_guest: usize) {
     );
 }
 
+/// The largest facts a guest may send: 64 KiB encoded, all of it control characters.
+fn largest_facts() -> ReportFacts {
+    let mut facts = ReportFacts {
+        trigger: Trigger::new(TriggerKind::Tamper)
+            .with_detail("\u{1}".repeat(guest::MAX_TEXT))
+            .with_attribution(Attribution {
+                comm: "\u{1}".repeat(guest::MAX_NAME),
+                ..Default::default()
+            }),
+        agent_version: "\u{1}".repeat(guest::MAX_NAME),
+        detector: "\u{1}".repeat(guest::MAX_NAME),
+        ..Default::default()
+    };
+    loop {
+        let room = guest::MAX_FACTS
+            .saturating_sub(guestwatch_protocol::encoded_len(&facts) + 8)
+            .min(guest::MAX_TEXT);
+        let Some(a) = facts.trigger.attribution.as_mut() else {
+            break;
+        };
+        if room < 64 || a.paths.len() == guest::MAX_PATHS {
+            break;
+        }
+        a.paths.push("\u{1}".repeat(room));
+    }
+    facts
+}
+
+async fn hello(socket: &std::path::Path, epoch: u64) -> Option<Connection<UnixStream>> {
+    let stream = UnixStream::connect(socket).await.ok()?;
+    let mut conn = Connection::new(stream, Limits::default());
+    let hello = Hello {
+        versions: vec![1, 2],
+        epoch,
+        agent: AgentInfo::default(),
+        extensions: vec![],
+    };
+    conn.write_message(&Message::Hello(hello)).await.ok()?;
+    match conn.read_message().await {
+        Ok(Some(Message::Welcome(w))) => {
+            conn.set_version(w.version);
+            Some(conn)
+        }
+        _ => None,
+    }
+}
+
+/// One report every `every` for `reports` reports; returns (acked, nacked) and pushes the ack
+/// latencies.
+async fn paced_guest(
+    socket: std::path::PathBuf,
+    vm: u64,
+    prepared: Vec<Report>,
+    every: Duration,
+    latencies: Option<Arc<Mutex<Vec<Duration>>>>,
+) -> (usize, usize) {
+    let Some(mut conn) = hello(&socket, vm + 1).await else {
+        return (0, 0);
+    };
+    // Spread the guests over the interval.
+    tokio::time::sleep(every.mul_f64(fastrand::f64())).await;
+    let mut tick = tokio::time::interval(every);
+    let (mut acked, mut nacked) = (0, 0);
+    for report in prepared {
+        tick.tick().await;
+        let sent = Instant::now();
+        if conn
+            .write_message(&Message::Report(Box::new(report)))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match conn.read_message().await {
+            Ok(Some(Message::Ack(_))) => {
+                acked += 1;
+                if let Some(l) = &latencies {
+                    l.lock().await.push(sent.elapsed());
+                }
+            }
+            Ok(Some(Message::Nack(_))) => nacked += 1,
+            _ => break,
+        }
+    }
+    (acked, nacked)
+}
+
+fn metric(addr: std::net::SocketAddr, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0.0;
+    };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// 100 guests at one report a second for `secs`, with the relay's default limits, beside a
+/// hostile guest or not.
+fn run_paced(n: usize, secs: u64, hostile: bool) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let names: Vec<String> = (0..n)
+        .map(|i| format!("vm-{i}"))
+        .chain(hostile.then(|| "hostile".to_owned()))
+        .collect();
+    let hybrid: Vec<String> = names
+        .iter()
+        .map(|vm| format!("\"{vm}={}\"", dir.path().join(vm).display()))
+        .collect();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hybrid = [{}]\nsink = \"dir:{}\"\nmax_connections = {}\nmetrics = \"{metrics}\"\n",
+            hybrid.join(","),
+            dir.path().join("sink").display(),
+            n + 16
+        ),
+    )
+    .expect("config");
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_guestwatch-relay"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("GUESTWATCH_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("relay");
+    let last = dir.path().join(format!("{}_919", names[names.len() - 1]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&last).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let every = Duration::from_secs(1);
+    let prepare = |vm: u64, facts: &ReportFacts, packages: usize| -> Vec<Report> {
+        (1..=secs)
+            .map(|generation| {
+                let mut hash = [0u8; 32];
+                hash[..8].copy_from_slice(&generation.to_be_bytes());
+                hash[8..16].copy_from_slice(&vm.to_be_bytes());
+                Report {
+                    id: ReportId {
+                        epoch: vm + 1,
+                        generation,
+                    },
+                    content_hash: ContentHash(hash),
+                    facts: facts.clone(),
+                    body: ReportBody::Full(Payload::json(payload(
+                        packages,
+                        generation * 100_000 + vm,
+                    ))),
+                }
+            })
+            .collect()
+    };
+    let good_facts = ReportFacts {
+        trigger: Trigger::new(TriggerKind::Transaction),
+        package_count: 500,
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let (good, evil) = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..n {
+            let socket = dir.path().join(format!("vm-{i}_919"));
+            let prepared = prepare(i as u64, &good_facts, 500);
+            tasks.spawn(paced_guest(
+                socket,
+                i as u64,
+                prepared,
+                every,
+                Some(latencies.clone()),
+            ));
+        }
+        let evil = hostile.then(|| {
+            let socket = dir.path().join("hostile_919");
+            let prepared = prepare(1 << 20, &largest_facts(), 1);
+            // At its rate limit: the default 60 a minute.
+            tokio::spawn(paced_guest(socket, 1 << 20, prepared, every, None))
+        });
+        let mut good = (0, 0);
+        while let Some(Ok((a, n))) = tasks.join_next().await {
+            good.0 += a;
+            good.1 += n;
+        }
+        let evil = match evil {
+            Some(task) => task.await.unwrap_or_default(),
+            None => (0, 0),
+        };
+        (good, evil)
+    });
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    let peak = rss_kib(relay.id(), "VmHWM:");
+    let sink_bytes = metric(metrics, "guestwatch_relay_sink_bytes_total");
+    let _ = relay.kill();
+    let _ = relay.wait();
+    // The hostile guest's share: its record twice (log line, latest.json) and its report.
+    let hostile_bytes: usize = std::fs::read_to_string(dir.path().join("sink/deliveries.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"vm\":\"hostile\""))
+        .map(|l| 2 * l.len() + 128)
+        .sum();
+    let mut l = runtime.block_on(async { latencies.lock().await.clone() });
+    l.sort();
+    let pct = |p: f64| {
+        l.get(((l.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    println!(
+        "{:>16} {:>8} {:>6} {:>9.1}ms {:>9.1}ms {:>10.1} {:>13.1}   {}",
+        if hostile { "100 + hostile" } else { "100" },
+        good.0,
+        good.1,
+        pct(0.5).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        peak as f64 / 1024.0,
+        sink_bytes / minutes / 1048576.0,
+        if hostile {
+            format!(
+                "{} acked, {} nacked, {:.1} sink MiB/min",
+                evil.0,
+                evil.1,
+                hostile_bytes as f64 / minutes / 1048576.0
+            )
+        } else {
+            "-".to_owned()
+        }
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -214,4 +463,14 @@ fn main() {
     );
     run(100, 20);
     run(1000, 3);
+    println!();
+    println!(
+        "relay beside a hostile guest: 100 guests, one 500-package report a second each for 30 s, default limits (60 reports and 64 MiB of sink writes a minute per VM); the hostile guest sends the largest facts allowed at its rate limit"
+    );
+    println!(
+        "{:>16} {:>8} {:>6} {:>11} {:>11} {:>10} {:>13}   hostile guest",
+        "guests", "acked", "nacked", "ack p50", "ack p99", "peak MiB", "sink MiB/min",
+    );
+    run_paced(100, 30, false);
+    run_paced(100, 30, true);
 }

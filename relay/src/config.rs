@@ -50,6 +50,14 @@ pub struct RunArgs {
     /// Reports per minute per VM; the excess is kept and delivered later. [default: 60]
     #[arg(long, env = "GUESTWATCH_RELAY_REPORTS_PER_MINUTE", value_name = "N")]
     pub reports_per_minute: Option<u32>,
+    /// Bytes per minute per VM written to the sink (documents, records); over it reports are
+    /// kept and delivered later; 0 = unlimited. [default: 67108864]
+    #[arg(
+        long,
+        env = "GUESTWATCH_RELAY_MAX_SINK_BYTES_PER_MINUTE",
+        value_name = "BYTES"
+    )]
+    pub max_sink_bytes_per_minute: Option<u64>,
     /// Open guest connections in total. [default: 1024]
     #[arg(long, env = "GUESTWATCH_RELAY_MAX_CONNECTIONS", value_name = "N")]
     pub max_connections: Option<usize>,
@@ -75,6 +83,9 @@ pub struct RunArgs {
     /// A sink write slower than this counts as failed. [default: 15s]
     #[arg(long, env = "GUESTWATCH_RELAY_SINK_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
     pub sink_timeout: Option<Duration>,
+    /// /healthz answers 503 once sink writes have been failing this long. [default: 60s]
+    #[arg(long, env = "GUESTWATCH_RELAY_SINK_UNHEALTHY_AFTER", value_parser = parse_duration, value_name = "DURATION")]
+    pub sink_unhealthy_after: Option<Duration>,
     /// HTTP sink: file holding a bearer token.
     #[arg(long, env = "GUESTWATCH_RELAY_HTTP_TOKEN_FILE", value_name = "FILE")]
     pub http_token_file: Option<PathBuf>,
@@ -112,6 +123,7 @@ pub struct FileConfig {
     pub cache_slots: Option<usize>,
     pub cache_ttl: Option<String>,
     pub reports_per_minute: Option<u32>,
+    pub max_sink_bytes_per_minute: Option<u64>,
     pub max_connections: Option<usize>,
     pub max_connections_per_vm: Option<usize>,
     pub max_inflight: Option<usize>,
@@ -119,6 +131,7 @@ pub struct FileConfig {
     pub read_timeout: Option<String>,
     pub idle_timeout: Option<String>,
     pub sink_timeout: Option<String>,
+    pub sink_unhealthy_after: Option<String>,
     pub http_token_file: Option<PathBuf>,
     pub http_ca_file: Option<PathBuf>,
     pub redis_stream: Option<String>,
@@ -345,6 +358,16 @@ impl Settings {
                     .or(file.max_inflight)
                     .unwrap_or(delivery_defaults.max_inflight)
                     .max(1),
+                max_sink_bytes_per_minute: args
+                    .max_sink_bytes_per_minute
+                    .or(file.max_sink_bytes_per_minute)
+                    .unwrap_or(delivery_defaults.max_sink_bytes_per_minute),
+                sink_unhealthy_after: duration(
+                    args.sink_unhealthy_after,
+                    &file.sink_unhealthy_after,
+                    "sink_unhealthy_after",
+                    delivery_defaults.sink_unhealthy_after,
+                )?,
                 ..delivery_defaults
             },
             limits: ConnectionLimits {
@@ -402,7 +425,7 @@ mod tests {
         assert!(Settings::resolve(&RunArgs::default()).is_err());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.toml");
-        std::fs::write(&path, "hybrid = [\"a=/run/a.sock\"]\ncache_slots = 7\ncache_ttl = \"1h\"\nsink = \"dir:/srv\"\n").unwrap();
+        std::fs::write(&path, "hybrid = [\"a=/run/a.sock\"]\ncache_slots = 7\ncache_ttl = \"1h\"\nsink = \"dir:/srv\"\nmax_sink_bytes_per_minute = 1000\nsink_unhealthy_after = \"5s\"\n").unwrap();
         let args = RunArgs {
             config: Some(path),
             cache_slots: Some(3),
@@ -419,5 +442,17 @@ mod tests {
         assert_eq!(s.sink, "dir:/srv");
         assert_eq!(s.port, 919);
         assert_eq!(s.max_frame, 16 * 1024 * 1024);
+        assert_eq!(s.delivery.max_sink_bytes_per_minute, 1000);
+        assert_eq!(s.delivery.sink_unhealthy_after, Duration::from_secs(5));
+        let defaults = Settings::resolve(&RunArgs {
+            hybrid: vec!["a=/run/a.sock".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(defaults.delivery.max_sink_bytes_per_minute, 64 << 20);
+        assert_eq!(
+            defaults.delivery.sink_unhealthy_after,
+            Duration::from_secs(60)
+        );
     }
 }

@@ -4,12 +4,15 @@
 //!   once, nothing written.
 //! - Otherwise it becomes the VM's entry in the payload cache (the newest report supersedes an
 //!   older one) and is written to the sink; the guest is acknowledged only when the sink has it.
-//! - Per-VM rate limit: over the limit the report stays cached and the guest is told to retry
-//!   later (`Nack` with retry-after); the relay delivers it itself when the limit allows. Nothing
-//!   is dropped silently: without a cache, the guest keeps it and retransmits.
+//! - Per-VM rate limits, in reports and in bytes written to the sink per minute: over either,
+//!   the report stays cached and the guest is told to retry later (`Nack(RateLimited)` with
+//!   retry-after); the relay delivers it itself when the limits allow. Nothing is dropped
+//!   silently: without a cache, the guest keeps it and retransmits.
 //! - A sink failure leaves the report cached; a retrier delivers it with capped exponential
 //!   backoff, without waiting for the guest, whose retransmission is then a duplicate.
-//! - Writes for one VM are serialised; different VMs never wait for each other.
+//! - Writes for one VM are serialised; different VMs never wait for each other. A VM has at
+//!   most one report being decompressed and checked at a time (and `max_inflight` in all).
+//! - The sink's health: failing for longer than `sink_unhealthy_after` makes `/healthz` say so.
 
 use std::{
     collections::HashMap,
@@ -44,6 +47,10 @@ pub struct DeliveryConfig {
     /// Reports decompressed, checked and delivered at once, over all VMs. Beyond it, sessions
     /// wait holding only the compressed frame: memory stays bounded however many guests send.
     pub max_inflight: usize,
+    /// Bytes a VM may have written to the sink per minute (0 = unlimited).
+    pub max_sink_bytes_per_minute: u64,
+    /// The relay reports itself unhealthy once sink writes have been failing this long.
+    pub sink_unhealthy_after: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -56,6 +63,8 @@ impl Default for DeliveryConfig {
             cache_slots: 100,
             cache_ttl: Duration::from_secs(4 * 3600),
             max_inflight: 32,
+            max_sink_bytes_per_minute: 64 * 1024 * 1024,
+            sink_unhealthy_after: Duration::from_secs(60),
         }
     }
 }
@@ -74,16 +83,17 @@ pub enum Outcome {
     },
 }
 
+/// Why a report was not delivered yet, with a detail for the guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Deferral {
-    RateLimited,
+    RateLimited(String),
     SinkUnavailable(String),
 }
 
 impl Deferral {
     pub fn label(&self) -> &'static str {
         match self {
-            Self::RateLimited => "rate_limited",
+            Self::RateLimited(_) => "rate_limited",
             Self::SinkUnavailable(_) => "sink_unavailable",
         }
     }
@@ -136,6 +146,60 @@ impl Bucket {
     }
 }
 
+/// Per-VM budget of bytes written to the sink: `per_minute` on average, bursts of a sixth of
+/// that. A write is allowed while the budget is not in debt and is charged what it wrote, so a
+/// report larger than the burst still goes through (the VM then waits the debt off). Over any
+/// window T a VM writes at most burst + T × rate + its largest single write.
+#[derive(Debug)]
+struct ByteBudget {
+    capacity: f64,
+    per_sec: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl ByteBudget {
+    fn new(per_minute: u64, now: Instant) -> Option<Self> {
+        (per_minute > 0).then(|| {
+            let capacity = (per_minute as f64 / 6.0).max(1.0);
+            Self {
+                capacity,
+                per_sec: per_minute as f64 / 60.0,
+                tokens: capacity,
+                at: now,
+            }
+        })
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
+        self.at = now;
+    }
+
+    /// How long until a write is allowed.
+    fn wait(&mut self, now: Instant) -> Duration {
+        self.refill(now);
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.per_sec)
+        }
+    }
+
+    fn charge(&mut self, bytes: u64, now: Instant) {
+        self.refill(now);
+        self.tokens -= bytes as f64;
+    }
+}
+
+/// Since when sink writes have been failing (none succeeded since), and the last error.
+#[derive(Debug, Default)]
+struct SinkHealth {
+    failing_since: Option<Instant>,
+    last_error: String,
+}
+
 #[derive(Debug)]
 struct VmState {
     /// Content hash the sink holds for this VM (`None`: unknown yet or nothing).
@@ -145,6 +209,9 @@ struct VmState {
     /// The id of the last report written for this VM.
     last_report_id: Option<String>,
     bucket: Option<Bucket>,
+    bytes: Option<ByteBudget>,
+    /// One report of this VM is decompressed and checked at a time.
+    validating: Arc<tokio::sync::Semaphore>,
     /// Sink failures in a row (for backoff), and when the next retry is due.
     failures: u32,
     retry_at: Option<Instant>,
@@ -161,6 +228,13 @@ pub struct Deliverer {
     metrics: Metrics,
     wake: Notify,
     inflight: tokio::sync::Semaphore,
+    health: Mutex<SinkHealth>,
+}
+
+/// Permission to decompress, check and deliver one report (see [`Deliverer::slot`]).
+pub struct Slot<'a> {
+    _vm: Option<tokio::sync::OwnedSemaphorePermit>,
+    _all: Option<tokio::sync::SemaphorePermit<'a>>,
 }
 
 fn content_key(hash_hex: &str) -> [u8; 32] {
@@ -186,13 +260,46 @@ impl Deliverer {
             metrics,
             wake: Notify::new(),
             inflight,
+            health: Mutex::new(SinkHealth::default()),
         }
     }
 
-    /// Waits for a delivery slot; hold it while the report is decompressed, checked and
-    /// submitted.
-    pub async fn slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
-        self.inflight.acquire().await.ok()
+    /// Waits for a delivery slot of `vm` (one at a time per VM, `max_inflight` in all); hold
+    /// it while the report is decompressed, checked and submitted. The VM's own turn comes
+    /// first, so a VM waiting for itself holds none of the shared slots.
+    pub async fn slot(&self, vm: &str) -> Slot<'_> {
+        let own = self.with_vm(vm, |s| s.validating.clone());
+        let vm_permit = own.acquire_owned().await.ok();
+        Slot {
+            _vm: vm_permit,
+            _all: self.inflight.acquire().await.ok(),
+        }
+    }
+
+    /// `Err(reason)` once sink writes have been failing for longer than
+    /// `sink_unhealthy_after` (for `/healthz`).
+    pub fn health(&self) -> Result<(), String> {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        match health.failing_since {
+            Some(since) if since.elapsed() >= self.config.sink_unhealthy_after => Err(format!(
+                "sink {} failing for {}s: {}",
+                self.sink.describe(),
+                since.elapsed().as_secs(),
+                health.last_error
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn sink_result(&self, error: Option<&SinkError>) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        match error {
+            None => health.failing_since = None,
+            Some(e) => {
+                health.failing_since.get_or_insert_with(Instant::now);
+                health.last_error = e.to_string();
+            }
+        }
     }
 
     pub fn sink(&self) -> &Sink {
@@ -206,6 +313,8 @@ impl Deliverer {
             asked_sink: false,
             last_report_id: None,
             bucket: Bucket::new(self.config.reports_per_minute, Instant::now()),
+            bytes: ByteBudget::new(self.config.max_sink_bytes_per_minute, Instant::now()),
+            validating: Arc::new(tokio::sync::Semaphore::new(1)),
             failures: 0,
             retry_at: None,
             lock: Arc::new(tokio::sync::Mutex::new(())),
@@ -309,13 +418,24 @@ impl Deliverer {
         if let Some(at) = self.with_vm(&vm, |s| s.retry_at).filter(|at| *at > now) {
             return self.defer(Deferral::SinkUnavailable("retrying".into()), at - now);
         }
-        let wait = self.with_vm(&vm, |s| {
+        let limited = self.with_vm(&vm, |s| {
+            // Bytes first: a report held back by its bytes does not use up a report token.
+            if let Some(b) = s.bytes.as_mut() {
+                let wait = b.wait(now);
+                if !wait.is_zero() {
+                    return Some((wait, self.bytes_detail()));
+                }
+            }
             let b = s.bucket.as_mut()?;
-            if b.take(now) { None } else { Some(b.wait(now)) }
+            if b.take(now) {
+                None
+            } else {
+                Some((b.wait(now), self.reports_detail()))
+            }
         });
-        if let Some(wait) = wait {
+        if let Some((wait, why)) = limited {
             self.wake.notify_one();
-            return self.defer(Deferral::RateLimited, wait);
+            return self.defer(Deferral::RateLimited(why), wait);
         }
         match self.write(&delivery).await {
             Ok(()) => Outcome::Delivered,
@@ -323,6 +443,30 @@ impl Deliverer {
                 let retry_after = self.failed(&vm, &e);
                 self.defer(Deferral::SinkUnavailable(e.to_string()), retry_after)
             }
+        }
+    }
+
+    fn bytes_detail(&self) -> String {
+        format!(
+            "over {} sink bytes per minute; {}",
+            self.config.max_sink_bytes_per_minute,
+            self.kept()
+        )
+    }
+
+    fn reports_detail(&self) -> String {
+        format!(
+            "over {} reports per minute; {}",
+            self.config.reports_per_minute,
+            self.kept()
+        )
+    }
+
+    fn kept(&self) -> &'static str {
+        if self.config.cache_slots == 0 {
+            "send it again later"
+        } else {
+            "the relay keeps the newest report and delivers it"
         }
     }
 
@@ -337,6 +481,7 @@ impl Deliverer {
     /// Records a sink failure and schedules the retrier; returns the retry delay.
     fn failed(&self, vm: &str, error: &SinkError) -> Duration {
         Metrics::reason(&self.metrics.sink_errors, error.kind());
+        self.sink_result(Some(error));
         log::warn!("sink refused the report of {vm}: {error}");
         let delay = self.with_vm(vm, |s| {
             s.failures = s.failures.saturating_add(1);
@@ -367,7 +512,9 @@ impl Deliverer {
                     self.config.sink_timeout
                 )))
             });
-        written?;
+        let bytes = written?;
+        self.sink_result(None);
+        self.metrics.sink_bytes.inc_by(bytes);
         self.metrics
             .sink_latency_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -386,6 +533,9 @@ impl Deliverer {
             s.last_report_id = Some(delivery.report_id.clone());
             s.failures = 0;
             s.retry_at = None;
+            if let Some(b) = s.bytes.as_mut() {
+                b.charge(bytes, Instant::now());
+            }
         });
         log::info!(
             "delivered {} report {} ({} packages) to {}",
@@ -408,7 +558,8 @@ impl Deliverer {
             } else {
                 s.bucket.as_mut().map_or(now, |b| now + b.wait(now))
             };
-            retry.max(rate)
+            let bytes = s.bytes.as_mut().map_or(now, |b| now + b.wait(now));
+            retry.max(rate).max(bytes)
         })
     }
 
@@ -452,6 +603,11 @@ impl Deliverer {
             if let Some(d) = self.cache(|c| c.confirm(vm, &key, now)) {
                 self.departed(&d);
             }
+            return;
+        }
+        if self.with_vm(vm, |s| {
+            s.bytes.as_mut().is_some_and(|b| !b.wait(now).is_zero())
+        }) {
             return;
         }
         let first_attempt = self.with_vm(vm, |s| s.failures == 0);
@@ -563,7 +719,7 @@ mod tests {
             match d.submit(delivery("vm1", u64::from(n), &hash(n))).await {
                 Outcome::Delivered => {}
                 Outcome::Deferred {
-                    reason: Deferral::RateLimited,
+                    reason: Deferral::RateLimited(_),
                     retry_after,
                 } => {
                     assert!(retry_after <= Duration::from_secs(1));
@@ -642,5 +798,109 @@ mod tests {
             Outcome::Deferred { .. }
         ));
         assert_eq!(d.undelivered(), 0);
+    }
+
+    /// Bytes one delivery of `delivery(vm, n, hash)` writes to the dir sink.
+    async fn bytes_of_one(vm: &str) -> u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = DirSink::open(dir.path().to_path_buf()).await.unwrap();
+        sink.deliver(&delivery(vm, 1, &hash(1))).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn over_its_sink_bytes_a_vm_is_deferred_and_its_newest_report_delivered_later() {
+        let one = bytes_of_one("vm1").await;
+        let dir = tempfile::tempdir().unwrap();
+        // A burst of 1.5 reports' bytes, refilled at 0.15 reports' bytes a second: the second
+        // delivery puts the budget 0.5 reports in debt, which takes over 3 s to pay off.
+        let per_minute = one * 9;
+        let config = DeliveryConfig {
+            reports_per_minute: 0,
+            max_sink_bytes_per_minute: per_minute,
+            ..DeliveryConfig::default()
+        };
+        let d = deliverer(dir.path(), config).await;
+        let mut outcomes = Vec::new();
+        for n in 1..=5 {
+            outcomes.push(d.submit(delivery("vm1", u64::from(n), &hash(n))).await);
+        }
+        // The budget is not in debt for the first two (the second goes into debt).
+        assert!(
+            outcomes[..2].iter().all(|o| *o == Outcome::Delivered),
+            "{outcomes:?}"
+        );
+        for deferred in &outcomes[2..] {
+            match deferred {
+                Outcome::Deferred {
+                    reason: Deferral::RateLimited(why),
+                    retry_after,
+                } => {
+                    assert!(why.contains("sink bytes per minute"), "{why}");
+                    assert!(*retry_after > Duration::ZERO);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Another VM has its own budget.
+        assert_eq!(
+            d.submit(delivery("vm2", 1, &hash(9))).await,
+            Outcome::Delivered
+        );
+        // The newest of vm1's is kept and delivered by the relay itself once the budget allows.
+        assert_eq!(d.undelivered(), 1);
+        let stop = CancellationToken::new();
+        tokio::spawn({
+            let d = d.clone();
+            let stop = stop.clone();
+            async move { d.run_retrier(stop).await }
+        });
+        eventually("the newest report in the sink", || {
+            deliveries(dir.path())
+                .last()
+                .is_some_and(|l| l["content_hash"] == hash(5))
+        })
+        .await;
+        assert_eq!(
+            deliveries(dir.path()).len(),
+            4,
+            "reports 3 and 4 were superseded"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn health_turns_bad_after_failing_for_the_threshold_and_good_on_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = DeliveryConfig {
+            retry_base: Duration::from_millis(20),
+            retry_max: Duration::from_millis(50),
+            sink_unhealthy_after: Duration::from_millis(200),
+            ..DeliveryConfig::default()
+        };
+        let d = deliverer(dir.path(), config).await;
+        assert_eq!(d.health(), Ok(()));
+        let blocker = dir.path().join("vms/vm1");
+        std::fs::write(&blocker, b"in the way").unwrap();
+        assert!(matches!(
+            d.submit(delivery("vm1", 1, &hash(1))).await,
+            Outcome::Deferred { .. }
+        ));
+        assert_eq!(d.health(), Ok(()), "one failure is not yet unhealthy");
+        let stop = CancellationToken::new();
+        tokio::spawn({
+            let d = d.clone();
+            let stop = stop.clone();
+            async move { d.run_retrier(stop).await }
+        });
+        eventually("unhealthy", || d.health().is_err()).await;
+        let why = d.health().unwrap_err();
+        assert!(
+            why.contains("failing for") && why.contains("vms/vm1"),
+            "{why}"
+        );
+        std::fs::remove_file(&blocker).unwrap();
+        eventually("the retrier to deliver", || d.undelivered() == 0).await;
+        assert_eq!(d.health(), Ok(()));
+        stop.cancel();
     }
 }

@@ -3,9 +3,12 @@
 pub mod cache;
 pub mod config;
 pub mod deliver;
+pub mod escape;
+pub mod guestlog;
 pub mod identity;
 pub mod listen;
 pub mod metrics;
 pub mod server;
 pub mod session;
 pub mod sink;
+pub mod validate;

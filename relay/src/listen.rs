@@ -20,6 +20,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    guest_log,
+    guestlog::GuestLog,
     identity::{CidMap, IdentitySource, VmIdentity},
     metrics::Metrics,
 };
@@ -50,6 +52,8 @@ pub struct Admitter {
     total: Arc<Semaphore>,
     per_vm: Mutex<HashMap<String, usize>>,
     metrics: Metrics,
+    /// Refused connections are logged within the VM's log budget.
+    guest_log: Arc<GuestLog>,
 }
 
 /// Proof of admission; releases the slots when dropped.
@@ -77,12 +81,13 @@ impl Drop for Admission {
 }
 
 impl Admitter {
-    pub fn new(limits: ConnectionLimits, metrics: Metrics) -> Arc<Self> {
+    pub fn new(limits: ConnectionLimits, metrics: Metrics, guest_log: Arc<GuestLog>) -> Arc<Self> {
         Arc::new(Self {
             total: Arc::new(Semaphore::new(limits.total)),
             limits,
             per_vm: Mutex::new(HashMap::new()),
             metrics,
+            guest_log,
         })
     }
 
@@ -181,7 +186,6 @@ pub async fn serve_vsock(
     admitter: Arc<Admitter>,
     incoming: tokio::sync::mpsc::Sender<Incoming>,
     stop: CancellationToken,
-    metrics: Metrics,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -201,8 +205,14 @@ pub async fn serve_vsock(
                 admit_and_forward(identity, Box::new(stream), &admitter, &incoming).await
             }
             Err(e) => {
-                Metrics::reason(&metrics.connections_rejected, "reserved_cid");
-                log::warn!("refused a vsock connection: {e}");
+                Metrics::reason(&admitter.metrics.connections_rejected, "reserved_cid");
+                let peer = format!("cid-{}", peer.cid());
+                guest_log!(
+                    admitter.guest_log,
+                    &peer,
+                    log::Level::Warn,
+                    "refused a vsock connection: {e}"
+                );
             }
         }
     }
@@ -224,7 +234,15 @@ async fn admit_and_forward(
                 })
                 .await;
         }
-        Err(why) => log::debug!("refused a connection from {}: {why}", identity.name),
+        Err(why) => {
+            let vm = identity.name.as_str();
+            guest_log!(
+                admitter.guest_log,
+                vm,
+                log::Level::Debug,
+                "refused a connection from {vm}: {why}"
+            );
+        }
     }
 }
 
@@ -248,6 +266,7 @@ mod tests {
                 per_vm: 2,
             },
             Metrics::new(),
+            Arc::new(GuestLog::default()),
         );
         let x1 = a.admit("x").unwrap();
         let _x2 = a.admit("x").unwrap();

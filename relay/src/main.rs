@@ -28,7 +28,22 @@ enum Command {
     Run(RunArgs),
 }
 
+/// Large buffers (frames, reports: up to 64 MiB each) go straight to the kernel and back when
+/// freed, so the memory a burst of guests took is returned once they are served. glibc's default
+/// raises its mmap threshold after every large free, until such buffers come from arenas that are
+/// never trimmed below 64 MiB.
+fn return_large_buffers_to_the_kernel() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tunables; it is called before any other thread
+    // exists and its arguments are valid parameter numbers and sizes.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
+    }
+}
+
 fn main() {
+    return_large_buffers_to_the_kernel();
     env_logger::Builder::from_env(env_logger::Env::new().filter_or("GUESTWATCH_LOG", "info"))
         .target(env_logger::Target::Stderr)
         .init();

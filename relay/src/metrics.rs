@@ -38,6 +38,17 @@ pub struct Metrics {
     pub connections: Gauge,
     pub connections_rejected: Family<Reason, Counter>,
     pub e2e_latency_seconds: Histogram,
+    pub reports_validating: Gauge,
+    pub sink_bytes: Counter,
+}
+
+/// Counts a report as being validated while it lives (see [`Metrics::validating`]).
+pub struct Validating(Gauge);
+
+impl Drop for Validating {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -153,6 +164,18 @@ impl Metrics {
             "From the guest's scan time to the sink's acceptance",
             e2e_latency_seconds.clone(),
         );
+        let reports_validating = Gauge::default();
+        r.register(
+            "reports_validating",
+            "Reports being decompressed and checked (on the blocking pool)",
+            reports_validating.clone(),
+        );
+        let sink_bytes = Counter::default();
+        r.register(
+            "sink_bytes",
+            "Bytes written to the sink (documents, delivery records, stream entries)",
+            sink_bytes.clone(),
+        );
         Self {
             registry: Arc::new(Mutex::new(r)),
             cache_slots_used,
@@ -171,7 +194,15 @@ impl Metrics {
             connections,
             connections_rejected,
             e2e_latency_seconds,
+            reports_validating,
+            sink_bytes,
         }
+    }
+
+    /// Marks one report as being validated until the guard is dropped.
+    pub fn validating(&self) -> Validating {
+        self.reports_validating.inc();
+        Validating(self.reports_validating.clone())
     }
 
     pub fn reason(family: &Family<Reason, Counter>, reason: &str) {

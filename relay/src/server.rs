@@ -10,15 +10,18 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::Settings,
     deliver::Deliverer,
+    guestlog::GuestLog,
     identity::CidMap,
     listen::{self, Admitter, Incoming},
     metrics::Metrics,
-    session::{self, SessionConfig},
+    session::{self, SessionConfig, Shared},
     sink::Sink,
 };
 
 /// How long sessions get to finish their current exchange at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often the log says how many guest-caused lines its budgets suppressed.
+const SUPPRESSED_SUMMARY_EVERY: Duration = Duration::from_secs(60);
 
 /// Runs the relay until SIGTERM or SIGINT.
 pub async fn run(settings: Settings) -> Result<()> {
@@ -60,7 +63,8 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
         settings.delivery.clone(),
         metrics.clone(),
     ));
-    let admitter = Admitter::new(settings.limits.clone(), metrics.clone());
+    let guest_log = Arc::new(GuestLog::default());
+    let admitter = Admitter::new(settings.limits.clone(), metrics.clone(), guest_log.clone());
     let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(64);
     let mut tasks = JoinSet::new();
     let mut sockets = Vec::new();
@@ -101,16 +105,16 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
             admitter.clone(),
             incoming_tx.clone(),
             stop.clone(),
-            metrics.clone(),
         ));
     }
     drop(incoming_tx);
 
     if let Some(addr) = settings.metrics {
+        let health = deliverer.clone();
         let server = guestwatch_telemetry::MetricsServer::bind(
             addr,
             metrics.registry.clone(),
-            Arc::new(|| Ok(())),
+            Arc::new(move || health.health()),
         )
         .await
         .with_context(|| format!("metrics endpoint on {addr}"))?;
@@ -130,19 +134,37 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
         let stop = stop.clone();
         async move { d.run_sweeper(stop).await }
     });
+    tasks.spawn({
+        let guest_log = guest_log.clone();
+        let stop = stop.clone();
+        async move {
+            let mut every = tokio::time::interval(SUPPRESSED_SUMMARY_EVERY);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every.tick() => guest_log.summarise(),
+                }
+            }
+        }
+    });
 
     let session_config = SessionConfig {
         max_frame: settings.max_frame,
         read_timeout: settings.read_timeout,
         idle_timeout: settings.idle_timeout,
     };
+    let shared = Arc::new(Shared {
+        deliverer: deliverer.clone(),
+        metrics: metrics.clone(),
+        guest_log: guest_log.clone(),
+    });
     let mut sessions = JoinSet::new();
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             next = incoming.recv() => match next {
                 Some(conn) => {
-                    sessions.spawn(session::serve(conn, deliverer.clone(), metrics.clone(), session_config.clone(), stop.clone()));
+                    sessions.spawn(session::serve(conn, shared.clone(), session_config.clone(), stop.clone()));
                 }
                 None => break,
             },
@@ -157,6 +179,7 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
     .await;
     sessions.abort_all();
     while tasks.join_next().await.is_some() {}
+    guest_log.summarise();
     for path in sockets {
         let _ = std::fs::remove_file(path);
     }

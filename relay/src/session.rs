@@ -1,6 +1,11 @@
-//! One guest connection: `Hello`/`Welcome`, then reports answered with `Ack` (the sink has
-//! it) or `Nack` (retry later), pings, and every limit: frame size, read and idle timeouts,
-//! and a cap on protocol errors so garbage cannot keep a connection alive.
+//! One guest connection: `Hello`/`Welcome`, then reports answered with exactly one `Ack` (the
+//! sink has it) or `Nack` (typed: terminal for a report that can never be taken, retryable
+//! otherwise), pings, and every limit: frame size (small until the handshake is done), read
+//! and idle timeouts, the guest bounds on `Hello` and facts, and a cap on errors — the guest's
+//! own `Error` frames included — so garbage cannot keep a connection alive.
+//!
+//! Everything the guest says reaches the log only through the VM's log budget
+//! ([`GuestLog`]) and [`for_log`].
 
 use std::{
     sync::Arc,
@@ -10,16 +15,21 @@ use std::{
 use guestwatch_protocol::{
     Ack, AckStatus, Connection, DEFAULT_MAX_REPORT_PAYLOAD, ErrorCode, Hello, Limits, Message,
     Nack, NackReason, ProtocolError, Report, ReportBody, ReportId, SUPPORTED_VERSIONS, Timeout,
-    Welcome,
+    Welcome, guest,
 };
+use log::Level;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    deliver::{Deliverer, Outcome},
+    deliver::{Deferral, Deliverer, Outcome},
+    escape::for_log,
+    guest_log,
+    guestlog::GuestLog,
     identity::VmIdentity,
     listen::{GuestStream, Incoming},
     metrics::Metrics,
     sink::{Claims, Delivery},
+    validate::{self, Refusal},
 };
 
 /// Per-connection limits.
@@ -30,8 +40,22 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
 }
 
-/// Protocol errors tolerated on one connection before it is closed.
-const MAX_ERRORS: u32 = 8;
+/// What every session shares.
+pub struct Shared {
+    pub deliverer: Arc<Deliverer>,
+    pub metrics: Metrics,
+    pub guest_log: Arc<GuestLog>,
+}
+
+/// Errors tolerated on one connection before it is closed: protocol errors, the guest's own
+/// `Error` frames, messages out of place and reports refused for good.
+pub const MAX_ERRORS: u32 = 8;
+/// The largest frame read before the handshake is done. Every `Hello` within the guest bounds
+/// encodes in less (about 141 KiB at most, see the test); a larger one is refused from its
+/// header, so a 16 MiB `Hello` allocates nothing.
+pub const HANDSHAKE_MAX_FRAME: u32 = 256 * 1024;
+/// `retry_after_ms` of a terminal `Nack` to a version-1 agent, which retries every `Nack`.
+pub const V1_TERMINAL_RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Writing an answer to a guest that does not read gives up after this long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -42,6 +66,20 @@ async fn send(conn: &mut Conn, message: &Message) -> bool {
         tokio::time::timeout(WRITE_TIMEOUT, conn.write_message(message)).await,
         Ok(Ok(()))
     )
+}
+
+/// An `Error` for the guest; its text is cut to the guest bound on text (an error can quote
+/// what the guest sent).
+fn error_message(code: ErrorCode, text: impl Into<String>) -> Message {
+    let mut text = text.into();
+    if text.len() > guest::MAX_TEXT {
+        let mut end = guest::MAX_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    Message::error(code, text)
 }
 
 fn reject(metrics: &Metrics, reason: &str) {
@@ -63,8 +101,7 @@ fn error_reason(e: &ProtocolError) -> &'static str {
 /// Serves one connection until the guest leaves, a limit is hit, or `stop`.
 pub async fn serve(
     conn: Incoming,
-    deliverer: Arc<Deliverer>,
-    metrics: Metrics,
+    shared: Arc<Shared>,
     config: SessionConfig,
     stop: CancellationToken,
 ) {
@@ -76,20 +113,25 @@ pub async fn serve(
     let mut conn = Connection::new(
         stream,
         Limits {
-            max_frame: config.max_frame,
+            max_frame: HANDSHAKE_MAX_FRAME.min(config.max_frame),
         },
     );
-    let Some(hello) = handshake(&mut conn, &identity, &metrics, &config).await else {
+    let Some(hello) = handshake(&mut conn, &identity, &shared, &config).await else {
         return;
     };
+    conn.set_max_frame(config.max_frame);
     let claims = claims_of(&hello);
-    log::info!(
-        "{} connected ({:?}); claims: agent {} on {:?}, detector {}",
-        identity.name,
+    let vm = identity.name.as_str();
+    guest_log!(
+        shared.guest_log,
+        vm,
+        Level::Info,
+        "{vm} connected ({:?}, protocol {}); claims: agent {} on {}, detector {}",
         identity.source,
-        hello.agent.agent_version,
-        hello.agent.hostname,
-        hello.agent.detector
+        conn.version(),
+        for_log(&hello.agent.agent_version),
+        for_log(&hello.agent.hostname),
+        for_log(&hello.agent.detector)
     );
     let mut errors = 0u32;
     loop {
@@ -105,69 +147,106 @@ pub async fn serve(
                     Timeout::Idle(_) => "idle_timeout",
                     Timeout::Frame(_) => "frame_timeout",
                 };
-                reject(&metrics, reason);
-                log::debug!("{}: closing: {timeout}", identity.name);
+                reject(&shared.metrics, reason);
+                guest_log!(
+                    shared.guest_log,
+                    vm,
+                    Level::Debug,
+                    "{vm}: closing: {timeout}"
+                );
                 return;
             }
             Err(e) => {
-                reject(&metrics, error_reason(&e));
+                reject(&shared.metrics, error_reason(&e));
                 errors += 1;
                 let fatal = !e.is_recoverable() || errors > MAX_ERRORS;
                 if !matches!(
                     e,
                     ProtocolError::ClosedMidFrame { .. } | ProtocolError::Io(_)
                 ) {
-                    let _ = send(&mut conn, &Message::error(e.code(), e.to_string())).await;
+                    let _ = send(&mut conn, &error_message(e.code(), e.to_string())).await;
                 }
                 if fatal {
-                    log::warn!("{}: closing after protocol error: {e}", identity.name);
+                    guest_log!(
+                        shared.guest_log,
+                        vm,
+                        Level::Warn,
+                        "{vm}: closing after protocol error {errors}: {}",
+                        for_log(&e.to_string())
+                    );
                     return;
                 }
+                guest_log!(
+                    shared.guest_log,
+                    vm,
+                    Level::Debug,
+                    "{vm}: protocol error {errors}: {}",
+                    for_log(&e.to_string())
+                );
                 continue;
             }
         };
         let answer = match message {
             Message::Report(report) => {
-                match handle_report(*report, &identity, &claims, &deliverer, &metrics).await {
-                    Ok(answer) => answer,
-                    Err(answer) => {
-                        errors += 1;
-                        answer
-                    }
+                let (answer, refused) =
+                    answer_report(*report, &identity, &claims, conn.version(), &shared).await;
+                if refused {
+                    errors += 1;
                 }
+                answer
             }
             Message::Ping(nonce) => Message::Pong(nonce),
             Message::Pong(_) => continue,
             Message::Error(e) => {
-                log::warn!(
-                    "{} reported an error: {:?}: {}",
-                    identity.name,
+                // The guest's errors are its own business, but they cost the relay a log line
+                // each: they count like protocol errors.
+                errors += 1;
+                reject(&shared.metrics, "guest_error");
+                guest_log!(
+                    shared.guest_log,
+                    vm,
+                    Level::Warn,
+                    "{vm} reported an error ({errors} on this connection): {:?}: {}",
                     e.code,
-                    e.message
+                    for_log(&e.message)
                 );
+                if errors > MAX_ERRORS {
+                    return;
+                }
                 continue;
             }
             other => {
                 errors += 1;
-                Message::error(
+                reject(&shared.metrics, "out_of_place");
+                error_message(
                     ErrorCode::ProtocolViolation,
                     format!("unexpected {:?} after the handshake", other.kind()),
                 )
             }
         };
         if !send(&mut conn, &answer).await || errors > MAX_ERRORS {
+            if errors > MAX_ERRORS {
+                guest_log!(
+                    shared.guest_log,
+                    vm,
+                    Level::Warn,
+                    "{vm}: closing after {errors} errors"
+                );
+            }
             return;
         }
     }
 }
 
-/// Waits for `Hello`, negotiates the version, sends `Welcome`.
+/// Waits for `Hello`, checks it, negotiates the version, sends `Welcome`.
 async fn handshake(
     conn: &mut Conn,
     identity: &VmIdentity,
-    metrics: &Metrics,
+    shared: &Shared,
     config: &SessionConfig,
 ) -> Option<Hello> {
+    let vm = identity.name.as_str();
+    let metrics = &shared.metrics;
     let first = conn
         .read_message_within(config.read_timeout, config.read_timeout)
         .await;
@@ -176,27 +255,66 @@ async fn handshake(
         Ok(Ok(None)) => return None,
         Ok(Err(_)) => {
             reject(metrics, "handshake_timeout");
+            guest_log!(shared.guest_log, vm, Level::Debug, "{vm}: no Hello in time");
             return None;
         }
         Ok(Ok(Some(other))) => {
             reject(metrics, "no_hello");
             let _ = send(
                 conn,
-                &Message::error(
+                &error_message(
                     ErrorCode::ProtocolViolation,
                     format!("expected Hello, got {:?}", other.kind()),
                 ),
             )
             .await;
+            guest_log!(
+                shared.guest_log,
+                vm,
+                Level::Warn,
+                "{vm}: refused: the first message was {:?}, not Hello",
+                other.kind()
+            );
             return None;
         }
         Err(e) => {
-            reject(metrics, error_reason(&e));
-            let _ = send(conn, &Message::error(e.code(), e.to_string())).await;
-            log::warn!("{}: refused before the handshake: {e}", identity.name);
+            let reason = match e {
+                ProtocolError::TooLarge { .. } => "hello_too_large",
+                _ => error_reason(&e),
+            };
+            reject(metrics, reason);
+            if !matches!(
+                e,
+                ProtocolError::ClosedMidFrame { .. } | ProtocolError::Io(_)
+            ) {
+                let _ = send(conn, &error_message(e.code(), e.to_string())).await;
+            }
+            guest_log!(
+                shared.guest_log,
+                vm,
+                Level::Warn,
+                "{vm}: refused before the handshake: {}",
+                for_log(&e.to_string())
+            );
             return None;
         }
     };
+    if let Err(e) = hello.check_limits() {
+        reject(metrics, "hello_over_limits");
+        let _ = send(
+            conn,
+            &error_message(ErrorCode::TooLarge, format!("Hello: {e}")),
+        )
+        .await;
+        guest_log!(
+            shared.guest_log,
+            vm,
+            Level::Warn,
+            "{vm}: refused a Hello over the guest bounds: {}",
+            for_log(&e.to_string())
+        );
+        return None;
+    }
     let Some(version) = hello
         .versions
         .iter()
@@ -207,7 +325,7 @@ async fn handshake(
         reject(metrics, "unsupported_version");
         let _ = send(
             conn,
-            &Message::error(
+            &error_message(
                 ErrorCode::UnsupportedVersion,
                 format!(
                     "relay speaks protocol versions {SUPPORTED_VERSIONS:?}, agent offers {:?}",
@@ -216,6 +334,13 @@ async fn handshake(
             ),
         )
         .await;
+        guest_log!(
+            shared.guest_log,
+            vm,
+            Level::Warn,
+            "{vm}: refused: no common protocol version in {:?}",
+            hello.versions
+        );
         return None;
     };
     conn.set_version(version);
@@ -248,46 +373,90 @@ fn millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-/// Checks a report and hands it to delivery; `Err` carries an answer for a broken report.
-async fn handle_report(
+/// The one answer to a report, and whether it was refused for good (which counts as an error).
+async fn answer_report(
     report: Report,
     identity: &VmIdentity,
     claims: &Claims,
-    deliverer: &Deliverer,
-    metrics: &Metrics,
-) -> Result<Message, Message> {
-    let _slot = deliverer.slot().await;
-    let payload = match &report.body {
+    version: u16,
+    shared: &Shared,
+) -> (Message, bool) {
+    let id = report.id;
+    match check_and_deliver(report, identity, claims, shared).await {
+        Ok(answer) => (answer, false),
+        Err(refusal) => {
+            reject(&shared.metrics, refusal.label);
+            let vm = identity.name.as_str();
+            guest_log!(
+                shared.guest_log,
+                vm,
+                Level::Warn,
+                "{vm}: refused report {id}: {}: {}",
+                refusal.reason,
+                for_log(&refusal.detail)
+            );
+            let terminal = refusal.reason.is_terminal();
+            // Version-1 agents retry every Nack: make them wait long for one that cannot
+            // succeed. Version-2 agents do not retry terminal reasons at all.
+            let retry_after = if terminal && version == 1 {
+                V1_TERMINAL_RETRY_AFTER
+            } else {
+                Duration::ZERO
+            };
+            (
+                nack(id, refusal.reason, &refusal.detail, retry_after),
+                terminal,
+            )
+        }
+    }
+}
+
+/// Checks a report (facts, then the payload on the blocking pool) and hands it to delivery.
+async fn check_and_deliver(
+    report: Report,
+    identity: &VmIdentity,
+    claims: &Claims,
+    shared: &Shared,
+) -> Result<Message, Refusal> {
+    let Report {
+        id,
+        content_hash,
+        facts,
+        body,
+    } = report;
+    let payload = match body {
         ReportBody::Full(payload) => payload,
         ReportBody::Delta { .. } => {
-            reject(metrics, "delta_unsupported");
-            return Ok(nack(
-                &report,
-                NackReason::NeedFull,
-                "this relay takes full reports only",
-                0,
-            ));
+            return Err(Refusal {
+                reason: NackReason::NeedFull,
+                detail: "this relay takes full reports only".into(),
+                label: "delta_unsupported",
+            });
         }
     };
-    let json = payload.to_json(DEFAULT_MAX_REPORT_PAYLOAD).map_err(|e| {
-        reject(metrics, "bad_payload");
-        Message::error(ErrorCode::Malformed, format!("report {}: {e}", report.id))
-    })?;
-    // The sinks splice these bytes into JSON documents: they must be one JSON object.
-    let is_object = json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-    if !is_object || serde_json::from_slice::<serde::de::IgnoredAny>(&json).is_err() {
-        reject(metrics, "bad_payload");
-        return Err(Message::error(
-            ErrorCode::Malformed,
-            format!("report {}: payload is not a JSON object", report.id),
-        ));
-    }
-    let facts = report.facts;
+    validate::check_facts(&facts)?;
+    let deliverer = &shared.deliverer;
+    // One report per VM and `max_inflight` in all are decompressed and delivered at once.
+    let _slot = deliverer.slot(&identity.name).await;
+    let json = {
+        let _validating = shared.metrics.validating();
+        tokio::task::spawn_blocking(move || {
+            validate::payload_json(payload, DEFAULT_MAX_REPORT_PAYLOAD)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(Refusal {
+                reason: NackReason::Malformed,
+                detail: format!("validation failed: {e}"),
+                label: "bad_payload",
+            })
+        })?
+    };
     let delivery = Delivery {
         vm: identity.name.clone(),
         identity: identity.source.clone(),
-        report_id: report.id.to_string(),
-        content_hash: report.content_hash.to_hex(),
+        report_id: id.to_string(),
+        content_hash: content_hash.to_hex(),
         trigger: facts.trigger,
         transactions: facts.transactions,
         tampers: facts.tampers,
@@ -297,9 +466,8 @@ async fn handle_report(
         scanned_at: (facts.scanned_at.0 > 0).then(|| millis(facts.scanned_at.0)),
         received_at: SystemTime::now(),
         package_count: u64::from(facts.package_count),
-        report: bytes::Bytes::from(json.into_owned()),
+        report: bytes::Bytes::from(json),
     };
-    let id = report.id;
     Ok(match deliverer.submit(delivery).await {
         Outcome::Delivered => Message::Ack(Ack {
             id,
@@ -312,29 +480,56 @@ async fn handle_report(
         Outcome::Deferred {
             reason,
             retry_after,
-        } => {
-            let retry_after_ms = retry_after.as_millis().min(u128::from(u32::MAX)) as u32;
-            match reason {
-                crate::deliver::Deferral::RateLimited => {
-                    nack_id(id, NackReason::RateLimited, "", retry_after_ms)
-                }
-                crate::deliver::Deferral::SinkUnavailable(why) => {
-                    nack_id(id, NackReason::SinkUnavailable, &why, retry_after_ms)
-                }
+        } => match reason {
+            Deferral::RateLimited(why) => nack(id, NackReason::RateLimited, &why, retry_after),
+            Deferral::SinkUnavailable(why) => {
+                nack(id, NackReason::SinkUnavailable, &why, retry_after)
             }
-        }
+        },
     })
 }
 
-fn nack(report: &Report, reason: NackReason, detail: &str, retry_after_ms: u32) -> Message {
-    nack_id(report.id, reason, detail, retry_after_ms)
-}
-
-fn nack_id(id: ReportId, reason: NackReason, detail: &str, retry_after_ms: u32) -> Message {
+fn nack(id: ReportId, reason: NackReason, detail: &str, retry_after: Duration) -> Message {
+    let mut detail = detail.to_owned();
+    if detail.len() > guest::MAX_TEXT {
+        let mut end = guest::MAX_TEXT;
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        detail.truncate(end);
+    }
     Message::Nack(Nack {
         id,
         reason,
-        detail: detail.to_owned(),
-        retry_after_ms,
+        detail,
+        retry_after_ms: retry_after.as_millis().min(u128::from(u32::MAX)) as u32,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use guestwatch_protocol::{AgentInfo, encoded_len};
+
+    use super::*;
+
+    #[test]
+    fn every_hello_within_the_guest_bounds_fits_the_handshake_frame() {
+        let name = "\u{1}".repeat(guest::MAX_NAME);
+        let text = "\u{1}".repeat(guest::MAX_TEXT);
+        let hello = Hello {
+            versions: vec![u16::MAX; guest::MAX_SMALL_LIST],
+            epoch: u64::MAX,
+            agent: AgentInfo {
+                agent_version: name.clone(),
+                hostname: name.clone(),
+                os: name.clone(),
+                kernel: name.clone(),
+                detector: name.clone(),
+            },
+            extensions: vec![(name, text); guest::MAX_SMALL_LIST],
+        };
+        hello.check_limits().unwrap();
+        let len = encoded_len(&hello);
+        assert!(len < HANDSHAKE_MAX_FRAME as usize, "{len}");
+    }
 }

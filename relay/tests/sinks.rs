@@ -135,15 +135,27 @@ async fn https_sink_posts_with_token_and_idempotency_key_and_reports_outages() {
         ..SinkOptions::defaults()
     };
     let sink = Sink::open(&url, &options).await.unwrap();
+    let written = sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
     sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
-    sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
+    // A clone of vm1's image, with the same epoch and so the same report id.
+    sink.deliver(&delivery("vm1-clone", 1, "aa")).await.unwrap();
     {
         let seen = seen.lock().unwrap();
-        assert_eq!(seen.len(), 2);
-        assert_eq!(seen[0].0, "00000000000000aa-1");
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0].0, "vm1/00000000000000aa-1");
         assert_eq!(
             seen[0].0, seen[1].0,
             "a retransmission carries the same idempotency key"
+        );
+        assert_eq!(
+            seen[2].0, "vm1-clone/00000000000000aa-1",
+            "clones sharing an epoch never share a key"
+        );
+        assert_eq!(seen[0].2["delivery"]["idempotency_key"], seen[0].0.as_str());
+        assert_eq!(
+            written,
+            serde_json::to_vec(&seen[0].2).unwrap().len() as u64 + 1,
+            "the bytes charged are the body's (serde_json's compact form plus the newline)"
         );
         assert_eq!(seen[0].1, "Bearer s3cret");
         assert_eq!(seen[0].2["report"]["success"], true);
@@ -158,7 +170,7 @@ async fn https_sink_posts_with_token_and_idempotency_key_and_reports_outages() {
     }
     *status.lock().unwrap() = 200;
     sink.deliver(&delivery("vm1", 2, "bb")).await.unwrap();
-    assert_eq!(seen.lock().unwrap().len(), 3);
+    assert_eq!(seen.lock().unwrap().len(), 4);
 }
 
 fn redis_or_skip() -> Option<RedisServer> {
@@ -184,8 +196,13 @@ async fn redis_sink_streams_keeps_latest_and_survives_an_outage() {
     };
     let sink = Sink::open(&redis.url(), &options).await.unwrap();
     assert_eq!(sink.latest_hash("vm1").await.unwrap(), None);
-    sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
+    assert!(sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap() > 0);
     sink.deliver(&delivery("vm2", 1, "cc")).await.unwrap();
+    let entries = redis.command("XRANGE gw:test - +").unwrap();
+    assert!(
+        entries.contains("vm1/00000000000000aa-1") && entries.contains("vm2/00000000000000aa-1"),
+        "the stream entries carry the VM-qualified idempotency key: {entries}"
+    );
     assert_eq!(
         sink.latest_hash("vm1").await.unwrap().as_deref(),
         Some("aa")

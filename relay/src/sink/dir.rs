@@ -1,13 +1,21 @@
 //! The directory sink: `DIR/vms/<vm>/latest.json` (atomic, fsynced) and `DIR/deliveries.jsonl`
 //! (one line per delivery, appended and fsynced before the guest is acknowledged).
 //!
+//! Durability: a file's data is fsynced before it is renamed into place, and a directory is
+//! fsynced whenever an entry in it is created or replaced (a new VM directory, `latest.json`,
+//! `deliveries.jsonl`), since a new name is on disk only once its directory is. An append to the
+//! delivery log either lands whole or the file is cut back to its previous length, so a failed
+//! write (disk full, file size limit, I/O error) never leaves a torn line. The relay must be the
+//! log's only writer.
+//!
 //! Different VMs' files are written in parallel (delivery is already serialised per VM). The
 //! delivery log is group-committed: one writer thread appends every line waiting for it and
 //! fsyncs once for all of them, so its cost does not grow with the number of concurrent
 //! deliveries.
 
 use std::{
-    io::Write,
+    fs::File,
+    io::{self, Write},
     path::{Path, PathBuf},
     sync::mpsc,
     time::SystemTime,
@@ -15,7 +23,7 @@ use std::{
 
 use tokio::sync::oneshot;
 
-use super::{Delivery, DeliveryRecord, SinkError, envelope};
+use super::{Delivery, DeliveryRecord, ENVELOPE_TAIL, SinkError, envelope_head};
 
 type Append = (Vec<u8>, oneshot::Sender<Result<(), SinkError>>);
 
@@ -24,7 +32,7 @@ pub struct DirSink {
     log: mpsc::Sender<Append>,
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
+fn io(path: &Path) -> impl FnOnce(io::Error) -> SinkError + '_ {
     move |source| SinkError::Io {
         path: path.to_path_buf(),
         source,
@@ -34,52 +42,58 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
 impl DirSink {
     pub async fn open(root: PathBuf) -> Result<Self, SinkError> {
         let vms = root.join("vms");
-        tokio::fs::create_dir_all(&vms).await.map_err(io(&vms))?;
         let path = root.join("deliveries.jsonl");
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io(&path))?;
-        let (log, lines) = mpsc::channel::<Append>();
+        let (log, path) = tokio::task::spawn_blocking(move || -> Result<_, SinkError> {
+            create_dir_synced(&vms).map_err(io(&vms))?;
+            let log = AppendLog::open(path.clone()).map_err(io(&path))?;
+            Ok((log, path))
+        })
+        .await
+        .map_err(|e| SinkError::Io {
+            path: root.clone(),
+            source: io::Error::other(e),
+        })??;
+        let (sender, lines) = mpsc::channel::<Append>();
         std::thread::Builder::new()
             .name("dir-sink-log".into())
-            .spawn(move || group_commit(file, path, lines))
+            .spawn(move || group_commit(log, path, lines))
             .map_err(io(&root))?;
-        Ok(Self { root, log })
+        Ok(Self { root, log: sender })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    pub async fn deliver(&self, delivery: &Delivery) -> Result<(), SinkError> {
+    pub async fn deliver(&self, delivery: &Delivery) -> Result<u64, SinkError> {
         let delivered_at = SystemTime::now();
         let root = self.root.clone();
         let to_write = delivery.clone();
         // Blocking file I/O with fsync: keep it off the async workers.
-        tokio::task::spawn_blocking(move || write_latest(&root, &to_write, delivered_at))
-            .await
-            .map_err(|e| SinkError::Io {
-                path: self.root.clone(),
-                source: std::io::Error::other(e),
-            })??;
-        let mut line = serde_json::to_vec(&DeliveryRecord {
-            delivery,
-            delivered_at,
-        })
-        .map_err(|e| SinkError::Io {
-            path: self.root.join("deliveries.jsonl"),
-            source: std::io::Error::other(e),
-        })?;
+        let latest_bytes =
+            tokio::task::spawn_blocking(move || write_latest(&root, &to_write, delivered_at))
+                .await
+                .map_err(|e| SinkError::Io {
+                    path: self.root.clone(),
+                    source: io::Error::other(e),
+                })??;
+        let mut line =
+            serde_json::to_vec(&DeliveryRecord::new(delivery, delivered_at)).map_err(|e| {
+                SinkError::Io {
+                    path: self.root.join("deliveries.jsonl"),
+                    source: io::Error::other(e),
+                }
+            })?;
         line.push(b'\n');
+        let line_bytes = line.len() as u64;
         let (done, committed) = oneshot::channel();
         let closed = || SinkError::Io {
             path: self.root.join("deliveries.jsonl"),
-            source: std::io::Error::other("the delivery log writer stopped"),
+            source: io::Error::other("the delivery log writer stopped"),
         };
         self.log.send((line, done)).map_err(|_| closed())?;
-        committed.await.map_err(|_| closed())?
+        committed.await.map_err(|_| closed())??;
+        Ok(latest_bytes + line_bytes)
     }
 
     /// The content hash recorded with the VM's latest report.
@@ -87,14 +101,71 @@ impl DirSink {
         let path = self.root.join("vms").join(vm).join("latest.id");
         match tokio::fs::read_to_string(&path).await {
             Ok(text) => Ok(text.split_whitespace().nth(1).map(str::to_owned)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io(&path)(e)),
         }
     }
 }
 
+/// The delivery log: appends that land whole or not at all.
+struct AppendLog {
+    file: File,
+    /// The length of the log's whole lines.
+    len: u64,
+    /// A failed append could not be cut back yet: do that before the next one.
+    torn: bool,
+}
+
+impl AppendLog {
+    /// Opens (creating, and then fsyncing its directory) the log at `path`.
+    fn open(path: PathBuf) -> io::Result<Self> {
+        let existed = path.exists();
+        let file = File::options().create(true).append(true).open(&path)?;
+        if !existed {
+            sync_dir(parent_of(&path))?;
+        }
+        let len = file.metadata()?.len();
+        Ok(Self {
+            file,
+            len,
+            torn: false,
+        })
+    }
+
+    /// Appends `bytes` and fsyncs; on any failure the file is cut back to its previous length.
+    fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.torn {
+            self.cut_back()?;
+        }
+        // One write for the batch: with O_APPEND the lines land in order.
+        match self
+            .file
+            .write_all(bytes)
+            .and_then(|()| self.file.sync_data())
+        {
+            Ok(()) => {
+                self.len += bytes.len() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.torn = true;
+                // If this fails too, the next append tries again before writing.
+                let _ = self.cut_back();
+                Err(e)
+            }
+        }
+    }
+
+    fn cut_back(&mut self) -> io::Result<()> {
+        self.file.set_len(self.len)?;
+        self.file.sync_data()?;
+        self.torn = false;
+        Ok(())
+    }
+}
+
 /// Appends every waiting line, fsyncs once, answers them all; until the sink is dropped.
-fn group_commit(mut file: std::fs::File, path: PathBuf, lines: mpsc::Receiver<Append>) {
+fn group_commit(mut log: AppendLog, path: PathBuf, lines: mpsc::Receiver<Append>) {
     while let Ok(first) = lines.recv() {
         let mut batch = vec![first];
         batch.extend(lines.try_iter());
@@ -102,14 +173,13 @@ fn group_commit(mut file: std::fs::File, path: PathBuf, lines: mpsc::Receiver<Ap
         for (line, _) in &batch {
             bytes.extend_from_slice(line);
         }
-        // One write for the batch: with O_APPEND the lines land whole and in order.
-        let result = file.write_all(&bytes).and_then(|()| file.sync_data());
+        let result = log.append(&bytes);
         for (_, done) in batch {
             let answer = match &result {
                 Ok(()) => Ok(()),
                 Err(e) => Err(SinkError::Io {
                     path: path.clone(),
-                    source: std::io::Error::new(e.kind(), e.to_string()),
+                    source: io::Error::new(e.kind(), e.to_string()),
                 }),
             };
             let _ = done.send(answer);
@@ -117,42 +187,82 @@ fn group_commit(mut file: std::fs::File, path: PathBuf, lines: mpsc::Receiver<Ap
     }
 }
 
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Creates `dir` and its missing parents, fsyncing the parent of each one it creates.
+fn create_dir_synced(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = parent_of(dir);
+    if parent != dir {
+        create_dir_synced(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent),
+        // Another delivery created it meanwhile (it synced the parent).
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes the VM's `latest.json` and `latest.id`; returns the bytes written.
 fn write_latest(
     root: &Path,
     delivery: &Delivery,
     delivered_at: SystemTime,
-) -> Result<(), SinkError> {
+) -> Result<u64, SinkError> {
     let vm_dir = root.join("vms").join(&delivery.vm);
-    std::fs::create_dir_all(&vm_dir).map_err(io(&vm_dir))?;
+    create_dir_synced(&vm_dir).map_err(io(&vm_dir))?;
     let latest = vm_dir.join("latest.json");
-    let body = envelope(delivery, delivered_at).map_err(|e| SinkError::Io {
+    let head = envelope_head(delivery, delivered_at).map_err(|e| SinkError::Io {
         path: latest.clone(),
-        source: std::io::Error::other(e),
+        source: io::Error::other(e),
     })?;
+    let body: [&[u8]; 3] = [&head, &delivery.report, ENVELOPE_TAIL];
     // Both files are written and fsynced, then renamed into place, then the directory is
     // fsynced once: the sidecar (report id and hash, read back to recognise duplicates
     // without parsing latest.json) never describes a latest.json that is not there.
     let id = format!("{} {}\n", delivery.report_id, delivery.content_hash);
-    let files = [(latest, body), (vm_dir.join("latest.id"), id.into_bytes())];
+    let id: [&[u8]; 1] = [id.as_bytes()];
+    let files: [(PathBuf, &[&[u8]]); 2] = [(latest, &body), (vm_dir.join("latest.id"), &id)];
     let tmp = |path: &Path| {
         let mut name = path.as_os_str().to_owned();
         name.push(".tmp");
         PathBuf::from(name)
     };
-    for (path, bytes) in &files {
-        write_synced(&tmp(path), bytes).map_err(io(path))?;
+    for (path, parts) in &files {
+        if let Err(e) = write_synced(&tmp(path), parts) {
+            let _ = std::fs::remove_file(tmp(path));
+            return Err(io(path)(e));
+        }
     }
     for (path, _) in &files {
         std::fs::rename(tmp(path), path).map_err(io(path))?;
     }
-    std::fs::File::open(&vm_dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(&vm_dir))
+    sync_dir(&vm_dir).map_err(io(&vm_dir))?;
+    Ok(files
+        .iter()
+        .flat_map(|(_, parts)| parts.iter())
+        .map(|p| p.len() as u64)
+        .sum())
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut file = std::fs::File::create(path)?;
-    file.write_all(bytes)?;
+/// Writes `parts` one after the other into a new file at `path`, and fsyncs it.
+fn write_synced(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
+    let mut file = File::create(path)?;
+    for part in parts {
+        file.write_all(part)?;
+    }
     file.sync_all()
 }
 
@@ -195,5 +305,113 @@ mod tests {
         assert!(lines[2]["delivered_at"].is_string());
         // No temporary files remain.
         assert!(!dir.path().join("vms/vm1/latest.json.tmp").exists());
+    }
+
+    fn with_detail(generation: u64, hash: &str) -> Delivery {
+        let mut d = delivery("vm1", generation, hash);
+        d.trigger.detail = Some("d".repeat(4096));
+        d
+    }
+
+    fn log_lines(dir: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("deliveries.jsonl"))
+            .unwrap()
+            .split_inclusive('\n')
+            .map(|l| {
+                assert!(l.ends_with('\n'), "a torn line: {l:?}");
+                serde_json::from_str(l).unwrap()
+            })
+            .collect()
+    }
+
+    const FSIZE_CHILD: &str = "GUESTWATCH_TEST_FSIZE_CHILD";
+
+    /// A real failure: the process's file size limit (RLIMIT_FSIZE) stops the log's append
+    /// half-way. Runs in a child process (this test binary again) since the limit is
+    /// process-wide.
+    #[tokio::test]
+    async fn a_failed_append_is_cut_back_and_the_next_one_lands_whole() {
+        if let Some(dir) = std::env::var_os(FSIZE_CHILD) {
+            return fsize_child(Path::new(&dir)).await;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sink::dir::tests::a_failed_append_is_cut_back_and_the_next_one_lands_whole",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(FSIZE_CHILD, dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("child: cut back and delivered"),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let ids: Vec<String> = log_lines(dir.path())
+            .iter()
+            .map(|l| l["report_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                "00000000000000aa-1",
+                "00000000000000aa-2",
+                "00000000000000aa-4"
+            ],
+            "the failed delivery left nothing, the next one is whole"
+        );
+    }
+
+    async fn fsize_child(dir: &Path) {
+        let sink = DirSink::open(dir.to_path_buf()).await.unwrap();
+        sink.deliver(&with_detail(1, "aa")).await.unwrap();
+        sink.deliver(&with_detail(2, "bb")).await.unwrap();
+        let log = dir.join("deliveries.jsonl");
+        let before = std::fs::metadata(&log).unwrap().len();
+        // Room for latest.json (about one line) but not for the whole next line in the log.
+        let limit = before + 2000;
+        // SAFETY: plain libc calls with valid arguments: ignoring SIGXFSZ makes a write over
+        // the limit fail with EFBIG instead of killing the process; the rlimit struct is ours.
+        unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let mut rl = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            assert_eq!(libc::getrlimit(libc::RLIMIT_FSIZE, &mut rl), 0);
+            let lowered = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: rl.rlim_max,
+            };
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lowered), 0);
+            let failed = sink.deliver(&with_detail(3, "cc")).await;
+            assert!(failed.is_err(), "{failed:?}");
+            assert_eq!(
+                std::fs::metadata(&log).unwrap().len(),
+                before,
+                "the partial append was cut back"
+            );
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &rl), 0);
+        }
+        sink.deliver(&with_detail(4, "dd")).await.unwrap();
+        println!("child: cut back and delivered");
+    }
+
+    #[tokio::test]
+    async fn the_sink_creates_its_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("a/b/sink");
+        let sink = DirSink::open(root.clone()).await.unwrap();
+        sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
+        assert!(root.join("vms/vm1/latest.json").is_file());
+        assert!(root.join("deliveries.jsonl").is_file());
+        // A VM directory that cannot be created is an error, not a panic.
+        std::fs::write(root.join("vms/vm2"), b"in the way").unwrap();
+        assert!(sink.deliver(&delivery("vm2", 1, "bb")).await.is_err());
+        assert_eq!(log_lines(&root).len(), 1);
     }
 }

@@ -1,7 +1,7 @@
 //! The HTTP(S) sink: `POST` of `{"delivery": …, "report": …}` to a URL; any 2xx is acceptance.
-//! TLS is rustls (system roots plus an optional CA file), with an optional bearer token; the
-//! report id goes in `Idempotency-Key`, so a retransmission the endpoint already stored is
-//! harmless.
+//! TLS is rustls (system roots plus an optional CA file), with an optional bearer token;
+//! `Idempotency-Key` is `<vm>/<report id>`, so a retransmission the endpoint already stored is
+//! harmless and two clones sharing an epoch never collide.
 
 use std::{
     sync::Arc,
@@ -68,14 +68,15 @@ impl HttpSink {
         &self.url
     }
 
-    pub async fn deliver(&self, delivery: &Delivery) -> Result<(), SinkError> {
+    pub async fn deliver(&self, delivery: &Delivery) -> Result<u64, SinkError> {
         let body =
             envelope(delivery, SystemTime::now()).map_err(|e| SinkError::Http(e.to_string()))?;
+        let bytes = body.len() as u64;
         let mut request = self
             .client
             .post(&self.url)
             .header("Content-Type", "application/json")
-            .header("Idempotency-Key", &delivery.report_id)
+            .header("Idempotency-Key", delivery.idempotency_key())
             .header("X-Guestwatch-Vm", &delivery.vm)
             .header("X-Guestwatch-Report-Id", &delivery.report_id)
             .header("X-Guestwatch-Content-Hash", &delivery.content_hash)
@@ -89,7 +90,7 @@ impl HttpSink {
             .map_err(|e| SinkError::Http(error_chain(&e)))?;
         let status = response.status();
         if status.is_success() {
-            return Ok(());
+            return Ok(bytes);
         }
         let retry_after = response
             .headers()

@@ -45,7 +45,8 @@ pub struct Delivery {
     pub vm: String,
     /// How the VM was identified (peer CID or the socket it arrived on).
     pub identity: IdentitySource,
-    /// `<epoch hex>-<generation>`: stable across retransmissions, the idempotency key.
+    /// `<epoch hex>-<generation>`: stable across retransmissions (see
+    /// [`Delivery::idempotency_key`]).
     pub report_id: String,
     /// SHA-256 of the package set, hex (computed by the guest; a claim).
     pub content_hash: String,
@@ -75,14 +76,40 @@ pub struct Delivery {
     pub report: bytes::Bytes,
 }
 
+impl Delivery {
+    /// `<vm>/<epoch hex>-<generation>`: what every sink deduplicates by. The VM's name is part
+    /// of it because VMs cloned from one image can share an agent epoch, and so report ids.
+    pub fn idempotency_key(&self) -> String {
+        format!("{}/{}", self.vm, self.report_id)
+    }
+}
+
+/// The largest delivery record a guest can cause, JSON-encoded: the guest bounds
+/// (`protocol::guest`, 64 KiB of encoded facts, 256-byte claims) with every character escaped
+/// at 6 bytes (see the test). A dir-sink delivery writes the record twice (log line and
+/// `latest.json`) beside the report.
+pub const MAX_RECORD: usize = 512 * 1024;
+
 /// The metadata written beside the report (`delivery` key of `latest.json`, one
 /// `deliveries.jsonl` line, the Redis stream entry's fields).
 #[derive(Serialize)]
 pub struct DeliveryRecord<'a> {
     #[serde(flatten)]
     pub delivery: &'a Delivery,
+    /// [`Delivery::idempotency_key`].
+    pub idempotency_key: String,
     #[serde(serialize_with = "time")]
     pub delivered_at: SystemTime,
+}
+
+impl<'a> DeliveryRecord<'a> {
+    pub fn new(delivery: &'a Delivery, delivered_at: SystemTime) -> Self {
+        Self {
+            delivery,
+            idempotency_key: delivery.idempotency_key(),
+            delivered_at,
+        }
+    }
 }
 
 /// Why a sink did not accept a report. Every failure is retried (from the cache, and by the
@@ -193,8 +220,9 @@ impl Sink {
         }
     }
 
-    /// Stores the report durably. Returns when the sink has it.
-    pub async fn deliver(&self, delivery: &Delivery) -> Result<(), SinkError> {
+    /// Stores the report durably. Returns when the sink has it, with the number of bytes
+    /// written (what the VM's sink budget is charged).
+    pub async fn deliver(&self, delivery: &Delivery) -> Result<u64, SinkError> {
         match self {
             Self::Dir(s) => s.deliver(delivery).await,
             Self::Http(s) => s.deliver(delivery).await,
@@ -252,18 +280,30 @@ pub fn envelope(
     delivery: &Delivery,
     delivered_at: SystemTime,
 ) -> Result<Vec<u8>, serde_json::Error> {
-    let record = serde_json::to_vec(&DeliveryRecord {
-        delivery,
-        delivered_at,
-    })?;
-    let mut out = Vec::with_capacity(record.len() + delivery.report.len() + 32);
-    out.extend_from_slice(b"{\"delivery\":");
-    out.extend_from_slice(&record);
-    out.extend_from_slice(b",\"report\":");
+    let head = envelope_head(delivery, delivered_at)?;
+    let mut out = Vec::with_capacity(head.len() + delivery.report.len() + ENVELOPE_TAIL.len());
+    out.extend_from_slice(&head);
     out.extend_from_slice(&delivery.report);
-    out.extend_from_slice(b"}\n");
+    out.extend_from_slice(ENVELOPE_TAIL);
     Ok(out)
 }
+
+/// What comes before the report in [`envelope`] (a sink that writes the parts one after the
+/// other needs no copy of a report that may be 64 MiB).
+pub fn envelope_head(
+    delivery: &Delivery,
+    delivered_at: SystemTime,
+) -> Result<Vec<u8>, serde_json::Error> {
+    let record = serde_json::to_vec(&DeliveryRecord::new(delivery, delivered_at))?;
+    let mut head = Vec::with_capacity(record.len() + 24);
+    head.extend_from_slice(b"{\"delivery\":");
+    head.extend_from_slice(&record);
+    head.extend_from_slice(b",\"report\":");
+    Ok(head)
+}
+
+/// What comes after the report in [`envelope`].
+pub const ENVELOPE_TAIL: &[u8] = b"}\n";
 
 #[cfg(test)]
 pub(crate) mod tests {
@@ -307,11 +347,92 @@ pub(crate) mod tests {
         assert_eq!(v["report"]["packages"]["1"]["name"], "bash");
         assert_eq!(v["delivery"]["vm"], "vm1");
         assert_eq!(v["delivery"]["report_id"], "00000000000000aa-3");
+        assert_eq!(v["delivery"]["idempotency_key"], "vm1/00000000000000aa-3");
         assert_eq!(v["delivery"]["identity"]["source"], "hybrid");
         assert_eq!(v["delivery"]["trigger"]["attribution"]["comm"], "rpm");
         assert_eq!(v["delivery"]["coalesced"]["transaction"], 1);
         assert_eq!(v["delivery"]["changes"]["upgraded"], 0);
         assert_eq!(v["delivery"]["claims"]["hostname"], "guest");
         assert_eq!(v["delivery"]["delivered_at"], "1970-01-01T00:00:00.000Z");
+    }
+
+    /// The largest facts a guest may send, every string control characters (6 bytes each in
+    /// JSON): the delivery record (`deliveries.jsonl` line, `delivery` of `latest.json`, the
+    /// Redis entry's `delivery`) stays within [`MAX_RECORD`].
+    #[test]
+    fn a_delivery_record_is_bounded_by_the_guest_bounds() {
+        use guestwatch_protocol::{Ancestor, ReportFacts, guest};
+        let name = "\u{1}".repeat(guest::MAX_NAME);
+        let text = "\u{1}".repeat(guest::MAX_TEXT);
+        let attribution = Attribution {
+            comm: name.clone(),
+            exe: Some(text.clone()),
+            tty: Some(name.clone()),
+            cmdline: vec!["\u{1}".repeat(64); guest::MAX_CMDLINE_ARGS],
+            ancestors: vec![
+                Ancestor {
+                    pid: u32::MAX,
+                    comm: name.clone(),
+                    exe: Some(text.clone()),
+                };
+                guest::MAX_ANCESTORS
+            ],
+            unit: Some(name.clone()),
+            database: Some(text.clone()),
+            library: Some(text.clone()),
+            operation: Some(name.clone()),
+            paths: vec![String::new(); guest::MAX_PATHS],
+            ..Default::default()
+        };
+        let mut facts = ReportFacts {
+            trigger: Trigger::new(TriggerKind::Tamper)
+                .with_detail(text.clone())
+                .with_attribution(attribution.clone()),
+            transactions: vec![attribution.clone(); guest::MAX_LISTED],
+            tampers: vec![attribution; guest::MAX_LISTED],
+            coalesced: vec![(TriggerKind::Tamper, u32::MAX); guest::MAX_SMALL_LIST],
+            agent_version: name.clone(),
+            detector: name.clone(),
+            ..Default::default()
+        };
+        facts.fit();
+        facts.check_limits().unwrap();
+        // Many small records cost more JSON per encoded byte than a few long strings.
+        let mut empty = ReportFacts {
+            transactions: vec![Attribution::default(); guest::MAX_LISTED],
+            tampers: vec![
+                Attribution {
+                    ancestors: vec![Ancestor::default(); guest::MAX_ANCESTORS],
+                    paths: vec![String::new(); guest::MAX_PATHS],
+                    ..Default::default()
+                };
+                guest::MAX_LISTED
+            ],
+            ..Default::default()
+        };
+        empty.fit();
+        for facts in [facts, empty] {
+            facts.check_limits().unwrap();
+            println!(
+                "facts: {} bytes encoded",
+                guestwatch_protocol::encoded_len(&facts)
+            );
+            let mut d = delivery("vm1", 1, &"f".repeat(64));
+            d.trigger = facts.trigger;
+            d.transactions = facts.transactions;
+            d.tampers = facts.tampers;
+            d.coalesced = facts.coalesced;
+            d.claims = Claims {
+                epoch: "f".repeat(16),
+                agent_version: name.clone(),
+                hostname: name.clone(),
+                os: name.clone(),
+                kernel: name.clone(),
+                detector: name.clone(),
+            };
+            let record = serde_json::to_vec(&DeliveryRecord::new(&d, SystemTime::now())).unwrap();
+            println!("record: {} bytes", record.len());
+            assert!(record.len() <= MAX_RECORD, "{} bytes", record.len());
+        }
     }
 }

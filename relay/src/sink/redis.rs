@@ -1,6 +1,7 @@
 //! The Redis Streams sink: every delivery is an `XADD` to one stream (capped with `MAXLEN ~`),
-//! and the VM's latest report is kept under `<prefix>:latest:<vm>` with a TTL, in one atomic
-//! transaction. Many relays can feed one Redis; consumers read the stream with consumer groups.
+//! whose fields include `idempotency_key` (`<vm>/<report id>`), and the VM's latest report is
+//! kept under `<prefix>:latest:<vm>` with a TTL, in one atomic transaction. Durable only as far
+//! as the Redis server is: with `appendonly yes` and `appendfsync always`. Many relays can feed one Redis; consumers read the stream with consumer groups.
 //! The connection is made lazily and re-established automatically, so a Redis outage only
 //! delays deliveries (the relay retries from its cache, the guests retransmit).
 
@@ -58,15 +59,16 @@ impl RedisSink {
         format!("{}:hash:{vm}", self.prefix)
     }
 
-    pub async fn deliver(&self, delivery: &Delivery) -> Result<(), SinkError> {
+    pub async fn deliver(&self, delivery: &Delivery) -> Result<u64, SinkError> {
         let delivered_at = SystemTime::now();
-        let record = serde_json::to_string(&DeliveryRecord {
-            delivery,
-            delivered_at,
-        })
-        .map_err(|e| SinkError::Redis(e.to_string()))?;
+        let record = serde_json::to_string(&DeliveryRecord::new(delivery, delivered_at))
+            .map_err(|e| SinkError::Redis(e.to_string()))?;
+        let key = delivery.idempotency_key();
         let latest =
             envelope(delivery, delivered_at).map_err(|e| SinkError::Redis(e.to_string()))?;
+        let hash = format!("{} {}", delivery.report_id, delivery.content_hash);
+        let bytes =
+            (record.len() + delivery.report.len() + latest.len() + hash.len() + key.len()) as u64;
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -80,6 +82,8 @@ impl RedisSink {
             .arg(&delivery.vm)
             .arg("report_id")
             .arg(&delivery.report_id)
+            .arg("idempotency_key")
+            .arg(&key)
             .arg("content_hash")
             .arg(&delivery.content_hash)
             .arg("delivery")
@@ -89,13 +93,10 @@ impl RedisSink {
             .ignore()
             .set_ex(self.latest_key(&delivery.vm), latest, self.latest_ttl_secs)
             .ignore()
-            .set_ex(
-                self.hash_key(&delivery.vm),
-                format!("{} {}", delivery.report_id, delivery.content_hash),
-                self.latest_ttl_secs,
-            )
+            .set_ex(self.hash_key(&delivery.vm), hash, self.latest_ttl_secs)
             .ignore();
-        pipe.query_async::<()>(&mut conn).await.map_err(err)
+        pipe.query_async::<()>(&mut conn).await.map_err(err)?;
+        Ok(bytes)
     }
 
     pub async fn latest_hash(&self, vm: &str) -> Result<Option<String>, SinkError> {

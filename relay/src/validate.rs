@@ -1,0 +1,150 @@
+//! What a report must be before it goes to a sink, and the typed `Nack` for one that is not.
+//!
+//! - its facts within the guest bounds (`protocol::guest`) → else `Rejected`;
+//! - its payload decompresses within `max_report_payload` → else `TooLarge`, or `Malformed` if
+//!   it is not valid zstd;
+//! - the payload is one JSON object (the sinks splice it into their documents as is) → else
+//!   `Malformed`.
+//!
+//! [`payload_json`] is CPU work proportional to the payload (up to 64 MiB): callers run it on
+//! the blocking pool, never on an async worker.
+
+use guestwatch_protocol::{NackReason, Payload, PayloadEncoding, PayloadError, ReportFacts};
+
+/// Why a report is refused: the `Nack` reason, a detail for the guest, a metric label.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: NackReason,
+    pub detail: String,
+    pub label: &'static str,
+}
+
+impl Refusal {
+    fn new(reason: NackReason, label: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+            label,
+        }
+    }
+}
+
+/// The facts are within every bound a guest must keep (cheap: do it before the payload).
+pub fn check_facts(facts: &ReportFacts) -> Result<(), Refusal> {
+    facts.check_limits().map_err(|e| {
+        Refusal::new(
+            NackReason::Rejected,
+            "facts_over_limits",
+            format!("facts: {e}"),
+        )
+    })
+}
+
+/// The payload as JSON bytes, checked to be one JSON object of at most `max` bytes. Blocking.
+pub fn payload_json(payload: Payload, max: u32) -> Result<Vec<u8>, Refusal> {
+    let json = match payload.encoding {
+        // Taken as is: no copy of what may be a 16 MiB frame.
+        PayloadEncoding::Json if payload.bytes.len() > max as usize => {
+            return Err(too_large(max));
+        }
+        PayloadEncoding::Json => payload.bytes,
+        PayloadEncoding::JsonZstd => match payload.to_json(max) {
+            Ok(json) => json.into_owned(),
+            Err(PayloadError::TooLarge { max }) => return Err(too_large(max)),
+            Err(e @ PayloadError::Corrupt(_)) => {
+                return Err(Refusal::new(
+                    NackReason::Malformed,
+                    "bad_payload",
+                    e.to_string(),
+                ));
+            }
+        },
+    };
+    let is_object = json.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+    if !is_object {
+        return Err(Refusal::new(
+            NackReason::Malformed,
+            "bad_payload",
+            "the payload is not a JSON object",
+        ));
+    }
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&json) {
+        return Err(Refusal::new(
+            NackReason::Malformed,
+            "bad_payload",
+            format!("the payload is not valid JSON: {e}"),
+        ));
+    }
+    Ok(json)
+}
+
+fn too_large(max: u32) -> Refusal {
+    Refusal::new(
+        NackReason::TooLarge,
+        "payload_too_large",
+        format!("the payload decompresses to more than {max} bytes"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use guestwatch_protocol::{Attribution, Trigger, TriggerKind, guest};
+
+    use super::*;
+
+    #[test]
+    fn json_objects_pass_everything_else_is_refused_with_its_reason() {
+        let ok = payload_json(Payload::json(br#" {"packages":{}}"#.to_vec()), 1024).unwrap();
+        assert_eq!(ok, br#" {"packages":{}}"#);
+        let refused = |p: Payload, max| payload_json(p, max).unwrap_err().reason;
+        assert_eq!(
+            refused(Payload::json(b"[1,2]".to_vec()), 1024),
+            NackReason::Malformed
+        );
+        assert_eq!(
+            refused(Payload::json(br#"{"a":"#.to_vec()), 1024),
+            NackReason::Malformed
+        );
+        assert_eq!(
+            refused(Payload::json(br#"{"a":1} trailing"#.to_vec()), 1024),
+            NackReason::Malformed
+        );
+        assert_eq!(
+            refused(Payload::json(vec![b' '; 2000]), 1024),
+            NackReason::TooLarge
+        );
+        let corrupt = Payload {
+            encoding: PayloadEncoding::JsonZstd,
+            bytes: b"not zstd".to_vec(),
+        };
+        assert_eq!(refused(corrupt, 1024), NackReason::Malformed);
+        // A zstd bomb: 8 MiB of zeros compressed to a few hundred bytes, refused at 1 MiB.
+        let bomb = Payload {
+            encoding: PayloadEncoding::JsonZstd,
+            bytes: zstd_of(&vec![b' '; 8 << 20]),
+        };
+        assert_eq!(refused(bomb, 1 << 20), NackReason::TooLarge);
+    }
+
+    fn zstd_of(bytes: &[u8]) -> Vec<u8> {
+        let big = Payload::json(bytes.to_vec());
+        assert_eq!(big.encoding, PayloadEncoding::JsonZstd);
+        big.bytes
+    }
+
+    #[test]
+    fn facts_over_the_guest_bounds_are_rejected() {
+        let mut facts = ReportFacts {
+            trigger: Trigger::new(TriggerKind::Tamper).with_attribution(Attribution {
+                paths: vec!["/x".into(); guest::MAX_PATHS + 1],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let refusal = check_facts(&facts).unwrap_err();
+        assert_eq!(refusal.reason, NackReason::Rejected);
+        assert!(refusal.detail.contains("paths"), "{}", refusal.detail);
+        facts.fit();
+        check_facts(&facts).unwrap();
+    }
+}
