@@ -138,6 +138,22 @@ pub struct TaskOffsets {
     /// `mm_struct::arg_start` and `arg_end` (unsigned longs).
     pub arg_start: u32,
     pub arg_end: u32,
+    /// `task_struct::files`, `files_struct::fdt`, `fdtable::fd` and `fdtable::max_fds`: from a
+    /// descriptor to its `struct file`.
+    pub files: u32,
+    pub fdt: u32,
+    pub fdtable_fd: u32,
+    pub max_fds: u32,
+    /// `file::f_inode`, `inode::i_ino`, `inode::i_sb`, `super_block::s_dev`: a file's identity.
+    pub f_inode: u32,
+    pub i_ino: u32,
+    pub i_sb: u32,
+    pub s_dev: u32,
+    /// `task_struct::fs`, then `fs_struct::pwd` + `path::dentry`, and `dentry::d_inode`: the
+    /// working directory's inode.
+    pub fs: u32,
+    pub pwd_dentry: u32,
+    pub d_inode: u32,
 }
 
 impl TaskOffsets {
@@ -150,7 +166,28 @@ impl TaskOffsets {
         mm: UNSET,
         arg_start: UNSET,
         arg_end: UNSET,
+        files: UNSET,
+        fdt: UNSET,
+        fdtable_fd: UNSET,
+        max_fds: UNSET,
+        f_inode: UNSET,
+        i_ino: UNSET,
+        i_sb: UNSET,
+        s_dev: UNSET,
+        fs: UNSET,
+        pwd_dentry: UNSET,
+        d_inode: UNSET,
     };
+}
+
+/// A file or directory as the kernel knows it: `dev` in the kernel's own encoding
+/// (`major << 20 | minor`), 0 for unknown.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InodeId {
+    pub ino: u64,
+    pub dev: u32,
+    pub _pad: u32,
 }
 
 /// Bytes of a path captured from a syscall argument (NUL-terminated when shorter).
@@ -222,6 +259,13 @@ pub struct FileEvent {
     pub now_ns: u64,
     /// The transaction (its `start_ns`) the writing process is inside, 0 for none.
     pub tx_start_ns: u64,
+    /// The written file, for [`FileOp::Write`].
+    pub file: InodeId,
+    /// The directories a relative `path` and `path2` are relative to (the directory
+    /// descriptor's, else the working directory), read when the call was made: so a process
+    /// gone before userspace looks is still located exactly.
+    pub dir: InodeId,
+    pub dir2: InodeId,
     pub comm: [u8; COMM_LEN],
     /// The path as the process passed it (possibly relative), NUL-padded.
     pub path: [u8; PATH_LEN],

@@ -26,8 +26,8 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use guestwatch_agent_common::{
-    AT_FDCWD, COMM_LEN, EventKind, FileEvent, FileOp, MAX_NAMES, MAX_PREFIXES, NAME_LEN, PATH_LEN,
-    PREFIX_LEN,
+    AT_FDCWD, COMM_LEN, EventKind, FileEvent, FileOp, InodeId, MAX_NAMES, MAX_PREFIXES, NAME_LEN,
+    PATH_LEN, PREFIX_LEN,
 };
 
 use crate::{
@@ -35,7 +35,7 @@ use crate::{
         EVENTS, OpenedFile, PENDING_DUP, PENDING_OPEN, REPORTED_OUTSIDE, SCRATCH, WATCH_NAMES,
         WATCH_PREFIXES, WRITE_FDS,
     },
-    task::{Phase, now_ns, phase, pid_tgid, tgid_of},
+    task::{Phase, base_dir, fd_inode, now_ns, phase, pid_tgid, tgid_of},
 };
 
 const O_WRONLY: u32 = 0o1;
@@ -171,6 +171,24 @@ fn emit(
         (*event).dirfd2 = at.dirfd2;
         (*event).now_ns = now_ns();
         (*event).tx_start_ns = at.tx_start_ns;
+        (*event).file = if op == FileOp::Write {
+            fd_inode(fd)
+        } else {
+            InodeId::default()
+        };
+        // Relative names are located by their directory's identity, read now: the process
+        // (or its descriptor) may be gone before userspace looks.
+        (*event).dir = InodeId::default();
+        (*event).dir2 = InodeId::default();
+        if (*path)[0] != b'/' {
+            (*event).dir = base_dir(at.dirfd);
+        }
+        if let Some(path2) = path2
+            && (*path2)[0] != b'/'
+            && (*path2)[0] != 0
+        {
+            (*event).dir2 = base_dir(at.dirfd2);
+        }
         (*event).comm = bpf_get_current_comm().unwrap_or([0u8; COMM_LEN]);
         if bpf_probe_read_kernel_buf(path.cast(), &mut (*event).path).is_err() {
             (*event).path[0] = 0;

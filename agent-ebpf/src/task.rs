@@ -4,7 +4,7 @@ use aya_ebpf::helpers::{
     bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_kernel_buf,
     generated::{bpf_get_current_task, bpf_ktime_get_boot_ns},
 };
-use guestwatch_agent_common::{COMM_LEN, TaskOffsets, UNSET};
+use guestwatch_agent_common::{AT_FDCWD, COMM_LEN, InodeId, TaskOffsets, UNSET};
 
 use crate::maps::{AGENT_TGID, TASK_OFFSETS, TX_STATE, TxState};
 
@@ -103,4 +103,59 @@ pub fn read_comm(task: u64, offset: u32, out: &mut [u8; COMM_LEN]) {
     if unsafe { bpf_probe_read_kernel_buf((task + u64::from(offset)) as *const u8, out) }.is_err() {
         *out = [0; COMM_LEN];
     }
+}
+
+/// The identity of kernel `inode` (0s when unknown).
+#[inline(always)]
+fn inode_id(inode: u64, o: &TaskOffsets) -> InodeId {
+    if inode == 0 {
+        return InodeId::default();
+    }
+    let ino = read_u64(inode, o.i_ino);
+    let sb = read_u64(inode, o.i_sb);
+    let dev = read_u32(sb, o.s_dev);
+    if ino == 0 || dev == UNSET {
+        return InodeId::default();
+    }
+    InodeId { ino, dev, _pad: 0 }
+}
+
+/// The file behind descriptor `fd` of the current task (0 when unknown).
+#[inline(always)]
+fn file_of(fd: i32, o: &TaskOffsets) -> u64 {
+    if fd < 0 {
+        return 0;
+    }
+    let files = read_u64(current_task(), o.files);
+    let fdt = read_u64(files, o.fdt);
+    let max = read_u32(fdt, o.max_fds);
+    if max == UNSET || fd as u32 >= max {
+        return 0;
+    }
+    let array = read_u64(fdt, o.fdtable_fd);
+    if array == 0 {
+        return 0;
+    }
+    read_u64(array + 8 * u64::from(fd as u32), 0)
+}
+
+/// The identity of the file descriptor `fd` refers to.
+#[inline(always)]
+pub fn fd_inode(fd: i32) -> InodeId {
+    let o = offsets();
+    let file = file_of(fd, &o);
+    inode_id(read_u64(file, o.f_inode), &o)
+}
+
+/// The directory a path given with `dirfd` is relative to: the descriptor's, or the working
+/// directory's for `AT_FDCWD`.
+#[inline(always)]
+pub fn base_dir(dirfd: i32) -> InodeId {
+    if dirfd != AT_FDCWD {
+        return fd_inode(dirfd);
+    }
+    let o = offsets();
+    let fs = read_u64(current_task(), o.fs);
+    let dentry = read_u64(fs, o.pwd_dentry);
+    inode_id(read_u64(dentry, o.d_inode), &o)
 }

@@ -176,7 +176,8 @@ async fn ebpf_attributes_transactions_and_flags_tampering() {
     assert!(renamed.detail.unwrap().contains("Index.db"));
 
     // Short-lived processes are often gone before /proc can say which directory their
-    // relative paths were in; inotify then confirms it. Every one must still be attributed.
+    // relative paths were in: the kernel identified it when the call was made (without BTF,
+    // inotify confirms it). Every one must still be attributed.
     let mut waiting = std::collections::HashMap::new();
     for i in 0..20 {
         let (from, to) = if i % 2 == 0 {
@@ -213,6 +214,13 @@ async fn ebpf_attributes_transactions_and_flags_tampering() {
     println!(
         "20 short-lived relative renames attributed, {through_inotify} located through inotify"
     );
+    if std::path::Path::new("/sys/kernel/btf/vmlinux").exists() {
+        // With the kernel's BTF the programs read each call's directory: no guessing needed.
+        assert_eq!(
+            through_inotify, 0,
+            "located by the directory the kernel identified"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,4 +267,179 @@ async fn auto_falls_back_to_inotify_and_says_why() {
     assert_eq!(status.mode, DetectorMode::Inotify);
     let why = status.bpf_unavailable.expect("a reason");
     assert!(why.contains("test switch"), "{why}");
+}
+
+/// `/usr/bin/python3` with librpm's bindings (python3-rpm, which dnf depends on).
+fn python_rpm() -> Command {
+    Command::new("/usr/bin/python3")
+}
+
+/// A short-lived process that tampers through a directory descriptor only (its working
+/// directory is elsewhere), with two files, and exits at once.
+const DIRFD_TAMPER: &str = r#"
+import os, sys
+d = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+os.chdir("/")
+fd = os.open("Packages", os.O_WRONLY | os.O_APPEND, dir_fd=d)
+os.write(fd, b"tampered\n")
+os.close(fd)
+os.rename("Index.db", "Index.db.gone", src_dir_fd=d, dst_dir_fd=d)
+os.close(d)
+"#;
+
+/// Runs a transaction whose callback blocks inside `rpmtsRun` until the test kills it.
+const BLOCKED_TRANSACTION: &str = r#"
+import os, sys, time, rpm
+rpm.addMacro("_dbpath", sys.argv[1])
+ts = rpm.TransactionSet()
+ts.setVSFlags(rpm._RPMVSF_NOSIGNATURES | rpm._RPMVSF_NODIGESTS)
+ts.setFlags(rpm.RPMTRANS_FLAG_JUSTDB)
+fd = os.open(sys.argv[2], os.O_RDONLY)
+ts.addInstall(ts.hdrFromFdno(fd), sys.argv[2], "i")
+os.close(fd)
+ts.check(); ts.order()
+def callback(what, amount, total, key, data):
+    if what == rpm.RPMCALLBACK_INST_OPEN_FILE:
+        print("inside", flush=True)
+        time.sleep(600)
+ts.run(callback, "")
+"#;
+
+/// Runs a transaction, then (as a process BPF trusts from then on) appends to a database
+/// file: only inotify can see that change.
+const WRITE_AFTER_TRANSACTION: &str = r#"
+import os, sys, rpm
+rpm.addMacro("_dbpath", sys.argv[1])
+ts = rpm.TransactionSet()
+ts.setVSFlags(rpm._RPMVSF_NOSIGNATURES | rpm._RPMVSF_NODIGESTS)
+ts.setFlags(rpm.RPMTRANS_FLAG_JUSTDB)
+fd = os.open(sys.argv[2], os.O_RDONLY)
+ts.addInstall(ts.hdrFromFdno(fd), sys.argv[2], "i")
+os.close(fd)
+ts.check(); ts.order()
+files = {}
+def callback(what, amount, total, key, data):
+    if what == rpm.RPMCALLBACK_INST_OPEN_FILE:
+        files[key] = os.open(key, os.O_RDONLY)
+        return files[key]
+    if what == rpm.RPMCALLBACK_INST_CLOSE_FILE:
+        os.close(files.pop(key))
+ts.run(callback, "")
+ts.closeDB()
+with open(os.path.join(sys.argv[1], "Packages"), "ab") as f:
+    f.write(b"after\n")
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_relative_tampering_and_a_killed_transaction_leave_detection_whole() {
+    if !bpf_prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let db = RpmDb::temp().unwrap();
+    let (mut running, status) = start(DetectorChoice::Ebpf, db.path(), None);
+    if !matches!(status.tamper, TamperStatus::Tracepoints { .. }) {
+        eprintln!(
+            "SKIPPED: the kernel refused the tamper programs: {}",
+            status.tamper
+        );
+        return;
+    }
+    std::fs::write(db.path().join("Packages"), b"").unwrap();
+    std::fs::write(db.path().join("Index.db"), b"").unwrap();
+    let dir = db.path().canonicalize().unwrap();
+
+    // Through a directory descriptor, by a process gone before userspace looks: located by the
+    // directory the kernel identified, both files in the one process's records.
+    let py = Command::new("python3")
+        .args(["-c", DIRFD_TAMPER])
+        .arg(db.path())
+        .status()
+        .unwrap();
+    assert!(py.success());
+    let mut seen: Vec<(String, Vec<String>)> = Vec::new();
+    while seen.len() < 2 {
+        let t = wait_for(&mut running, "dirfd tampering", |t| {
+            t.kind == TriggerKind::Tamper
+                && t.attribution
+                    .as_ref()
+                    .is_some_and(|a| a.comm.starts_with("python"))
+        })
+        .await;
+        assert!(
+            !t.detail
+                .as_deref()
+                .unwrap_or("")
+                .contains("inotify confirmed"),
+            "located by the kernel, not by guessing: {t:?}"
+        );
+        let who = t.attribution.unwrap();
+        seen.push((who.operation.unwrap_or_default(), who.paths));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            (
+                "rename".to_owned(),
+                vec![
+                    dir.join("Index.db").display().to_string(),
+                    dir.join("Index.db.gone").display().to_string()
+                ]
+            ),
+            (
+                "write".to_owned(),
+                vec![dir.join("Packages").display().to_string()]
+            ),
+        ]
+    );
+
+    // A transaction killed inside rpmtsRun.
+    let rpms = package(work.path(), "gw-killed");
+    let mut blocked = python_rpm()
+        .args(["-c", BLOCKED_TRANSACTION])
+        .arg(db.path())
+        .arg(&rpms[0])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(blocked.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "inside", "the transaction is running");
+    blocked.kill().unwrap();
+    blocked.wait().unwrap();
+
+    // Nothing stale is left: tampering is still recorded...
+    let sh = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo x >> '{}'",
+            db.path().join("Packages").display()
+        ))
+        .spawn()
+        .unwrap();
+    let sh_pid = sh.id();
+    assert!(sh.wait_with_output().unwrap().status.success());
+    wait_for(&mut running, "tamper after the killed transaction", |t| {
+        t.kind == TriggerKind::Tamper && t.attribution.as_ref().is_some_and(|a| a.pid == sh_pid)
+    })
+    .await;
+    // ...and the inotify safety net still reports a change no probe explains.
+    let rpms = package(work.path(), "gw-trusted");
+    let py = python_rpm()
+        .args(["-c", WRITE_AFTER_TRANSACTION])
+        .arg(db.path())
+        .arg(&rpms[0])
+        .status()
+        .unwrap();
+    assert!(py.success());
+    wait_for(&mut running, "the inotify safety net", |t| {
+        t.kind == TriggerKind::Inotify
+            && t.detail.as_deref().is_some_and(|d| d.contains("Packages"))
+    })
+    .await;
 }

@@ -14,6 +14,7 @@ use std::{
 
 use tempfile::TempDir;
 
+pub mod pkgmgr;
 mod redis;
 pub use redis::RedisServer;
 

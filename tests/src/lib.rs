@@ -254,7 +254,8 @@ pub fn package_versions(report: &serde_json::Value) -> std::collections::BTreeMa
 /// An agent process on a database, delivering to a relay socket.
 pub struct Agent {
     pub state: PathBuf,
-    dbpath: PathBuf,
+    /// `--dbpath DIR` or `--root DIR`.
+    target: [std::ffi::OsString; 2],
     relay: PathBuf,
     extra: Vec<String>,
     log: PathBuf,
@@ -269,13 +270,47 @@ impl Agent {
         relay_socket: &Path,
         extra: &[&str],
     ) -> Self {
+        Self::start_on(
+            work,
+            name,
+            ["--dbpath".into(), dbpath.into()],
+            relay_socket,
+            extra,
+        )
+    }
+
+    /// An agent on the system at `root` (`--root`): database located under it, distribution
+    /// and dnf history read from it.
+    pub fn start_root(
+        work: &Path,
+        name: &str,
+        root: &Path,
+        relay_socket: &Path,
+        extra: &[&str],
+    ) -> Self {
+        Self::start_on(
+            work,
+            name,
+            ["--root".into(), root.into()],
+            relay_socket,
+            extra,
+        )
+    }
+
+    fn start_on(
+        work: &Path,
+        name: &str,
+        target: [std::ffi::OsString; 2],
+        relay_socket: &Path,
+        extra: &[&str],
+    ) -> Self {
         let state = work.join(format!("{name}-state"));
         let log = work.join(format!("{name}.log"));
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        let process = Self::spawn(&state, dbpath, relay_socket, &extra, &log);
+        let process = Self::spawn(&state, &target, relay_socket, &extra, &log);
         Self {
             state,
-            dbpath: dbpath.to_path_buf(),
+            target,
             relay: relay_socket.to_path_buf(),
             extra,
             log,
@@ -283,11 +318,16 @@ impl Agent {
         }
     }
 
-    fn spawn(state: &Path, dbpath: &Path, relay: &Path, extra: &[String], log: &Path) -> Process {
+    fn spawn(
+        state: &Path,
+        target: &[std::ffi::OsString; 2],
+        relay: &Path,
+        extra: &[String],
+        log: &Path,
+    ) -> Process {
         let mut cmd = Command::new(binary("guestwatch-agent"));
         cmd.arg("run")
-            .arg("--dbpath")
-            .arg(dbpath)
+            .args(target)
             .arg("--relay")
             .arg(format!("unix:{}", relay.display()))
             .arg("--state")
@@ -300,7 +340,7 @@ impl Agent {
         self.process.kill();
         self.process = Self::spawn(
             &self.state,
-            &self.dbpath,
+            &self.target,
             &self.relay,
             &self.extra,
             &self.log,

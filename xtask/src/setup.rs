@@ -12,6 +12,16 @@ use crate::util::{note, output, run, step, workspace_root};
 /// Debian packages the tests, benchmarks, demo and VM test use, and why.
 pub const APT_PACKAGES: &[(&str, &str)] = &[
     ("rpm", "rpm and rpmbuild: real transactions through librpm"),
+    (
+        "dnf",
+        "real dnf transactions into installroots (attribution tests, bench detect)",
+    ),
+    (
+        "python3-rpm",
+        "librpm's Python bindings: transactions a test can block or keep open",
+    ),
+    ("createrepo-c", "local repositories for dnf"),
+    ("zypper", "real zypper transactions (it runs the rpm binary)"),
     ("librpm-dev", "librpm headers and the unversioned librpm.so"),
     ("sqlite3", "inspecting rpmdb.sqlite in tests"),
     ("redis-server", "the Redis Streams sink's real server"),

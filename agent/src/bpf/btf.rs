@@ -213,6 +213,23 @@ pub fn task_offsets(btf: &Btf) -> TaskOffsets {
         mm: at("task_struct", "mm"),
         arg_start: at("mm_struct", "arg_start"),
         arg_end: at("mm_struct", "arg_end"),
+        files: at("task_struct", "files"),
+        fdt: at("files_struct", "fdt"),
+        fdtable_fd: at("fdtable", "fd"),
+        max_fds: at("fdtable", "max_fds"),
+        f_inode: at("file", "f_inode"),
+        i_ino: at("inode", "i_ino"),
+        i_sb: at("inode", "i_sb"),
+        s_dev: at("super_block", "s_dev"),
+        fs: at("task_struct", "fs"),
+        pwd_dentry: match (
+            btf.member_offset("fs_struct", "pwd"),
+            btf.member_offset("path", "dentry"),
+        ) {
+            (Some(pwd), Some(dentry)) => pwd + dentry,
+            _ => UNSET,
+        },
+        d_inode: at("dentry", "d_inode"),
     }
 }
 
@@ -311,6 +328,17 @@ mod tests {
         };
         let o = task_offsets(&btf);
         for (name, value) in [
+            ("files", o.files),
+            ("fdt", o.fdt),
+            ("fdtable_fd", o.fdtable_fd),
+            ("max_fds", o.max_fds),
+            ("f_inode", o.f_inode),
+            ("i_ino", o.i_ino),
+            ("i_sb", o.i_sb),
+            ("s_dev", o.s_dev),
+            ("fs", o.fs),
+            ("pwd_dentry", o.pwd_dentry),
+            ("d_inode", o.d_inode),
             ("real_parent", o.real_parent),
             ("tgid", o.tgid),
             ("comm", o.comm),

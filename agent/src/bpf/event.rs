@@ -56,11 +56,44 @@ pub struct FileRecord {
     pub now_ns: u64,
     /// The transaction (its start) the process is inside, `None` for tampering.
     pub tx_start_ns: Option<u64>,
+    /// The written file (for [`FileOp::Write`]), as the kernel knows it.
+    pub file: Option<FileId>,
+    /// The directories relative `path` and `path2` are relative to, read when the call was
+    /// made.
+    pub dir: Option<FileId>,
+    pub dir2: Option<FileId>,
     pub comm: String,
     /// The path as the process passed it (may be relative), lossily UTF-8.
     pub path: String,
     /// The rename destination.
     pub path2: Option<String>,
+}
+
+/// A file's identity as `stat` reports it (`st_dev`, `st_ino`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl FileId {
+    /// From the kernel's `dev_t` encoding (`major << 20 | minor`); `None` when unknown.
+    fn from_kernel(ino: u64, dev: u32) -> Option<Self> {
+        (ino != 0).then(|| Self {
+            dev: libc::makedev(dev >> 20, dev & 0xf_ffff),
+            ino,
+        })
+    }
+
+    /// The identity of the file at `path` (not following a final symlink).
+    pub fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(path).ok()?;
+        Some(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
 }
 
 /// Any record from the ring buffer.
@@ -141,6 +174,15 @@ fn decode_file(mut r: Reader<'_>) -> Result<FileRecord, DecodeError> {
     let dirfd2 = r.u32()? as i32;
     let now_ns = r.u64()?;
     let tx_start_ns = r.u64()?;
+    let mut inode = || -> Result<Option<FileId>, DecodeError> {
+        let ino = r.u64()?;
+        let dev = r.u32()?;
+        let _pad = r.u32()?;
+        Ok(FileId::from_kernel(ino, dev))
+    };
+    let file = inode()?;
+    let dir = inode()?;
+    let dir2 = inode()?;
     let comm = comm_to_string(&r.take::<COMM_LEN>()?);
     let path = comm_to_string(&r.take::<PATH_LEN>()?);
     let path2 = comm_to_string(&r.take::<PATH_LEN>()?);
@@ -156,6 +198,9 @@ fn decode_file(mut r: Reader<'_>) -> Result<FileRecord, DecodeError> {
         dirfd2: (dirfd2 != AT_FDCWD).then_some(dirfd2),
         now_ns,
         tx_start_ns: (tx_start_ns != 0).then_some(tx_start_ns),
+        file,
+        dir,
+        dir2,
         comm,
         path,
         path2: (!path2.is_empty()).then_some(path2),
@@ -264,10 +309,12 @@ mod tests {
         assert_eq!(std::mem::offset_of!(TxStartEvent, cmdline_len), 240);
         assert_eq!(std::mem::offset_of!(TxStartEvent, cmdline), 248);
         assert_eq!(TxStartEvent::SIZE, 248 + CMDLINE_LEN);
-        assert_eq!(FileEvent::SIZE, 584);
+        assert_eq!(FileEvent::SIZE, 632);
         assert_eq!(std::mem::offset_of!(FileEvent, now_ns), 40);
         assert_eq!(std::mem::offset_of!(FileEvent, tx_start_ns), 48);
-        assert_eq!(std::mem::offset_of!(FileEvent, path), 72);
+        assert_eq!(std::mem::offset_of!(FileEvent, file), 56);
+        assert_eq!(std::mem::offset_of!(FileEvent, dir2), 88);
+        assert_eq!(std::mem::offset_of!(FileEvent, path), 120);
     }
 
     #[test]
@@ -335,6 +382,12 @@ mod tests {
         }
         bytes.extend_from_slice(&77u64.to_ne_bytes());
         bytes.extend_from_slice(&0u64.to_ne_bytes());
+        // file unknown; dir = inode 99 on device 8:1; dir2 unknown.
+        for (ino, dev) in [(0u64, 0u32), (99, (8 << 20) | 1), (0, 0)] {
+            bytes.extend_from_slice(&ino.to_ne_bytes());
+            bytes.extend_from_slice(&dev.to_ne_bytes());
+            bytes.extend_from_slice(&0u32.to_ne_bytes());
+        }
         let mut comm = [0u8; COMM_LEN];
         comm[..2].copy_from_slice(b"mv");
         bytes.extend_from_slice(&comm);
@@ -350,6 +403,15 @@ mod tests {
         assert_eq!((record.tgid, record.pid, record.fd), (10, 11, None));
         assert_eq!((record.dirfd, record.dirfd2), (Some(5), None));
         assert_eq!(record.tx_start_ns, None);
+        assert_eq!(record.file, None);
+        assert_eq!(
+            record.dir,
+            Some(FileId {
+                dev: libc::makedev(8, 1),
+                ino: 99
+            })
+        );
+        assert_eq!(record.dir2, None);
         assert_eq!(
             (record.comm.as_str(), record.path.as_str()),
             ("mv", "Packages")

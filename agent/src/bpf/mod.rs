@@ -7,6 +7,6 @@ pub mod object;
 pub mod probes;
 mod tracefs;
 
-pub use event::{BpfRecord, FileRecord, TxRecord};
+pub use event::{BpfRecord, FileId, FileRecord, TxRecord};
 pub use object::built_with_bpf;
 pub use probes::{BpfError, ProbeOptions, Probes, TamperStatus, TamperWatch};

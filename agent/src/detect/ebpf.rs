@@ -18,7 +18,7 @@ use super::{
     trigger::{Attribution, Trigger, TriggerKind},
 };
 use crate::{
-    bpf::{BpfRecord, FileRecord, Probes, TxRecord},
+    bpf::{BpfRecord, FileId, FileRecord, Probes, TxRecord},
     clock,
 };
 
@@ -269,6 +269,53 @@ impl EbpfSource {
         Written::Elsewhere
     }
 
+    /// Where a name the process used is: a relative name is located by the directory the
+    /// kernel identified when the call was made (it cannot have changed since, unlike the
+    /// process's working directory or descriptors in `/proc`); without it, by [`resolve`].
+    #[allow(clippy::too_many_arguments)]
+    fn resolve(
+        &self,
+        tgid: u32,
+        raw: &str,
+        fd: Option<i32>,
+        file: Option<FileId>,
+        dirfd: Option<i32>,
+        dir: Option<FileId>,
+        cwd: Option<&Path>,
+    ) -> Option<PathBuf> {
+        // A written file the process no longer holds: the watched file it was, by identity.
+        if let Some(fd) = fd
+            && let Ok(path) = std::fs::read_link(format!("/proc/{tgid}/fd/{fd}"))
+        {
+            return Some(normalize(&path));
+        }
+        if let Some(file) = file {
+            let name = Path::new(raw).file_name()?;
+            if let Some(path) = self
+                .watch_dirs
+                .iter()
+                .map(|d| d.join(name))
+                .find(|p| FileId::of(p) == Some(file))
+            {
+                return Some(normalize(&path));
+            }
+        }
+        if let (false, Some(dir)) = (raw.starts_with('/'), dir) {
+            if let Some(watched) = self.watch_dirs.iter().find(|d| FileId::of(d) == Some(dir)) {
+                return Some(normalize(&watched.join(raw)));
+            }
+            // Not a watched directory: where it was only matters for display.
+            return Some(
+                resolve(tgid, raw, None, dirfd, cwd)
+                    .filter(|p| !self.inside(p))
+                    .unwrap_or_else(|| {
+                        PathBuf::from(format!("<directory {}:{}>/{raw}", dir.dev, dir.ino))
+                    }),
+            );
+        }
+        resolve(tgid, raw, fd, dirfd, cwd)
+    }
+
     fn inside(&self, path: &Path) -> bool {
         self.watch_dirs
             .iter()
@@ -320,12 +367,12 @@ impl EbpfSource {
             .chain(file.path2.iter())
             .enumerate()
         {
-            let (fd, dirfd) = if i == 0 {
-                (file.fd, file.dirfd)
+            let (fd, id, dirfd, dir) = if i == 0 {
+                (file.fd, file.file, file.dirfd, file.dir)
             } else {
-                (None, file.dirfd2)
+                (None, None, file.dirfd2, file.dir2)
             };
-            match resolve(file.tgid, raw, fd, dirfd, cwd.as_deref()) {
+            match self.resolve(file.tgid, raw, fd, id, dirfd, dir, cwd.as_deref()) {
                 Some(path) => paths.push(path),
                 None => unresolved.push(raw.clone()),
             }

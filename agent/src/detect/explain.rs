@@ -140,10 +140,14 @@ struct Change {
     latest_ns: u64,
     /// When it was read.
     read_ns: u64,
-    what: String,
+    /// The distinct changes merged into it (`Packages modified`), the first few.
+    what: Vec<String>,
     /// Further changes merged into this one.
     more: u32,
 }
+
+/// Distinct changes named in one merged change's trigger.
+const MAX_NAMED: usize = 8;
 
 /// The machine.
 #[derive(Debug)]
@@ -270,16 +274,20 @@ impl Explainer {
         if let Some(last) = self.held.last_mut()
             && (full || (at_ns >= last.at_ns && at_ns <= last.latest_ns.saturating_add(tick)))
         {
-            last.more = last.more.saturating_add(1);
             last.at_ns = last.at_ns.min(at_ns);
             last.latest_ns = last.latest_ns.max(at_ns);
+            if !last.what.iter().any(|w| w == what) && last.what.len() < MAX_NAMED {
+                last.what.push(what.to_owned());
+                return;
+            }
+            last.more = last.more.saturating_add(1);
             return;
         }
         self.held.push(Change {
             at_ns,
             latest_ns: at_ns,
             read_ns,
-            what: what.to_owned(),
+            what: vec![what.to_owned()],
             more: 0,
         });
     }
@@ -465,7 +473,8 @@ fn inotify_trigger(change: &Change, during: &str) -> Trigger {
         0 => String::new(),
         n => format!(" (and {n} more changes)"),
     };
-    Trigger::new(TriggerKind::Inotify).with_detail(format!("{}{more}{during}", change.what))
+    Trigger::new(TriggerKind::Inotify)
+        .with_detail(format!("{}{more}{during}", change.what.join(", ")))
 }
 
 #[cfg(test)]

@@ -52,8 +52,47 @@ impl Batch {
         self.counts.values().sum()
     }
 
+    /// One record per tampering process: a later record of the same process adds its files
+    /// and operations to the earlier one. Returns whether it was merged.
+    fn merge_tamper(&mut self, trigger: &Trigger) -> bool {
+        let Some(new) = &trigger.attribution else {
+            return false;
+        };
+        let Some(old) = self
+            .tampers
+            .iter_mut()
+            .filter_map(|t| t.attribution.as_mut())
+            .find(|a| a.pid == new.pid && a.comm == new.comm)
+        else {
+            return false;
+        };
+        for path in &new.paths {
+            if !old.paths.contains(path) && old.paths.len() < guestwatch_protocol::guest::MAX_PATHS
+            {
+                old.paths.push(path.clone());
+            }
+        }
+        if let Some(op) = &new.operation {
+            let ops = old.operation.get_or_insert_with(String::new);
+            if !ops.split(',').any(|o| o == op) {
+                if !ops.is_empty() {
+                    ops.push(',');
+                }
+                ops.push_str(op);
+            }
+        }
+        old.ended_at = old.ended_at.max(new.ended_at);
+        true
+    }
+
     fn add(&mut self, trigger: Trigger) {
         *self.counts.entry(trigger.kind).or_default() += 1;
+        if trigger.kind == TriggerKind::Tamper && self.merge_tamper(&trigger) {
+            if trigger.kind >= self.cause.kind {
+                self.cause = trigger;
+            }
+            return;
+        }
         let list = match trigger.kind {
             TriggerKind::Transaction => Some(&mut self.transactions),
             TriggerKind::Tamper => Some(&mut self.tampers),
@@ -277,6 +316,36 @@ mod tests {
             .collect();
         assert_eq!(details, [Some("first"), Some("second")]);
         assert!(batch.tampers.is_empty());
+    }
+
+    #[test]
+    fn one_record_per_tampering_process_with_every_file() {
+        use guestwatch_protocol::Attribution;
+        let tamper = |pid: u32, op: &str, path: &str| {
+            t(TriggerKind::Tamper).with_attribution(Attribution {
+                pid,
+                comm: "sh".into(),
+                operation: Some(op.into()),
+                paths: vec![path.into()],
+                ..Default::default()
+            })
+        };
+        let now = Instant::now();
+        let mut s = Scheduler::new(config(0), now);
+        s.add(tamper(7, "write", "/var/lib/rpm/Packages"), now);
+        s.add(tamper(7, "rename", "/var/lib/rpm/Index.db"), now);
+        s.add(tamper(7, "write", "/var/lib/rpm/Packages"), now);
+        s.add(tamper(8, "unlink", "/var/lib/rpm/Packages"), now);
+        let batch = s.take(now + Duration::from_secs(3)).unwrap();
+        assert_eq!(batch.counts[&TriggerKind::Tamper], 4);
+        assert_eq!(batch.tampers.len(), 2);
+        let first = batch.tampers[0].attribution.as_ref().unwrap();
+        assert_eq!(
+            first.paths,
+            ["/var/lib/rpm/Packages", "/var/lib/rpm/Index.db"]
+        );
+        assert_eq!(first.operation.as_deref(), Some("write,rename"));
+        assert_eq!(batch.tampers[1].attribution.as_ref().unwrap().pid, 8);
     }
 
     #[test]
