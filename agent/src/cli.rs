@@ -86,6 +86,10 @@ pub struct DetectArgs {
     /// Keep BPF off with this reason (exercises and reports the inotify fallback).
     #[arg(long, env = "GUESTWATCH_DISABLE_BPF", value_name = "REASON")]
     pub disable_bpf: Option<String>,
+    /// A scan still running after this long is abandoned and recorded; detection goes on and
+    /// the next trigger scans again. [default: 30s]
+    #[arg(long, env = "GUESTWATCH_SCAN_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub scan_timeout: Option<Duration>,
 }
 
 #[derive(Args, Debug)]

@@ -12,6 +12,7 @@
 //! quiet_period = "150ms"
 //! periodic_interval = "4h"
 //! max_scans_per_minute = 60
+//! scan_timeout = "30s"
 //! ack_timeout = "10s"
 //! ```
 
@@ -68,6 +69,7 @@ pub struct FileConfig {
     pub connect_timeout: Option<String>,
     pub ack_timeout: Option<String>,
     pub max_backoff: Option<String>,
+    pub scan_timeout: Option<String>,
 }
 
 impl FileConfig {
@@ -116,6 +118,9 @@ impl TargetSpec {
     }
 }
 
+/// How long a scan may run before it is abandoned.
+pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Detection settings.
 #[derive(Clone, Debug)]
 pub struct DetectSettings {
@@ -124,6 +129,8 @@ pub struct DetectSettings {
     /// `None` when disabled (interval 0).
     pub periodic: Option<Duration>,
     pub disable_bpf: Option<String>,
+    /// A scan running longer is abandoned.
+    pub scan_timeout: Duration,
 }
 
 impl DetectSettings {
@@ -144,6 +151,14 @@ impl DetectSettings {
             "periodic_interval",
         )?
         .unwrap_or(Duration::from_secs(4 * 3600));
+        let scan_timeout = pick_duration(args.scan_timeout, &file.scan_timeout, "scan_timeout")?
+            .unwrap_or(DEFAULT_SCAN_TIMEOUT);
+        if scan_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "scan_timeout",
+                message: "must be longer than 0".into(),
+            });
+        }
         Ok(Self {
             choice,
             schedule: ScheduleConfig {
@@ -161,6 +176,7 @@ impl DetectSettings {
                 .disable_bpf
                 .clone()
                 .or_else(|| file.disable_bpf.clone()),
+            scan_timeout,
         })
     }
 }
@@ -316,7 +332,7 @@ mod tests {
         std::fs::write(
             &path,
             "root = \"/srv/vm\"\nrelay = \"unix:/run/relay.sock\"\nquiet_period = \"300ms\"\n\
-             periodic_interval = \"0\"\ndetector = \"inotify\"\n",
+             periodic_interval = \"0\"\ndetector = \"inotify\"\nscan_timeout = \"45s\"\n",
         )
         .unwrap();
         let args = RunArgs {
@@ -341,6 +357,7 @@ mod tests {
         assert_eq!(s.detect.choice, DetectorChoice::Inotify);
         assert_eq!(s.ack_timeout, Duration::from_secs(10));
         assert_eq!(s.state, PathBuf::from("/var/lib/guestwatch"));
+        assert_eq!(s.detect.scan_timeout, Duration::from_secs(45));
     }
 
     #[test]
@@ -356,6 +373,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("quiet_period"), "{err}");
+        std::fs::write(&path, "dbpath = \"/x\"\nscan_timeout = \"0\"\n").unwrap();
+        let file = FileConfig::load(Some(&path)).unwrap();
+        let err = DetectSettings::resolve(&DetectArgs::default(), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("scan_timeout"), "{err}");
+        let defaults = DetectSettings::resolve(&DetectArgs::default(), &FileConfig::default());
+        assert_eq!(defaults.unwrap().scan_timeout, DEFAULT_SCAN_TIMEOUT);
     }
 
     #[test]

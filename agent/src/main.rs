@@ -27,20 +27,25 @@ fn run(cli: Cli) -> Result<()> {
             if !bpf::built_with_bpf() {
                 log::warn!("{}", bpf::BpfError::NotBuilt);
             }
-            runtime()?.block_on(commands::watch::watch(&args))
+            in_runtime(commands::watch::watch(&args))
         }
         Command::Run(args) => {
             if !bpf::built_with_bpf() {
                 log::warn!("{}", bpf::BpfError::NotBuilt);
             }
-            runtime()?.block_on(commands::run::run(&args))
+            in_runtime(commands::run::run(&args))
         }
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+/// Runs `work` on a current-thread runtime. The runtime is then shut down without waiting for
+/// blocking threads: a scan abandoned at its deadline must not hold up the exit.
+fn in_runtime(work: impl Future<Output = Result<()>>) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(work);
+    runtime.shutdown_background();
+    result
 }

@@ -49,7 +49,7 @@ impl Metrics {
         let scans = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "scans",
-            "Scans by outcome (changed, unchanged, failed)",
+            "Scans by outcome (changed, unchanged, failed, timeout)",
             scans.clone(),
         );
         let scan_seconds =

@@ -106,8 +106,14 @@ impl Scanner for SystemScanner {
     type Output = Snapshot;
     type Error = ScanError;
 
-    fn scan(&mut self, _batch: &Batch) -> Result<Snapshot, ScanError> {
+    fn scan(&mut self, _batch: &Batch, _deadline: Instant) -> Result<Snapshot, ScanError> {
+        // The pipeline abandons the scan at `_deadline`. TODO(rpmdb deadline): hand it to the
+        // database reader here once rpmdb takes one, so the abandoned thread stops there too.
         self.scan_now()
+    }
+
+    fn fresh(&self) -> Self {
+        Self::new(self.target.clone())
     }
 }
 

@@ -122,6 +122,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         schedule: settings.detect.schedule.clone(),
         periodic: settings.detect.periodic,
         startup_scan: true,
+        scan_timeout: settings.detect.scan_timeout,
     };
     let pipeline = tokio::spawn(pipeline::run(
         config,
@@ -132,6 +133,8 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     ));
 
     let mut previous: Option<Snapshot> = None;
+    // Scans abandoned since the last report, told in the next report's errors.
+    let mut timeouts: Vec<String> = Vec::new();
     while let Some(event) = events.recv().await {
         match event {
             PipelineEvent::Trigger(trigger) => {
@@ -146,12 +149,25 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                     );
                 }
             }
+            PipelineEvent::TimedOut { batch, after } => {
+                metrics.scan("timeout", after.as_secs_f64());
+                let what = format!(
+                    "the scan after {} trigger was abandoned after {after:.1?} (--scan-timeout)",
+                    batch.cause.kind.as_str()
+                );
+                log::error!("{what}; detection goes on");
+                // Bounded: one line per abandoned scan, the oldest dropped first.
+                if timeouts.len() == 8 {
+                    timeouts.remove(0);
+                }
+                timeouts.push(what);
+            }
             PipelineEvent::Scan {
                 batch,
                 result,
                 duration,
             } => match result {
-                Ok(snapshot) => {
+                Ok(mut snapshot) => {
                     let hash = ContentHash(snapshot.content_hash);
                     let changes = previous
                         .as_ref()
@@ -173,6 +189,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                             .unwrap_or_else(|p| p.into_inner())
                             .next_generation()
                             .context("persisting the report generation")?;
+                        snapshot.system.problems.append(&mut timeouts);
                         let report = build_report(
                             &snapshot,
                             &batch,

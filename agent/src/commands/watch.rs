@@ -1,5 +1,6 @@
 //! `guestwatch-agent watch`: detection and scanning locally, one JSON line per event on stdout:
-//! a `detector` line first (mode and, if eBPF is not used, why), then `trigger` and `scan` lines.
+//! a `detector` line first (mode and, if eBPF is not used, why), then `trigger`, `scan`,
+//! `scan_error` and `scan_timeout` lines.
 
 use anyhow::{Context, Result};
 use report::ChangeSummary;
@@ -40,6 +41,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
         schedule: settings.detect.schedule.clone(),
         periodic: settings.detect.periodic,
         startup_scan: true,
+        scan_timeout: settings.detect.scan_timeout,
     };
     let pipeline = tokio::spawn(pipeline::run(
         config,
@@ -56,6 +58,16 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
                 let mut line = serde_json::to_value(&trigger)?;
                 line["event"] = json!("trigger");
                 println!("{line}");
+            }
+            PipelineEvent::TimedOut { batch, after } => {
+                log::error!(
+                    "the scan after {} trigger was abandoned after {after:.1?} (--scan-timeout)",
+                    batch.cause.kind.as_str()
+                );
+                println!(
+                    "{}",
+                    json!({"event": "scan_timeout", "after_ms": millis(after), "trigger": batch.cause})
+                );
             }
             PipelineEvent::Scan {
                 batch,
