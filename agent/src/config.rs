@@ -27,6 +27,7 @@ use serde::Deserialize;
 
 use crate::{
     cli::{DetectArgs, RunArgs, Target, WatchArgs, parse_duration},
+    deliver::machine::MachineId,
     detect::{DetectorChoice, schedule::ScheduleConfig},
 };
 
@@ -70,6 +71,8 @@ pub struct FileConfig {
     pub ack_timeout: Option<String>,
     pub max_backoff: Option<String>,
     pub scan_timeout: Option<String>,
+    /// The machine-id file the epoch is bound to (tests; default: the target's).
+    pub machine_id_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -246,6 +249,8 @@ pub struct RunSettings {
     pub connect_timeout: Duration,
     pub ack_timeout: Duration,
     pub max_backoff: Duration,
+    /// Overrides the machine-id file the epoch is bound to.
+    pub machine_id_file: Option<PathBuf>,
 }
 
 impl RunSettings {
@@ -288,7 +293,22 @@ impl RunSettings {
                 .unwrap_or(Duration::from_secs(10)),
             max_backoff: pick_duration(args.max_backoff, &file.max_backoff, "max_backoff")?
                 .unwrap_or(Duration::from_secs(5)),
+            machine_id_file: args
+                .machine_id_file
+                .clone()
+                .or_else(|| file.machine_id_file.clone()),
         })
+    }
+
+    /// The machine the state directory must belong to: the override file, else the
+    /// `/etc/machine-id` of the root being inventoried (read inside it), else this machine's.
+    pub fn machine_id(&self) -> MachineId {
+        let name = Path::new("/etc/machine-id");
+        match (&self.machine_id_file, &self.target) {
+            (Some(file), _) => MachineId::read_file(file),
+            (None, TargetSpec::Root(root)) => MachineId::read_in_root(root, name),
+            (None, TargetSpec::DbPath(_)) => MachineId::read_in_root(Path::new("/"), name),
+        }
     }
 }
 
@@ -332,7 +352,8 @@ mod tests {
         std::fs::write(
             &path,
             "root = \"/srv/vm\"\nrelay = \"unix:/run/relay.sock\"\nquiet_period = \"300ms\"\n\
-             periodic_interval = \"0\"\ndetector = \"inotify\"\nscan_timeout = \"45s\"\n",
+             periodic_interval = \"0\"\ndetector = \"inotify\"\nscan_timeout = \"45s\"\n\
+             machine_id_file = \"/run/test-machine-id\"\n",
         )
         .unwrap();
         let args = RunArgs {
@@ -347,6 +368,7 @@ mod tests {
             connect_timeout: None,
             ack_timeout: None,
             max_backoff: None,
+            machine_id_file: None,
             config: Some(path),
         };
         let s = RunSettings::resolve(&args).unwrap();
@@ -358,6 +380,10 @@ mod tests {
         assert_eq!(s.ack_timeout, Duration::from_secs(10));
         assert_eq!(s.state, PathBuf::from("/var/lib/guestwatch"));
         assert_eq!(s.detect.scan_timeout, Duration::from_secs(45));
+        assert_eq!(
+            s.machine_id_file,
+            Some(PathBuf::from("/run/test-machine-id"))
+        );
     }
 
     #[test]

@@ -1,10 +1,7 @@
 //! `guestwatch-agent run`: the daemon. Detects changes, scans, and delivers each new report to
 //! the relay until it is acknowledged — surviving relay outages, restarts and reboots.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use guestwatch_protocol::{
@@ -21,6 +18,7 @@ use crate::{
     deliver::{
         sender::{self, Outbox, SenderConfig},
         state::StateDir,
+        writer::StateWriter,
     },
     detect::{
         Detector, DetectorConfig, DetectorMode,
@@ -34,9 +32,15 @@ use crate::{
 
 pub async fn run(args: &RunArgs) -> Result<()> {
     let settings = RunSettings::resolve(args)?;
-    let state = StateDir::open(&settings.state).context("opening the state directory")?;
+    let machine = settings.machine_id();
+    let dir = settings.state.clone();
+    let state = tokio::task::spawn_blocking(move || StateDir::open(&dir, &machine))
+        .await
+        .context("opening the state directory")?
+        .context("opening the state directory")?;
     let epoch = state.epoch();
-    let state = Arc::new(Mutex::new(state));
+    let epoch_reason = state.epoch_reason();
+    let writer = StateWriter::start(state).context("starting the state writer")?;
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
     super::watch::spawn_signal_handler(stop.clone());
@@ -68,31 +72,16 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     }
 
     let (outbox, outbox_rx) = Outbox::new();
-    // A report that was not acknowledged before the last stop is sent again first.
-    let mut baseline = {
-        let state = state.lock().unwrap_or_else(|p| p.into_inner());
-        let restored = state
-            .load_pending()
-            .ok()
-            .flatten()
-            .and_then(|bytes| sender::restore(&bytes));
-        match restored {
-            Some(report) if report.id.epoch == epoch => {
-                log::info!(
-                    "resending report {} left unacknowledged by the previous run",
-                    report.id
-                );
-                let hash = report.content_hash;
-                outbox.offer(report);
-                Some(hash)
-            }
-            _ => state
-                .load_acked()
-                .ok()
-                .flatten()
-                .and_then(|a| ContentHash::from_hex(&a.content_hash)),
-        }
-    };
+    // A report that was not acknowledged before the last stop is what is delivered first, and
+    // its content is the baseline: a startup scan finding the same is no new report.
+    let resumed = writer
+        .resume()
+        .await
+        .context("reading the state directory")?;
+    let mut baseline = resumed.baseline;
+    if let Some(report) = resumed.pending {
+        outbox.offer(Arc::new(report));
+    }
 
     let sender_config = SenderConfig {
         relay: settings.relay.clone(),
@@ -101,15 +90,18 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         max_backoff: settings.max_backoff,
         agent: agent_info(&settings.target, mode),
         epoch,
+        extensions: epoch_reason
+            .map(|r| vec![("epoch_reason".to_owned(), r.as_str().to_owned())])
+            .unwrap_or_default(),
     };
     log::info!(
-        "delivering to {} (state in {})",
+        "delivering to {} (state in {}, epoch {epoch:016x})",
         settings.relay,
         settings.state.display()
     );
     let sending = tokio::spawn(sender::run(
         sender_config,
-        state.clone(),
+        writer.clone(),
         outbox_rx,
         metrics.clone(),
         stop.clone(),
@@ -184,34 +176,21 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                         );
                     } else {
                         metrics.scan("changed", duration.as_secs_f64());
-                        let generation = state
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
+                        let generation = writer
                             .next_generation()
+                            .await
                             .context("persisting the report generation")?;
                         snapshot.system.problems.append(&mut timeouts);
-                        let report = build_report(
+                        let report = Arc::new(build_report(
                             &snapshot,
                             &batch,
                             &changes,
                             mode,
                             ReportId { epoch, generation },
                             duration,
-                        );
-                        match sender::persistable(&report) {
-                            Some(bytes) => {
-                                if let Err(e) = state
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .save_pending(&bytes)
-                                {
-                                    log::error!("persisting report {}: {e}", report.id);
-                                }
-                            }
-                            None => log::error!(
-                                "report {} cannot be encoded for persistence",
-                                report.id
-                            ),
+                        ));
+                        if let Err(e) = writer.save_pending(report.clone()).await {
+                            log::error!("persisting report {}: {e}", report.id);
                         }
                         log::info!(
                             "report {} ({} packages, {}) after {} trigger",

@@ -1,8 +1,8 @@
 //! The sender: keeps the newest unacknowledged report and delivers it to the relay.
 //!
 //! - Reports arrive through a [`Outbox`]; a newer one supersedes an older unacknowledged one.
-//! - Every report is persisted in the state directory before it is offered, so a crash or a
-//!   reboot resends it; an acknowledgement clears it and records what the relay has.
+//! - The producer persists every report before offering it, so a crash or a reboot resends
+//!   it; an acknowledgement is recorded in the state directory, which then forgets the report.
 //! - Reconnection and retransmission use capped exponential backoff with jitter; a `Nack`'s
 //!   retry-after is honoured; an unanswered report is retransmitted after the ack timeout.
 //! - The relay being down never blocks detection or scanning: the outbox is a watch channel,
@@ -14,16 +14,16 @@ use std::{
 };
 
 use guestwatch_protocol::{
-    AckStatus, AgentInfo, Connection, ErrorCode, Hello, Limits, Message, PROTOCOL_VERSION, Report,
-    SUPPORTED_VERSIONS, frame,
+    AckStatus, AgentInfo, Connection, ErrorCode, Hello, Limits, Message, Report, SUPPORTED_VERSIONS,
 };
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     backoff::Backoff,
-    state::{Acked, StateDir},
+    state::Acked,
     transport::{self, RelayStream},
+    writer::StateWriter,
 };
 use crate::{config::RelayAddr, metrics::Metrics};
 
@@ -48,9 +48,9 @@ impl Outbox {
     }
 
     /// Offers `report`, superseding any report not acknowledged yet.
-    pub fn offer(&self, report: Report) {
+    pub fn offer(&self, report: Arc<Report>) {
         self.tx.send_replace(Some(Pending {
-            report: Arc::new(report),
+            report,
             scanned: StdInstant::now(),
         }));
     }
@@ -66,24 +66,8 @@ pub struct SenderConfig {
     pub agent: AgentInfo,
     /// The installation's epoch (from the state directory), announced in `Hello`.
     pub epoch: u64,
-}
-
-/// Encodes a report as it is stored in the state directory (one protocol frame).
-pub fn persistable(report: &Report) -> Option<Vec<u8>> {
-    frame::encode(
-        PROTOCOL_VERSION,
-        &Message::Report(Box::new(report.clone())),
-        u32::MAX,
-    )
-    .ok()
-}
-
-/// Decodes a stored report; `None` if it is damaged (it is then discarded).
-pub fn restore(bytes: &[u8]) -> Option<Report> {
-    match frame::decode(bytes, u32::MAX).ok()??.message.ok()? {
-        Message::Report(report) => Some(*report),
-        _ => None,
-    }
+    /// `Hello.extensions` (e.g. why the epoch was chosen).
+    pub extensions: Vec<(String, String)>,
 }
 
 enum Exchange {
@@ -98,7 +82,7 @@ enum Exchange {
 /// Delivers reports until `stop`. A write in progress is finished before returning.
 pub async fn run(
     config: SenderConfig,
-    state: Arc<std::sync::Mutex<StateDir>>,
+    writer: StateWriter,
     mut outbox: watch::Receiver<Option<Pending>>,
     metrics: Metrics,
     stop: CancellationToken,
@@ -186,7 +170,13 @@ pub async fn run(
                     .delivery_seconds
                     .observe(pending.scanned.elapsed().as_secs_f64());
                 log::info!("report {id} acknowledged ({status:?})");
-                acknowledged(&state, &pending.report);
+                let record = Acked {
+                    generation: id.generation,
+                    content_hash: pending.report.content_hash.to_hex(),
+                };
+                if let Err(e) = writer.record_ack(record).await {
+                    log::error!("recording the acknowledgement of report {id}: {e}");
+                }
                 acked = Some(id);
             }
             Exchange::RetryAfter(delay) => {
@@ -218,23 +208,6 @@ pub async fn run(
     }
 }
 
-fn acknowledged(state: &std::sync::Mutex<StateDir>, report: &Report) {
-    let state = state.lock().unwrap_or_else(|p| p.into_inner());
-    let acked = Acked {
-        generation: report.id.generation,
-        content_hash: report.content_hash.to_hex(),
-    };
-    if let Err(e) = state.save_acked(&acked) {
-        log::error!("recording the acknowledgement: {e}");
-    }
-    // Only the newest persisted report is cleared; a newer pending one stays on disk.
-    if state.generation() == report.id.generation
-        && let Err(e) = state.clear_pending()
-    {
-        log::error!("clearing the delivered report: {e}");
-    }
-}
-
 async fn sleep_or_stop(delay: Duration, stop: &CancellationToken) -> bool {
     tokio::select! {
         () = stop.cancelled() => true,
@@ -253,7 +226,7 @@ async fn connect(
         versions: SUPPORTED_VERSIONS.to_vec(),
         epoch: config.epoch,
         agent: config.agent.clone(),
-        extensions: Vec::new(),
+        extensions: config.extensions.clone(),
     });
     let answer = tokio::time::timeout(config.ack_timeout, async {
         conn.write_message(&hello).await?;
