@@ -105,6 +105,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         outbox_rx,
         metrics.clone(),
         stop.clone(),
+        resumed.rejected,
     ));
 
     let (trigger_tx, trigger_rx) = mpsc::channel(1024);

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod machine;
 pub mod resume;
 pub mod sender;
+pub mod session;
 pub mod state;
 pub mod stored;
 pub mod transport;
