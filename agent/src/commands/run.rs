@@ -26,6 +26,7 @@ use crate::{
         schedule::Batch,
         trigger::{Trigger, TriggerKind},
     },
+    health::Health,
     metrics::Metrics,
     scan::{Snapshot, SystemScanner, millis},
 };
@@ -55,12 +56,14 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     .context("starting detection")?;
     let mode = detector.status().mode;
     metrics.set_mode(mode);
+    let health = Health::new(settings.detect.choice, detector.status(), writer.clone());
 
     if let Some(addr) = settings.metrics {
+        let health = health.clone();
         let server = guestwatch_telemetry::MetricsServer::bind(
             addr,
             metrics.registry.clone(),
-            Arc::new(|| Ok(())),
+            Arc::new(move || health.check()),
         )
         .await
         .with_context(|| format!("metrics endpoint on {addr}"))?;
@@ -110,7 +113,15 @@ pub async fn run(args: &RunArgs) -> Result<()> {
 
     let (trigger_tx, trigger_rx) = mpsc::channel(1024);
     let (event_tx, mut events) = mpsc::channel(256);
-    tokio::spawn(detector.run(trigger_tx, stop.clone()));
+    {
+        let (health, stop) = (health.clone(), stop.clone());
+        tokio::spawn(async move {
+            detector.run(trigger_tx, stop.clone()).await;
+            if !stop.is_cancelled() {
+                health.detection_lost("detection stopped");
+            }
+        });
+    }
     let config = PipelineConfig {
         schedule: settings.detect.schedule.clone(),
         periodic: settings.detect.periodic,
@@ -176,11 +187,17 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                             batch.cause.kind.as_str()
                         );
                     } else {
+                        // Without a persisted generation there is no report: the next scan
+                        // tries again, and /healthz says why meanwhile.
+                        let generation = match writer.next_generation().await {
+                            Ok(generation) => generation,
+                            Err(e) => {
+                                metrics.scan("failed", duration.as_secs_f64());
+                                log::error!("persisting the report generation: {e}");
+                                continue;
+                            }
+                        };
                         metrics.scan("changed", duration.as_secs_f64());
-                        let generation = writer
-                            .next_generation()
-                            .await
-                            .context("persisting the report generation")?;
                         snapshot.system.problems.append(&mut timeouts);
                         let report = Arc::new(build_report(
                             &snapshot,
