@@ -33,12 +33,13 @@ use crate::{
 
 pub async fn run(args: &RunArgs) -> Result<()> {
     let settings = RunSettings::resolve(args)?;
-    let machine = settings.machine_id();
-    let dir = settings.state.clone();
-    let state = tokio::task::spawn_blocking(move || StateDir::open(&dir, &machine))
-        .await
-        .context("opening the state directory")?
-        .context("opening the state directory")?;
+    // File reads and fsyncs: off the runtime's thread, like every later state write.
+    let lookup = settings.clone();
+    let state =
+        tokio::task::spawn_blocking(move || StateDir::open(&lookup.state, &lookup.machine_id()))
+            .await
+            .context("opening the state directory")?
+            .context("opening the state directory")?;
     let epoch = state.epoch();
     let epoch_reason = state.epoch_reason();
     let writer = StateWriter::start(state).context("starting the state writer")?;
