@@ -138,7 +138,10 @@ pub async fn run<S: Scanner>(
                 }
                 None => sources_open = false,
             },
-            () = tokio::time::sleep_until(wake), if running.is_none() && wake < far_future => {}
+            // While too many abandoned scans are stuck, a ready batch waits for one to end, and
+            // its wake-up stays off (it would fire at once, again and again).
+            () = tokio::time::sleep_until(wake),
+                if running.is_none() && abandoned.len() < MAX_SCAN_THREADS && wake < far_future => {}
             joined = done(&mut running), if running.is_some() => {
                 let Some(r) = running.take() else { continue };
                 scheduler.finished();
@@ -363,6 +366,18 @@ mod tests {
         }
     }
 
+    /// CPU time this thread (the test runtime's, which runs the pipeline) has used.
+    fn cpu_time() -> Duration {
+        // SAFETY: `rusage` is plain data; all zeroes is a valid value.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage(2) with a valid `who` fills the struct it is given.
+        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+        let time = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        time(usage.ru_utime) + time(usage.ru_stime)
+    }
+
     fn hanging(timeout: Duration) -> (PipelineConfig, Arc<Gate>, Hanging) {
         let gate = Arc::new(Gate::default());
         let config = PipelineConfig {
@@ -489,12 +504,19 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(next_outcome(&mut erx).await, Err(TriggerKind::Transaction));
-        // Two scans are stuck: a third trigger waits for one of them instead of adding a third.
+        // Two scans are stuck: a third trigger waits for one of them instead of adding a
+        // third, and waits idle.
         tx.send(Trigger::new(TriggerKind::Periodic)).await.unwrap();
+        let cpu_before = cpu_time();
         assert!(
             tokio::time::timeout(Duration::from_millis(600), next_outcome(&mut erx))
                 .await
                 .is_err()
+        );
+        let spent = cpu_time() - cpu_before;
+        assert!(
+            spent < Duration::from_millis(300),
+            "busy while waiting: {spent:?}"
         );
         assert_eq!(gate.state.lock().unwrap().started, 2);
         gate.open();
