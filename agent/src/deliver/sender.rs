@@ -145,17 +145,21 @@ pub async fn run(
         connect_failures: 0,
     };
     loop {
-        let Some(pending) = sender.current(&mut outbox) else {
+        if sender.current(&mut outbox).is_none() {
             if !sender.idle(&mut outbox, &stop).await {
                 return;
             }
             continue;
-        };
+        }
         if sleep_until_or_stop(sender.not_before, &stop).await {
             return;
         }
+        // The newest report after the wait (a newer one may have arrived meanwhile).
+        let Some(pending) = sender.current(&mut outbox) else {
+            continue;
+        };
         if sender.session.is_none() {
-            // Then look again: a newer report may have arrived meanwhile.
+            // Connected, or paced after a failure: start over with the newest report.
             sender.connect().await;
             continue;
         }
