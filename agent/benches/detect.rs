@@ -8,7 +8,7 @@
 //! Targets: eBPF p50 under 10 ms with the evidence join, every change detected and attributed,
 //! nothing from the other database. The peer is the other detector, measured in the same run.
 
-mod support;
+pub mod support;
 
 use std::{
     path::Path,
@@ -37,7 +37,10 @@ pub fn series(
         .map(|i| PackageSpec::new(format!("{prefix}-{i:04}"), "1.0", "1"))
         .collect();
     let rpms = build_packages(&specs, &work.join(format!("rpms-{prefix}"))).ok()?;
-    let noise = Noise::start(&work.join(format!("noise-{prefix}")), Duration::from_millis(20))?;
+    let noise = Noise::start(
+        &work.join(format!("noise-{prefix}")),
+        Duration::from_millis(20),
+    )?;
     let watch = Watch::start(db.path(), detector, extra)?;
     let mut done = Vec::new();
     let mut lines = Vec::new();
@@ -49,7 +52,8 @@ pub fn series(
         for (install, k) in steps {
             let name = format!("{prefix}-{k:04}");
             let mut child = if install {
-                db.spawn_transaction("-i", std::slice::from_ref(&rpms[k])).ok()?
+                db.spawn_transaction("-i", std::slice::from_ref(&rpms[k]))
+                    .ok()?
             } else {
                 db.command(&["-e", &name])
                     .stdout(Stdio::null())
@@ -72,7 +76,13 @@ pub fn series(
     // The last change must be reported before the watch stops.
     lines.extend(watch.drain(Duration::from_secs(3)));
     let crosstalk_runs = noise.count();
-    let outcome = judge(&done, &lines, &noise, Duration::from_secs(1), detector == "ebpf");
+    let outcome = judge(
+        &done,
+        &lines,
+        &noise,
+        Duration::from_secs(1),
+        detector == "ebpf",
+    );
     Some((outcome, crosstalk_runs))
 }
 
@@ -80,14 +90,20 @@ pub fn series(
 fn elsewhere_only(detector: &str, work: &Path) -> Option<(usize, usize)> {
     let db = RpmDb::at(work.join(format!("quiet-{detector}"))).ok()?;
     let watch = Watch::start(db.path(), detector, &[])?;
-    let noise = Noise::start(&work.join(format!("quiet-noise-{detector}")), Duration::ZERO)?;
+    let noise = Noise::start(
+        &work.join(format!("quiet-noise-{detector}")),
+        Duration::ZERO,
+    )?;
     let mut lines = Vec::new();
     while noise.count() < 200 {
         lines.extend(watch.drain(Duration::from_millis(200)));
     }
     drop(noise);
     lines.extend(watch.drain(Duration::from_secs(3)));
-    let triggers = lines.iter().filter(|(_, v)| v["event"] == "trigger").count();
+    let triggers = lines
+        .iter()
+        .filter(|(_, v)| v["event"] == "trigger")
+        .count();
     Some((200, triggers))
 }
 
@@ -157,9 +173,19 @@ fn main() {
             println!("{detector:<9} SKIPPED: needs root");
             continue;
         }
-        match series(detector, work.path(), &format!("lat-{detector}"), PACKAGES, (200, 800), &[]) {
+        match series(
+            detector,
+            work.path(),
+            &format!("lat-{detector}"),
+            PACKAGES,
+            (200, 800),
+            &[],
+        ) {
             Some((o, noise)) => {
-                let (p50, p99) = (percentile(&o.latencies, 0.5), percentile(&o.latencies, 0.99));
+                let (p50, p99) = (
+                    percentile(&o.latencies, 0.5),
+                    percentile(&o.latencies, 0.99),
+                );
                 let target = if detector == "ebpf" {
                     let ok = o.detected == o.performed
                         && o.attributed == o.performed
@@ -173,15 +199,24 @@ fn main() {
                     "{detector:<9} {:>9} {:>13} {:>11} {:>10} {:>8.1}ms {:>8.1}ms   {target}",
                     o.performed,
                     o.detected,
-                    if detector == "ebpf" { o.attributed.to_string() } else { "-".into() },
+                    if detector == "ebpf" {
+                        o.attributed.to_string()
+                    } else {
+                        "-".into()
+                    },
                     o.crosstalk,
                     ms(p50),
                     ms(p99),
                 );
-                println!("{:<9} (the other database saw {noise} transactions meanwhile)", "");
+                println!(
+                    "{:<9} (the other database saw {noise} transactions meanwhile)",
+                    ""
+                );
                 p50s.push((detector, p50));
             }
-            None => println!("{detector:<9} FAILED to measure (is the agent built with BPF? root?)"),
+            None => {
+                println!("{detector:<9} FAILED to measure (is the agent built with BPF? root?)")
+            }
         }
     }
     if let [(a, pa), (b, pb)] = p50s.as_slice() {

@@ -8,10 +8,9 @@
 #[path = "detect.rs"]
 #[allow(dead_code)]
 mod detect;
-mod support;
 
+use detect::support::{ms, percentile};
 use guestwatch_testkit::is_root;
-use support::{ms, percentile};
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {

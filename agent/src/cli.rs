@@ -90,6 +90,10 @@ pub struct DetectArgs {
     /// can carry secrets). [default: full]
     #[arg(long, env = "GUESTWATCH_ATTRIBUTION", value_enum)]
     pub attribution: Option<AttributionMode>,
+    /// A scan still running after this long is abandoned and recorded; detection goes on and
+    /// the next trigger scans again. [default: 30s]
+    #[arg(long, env = "GUESTWATCH_SCAN_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub scan_timeout: Option<Duration>,
 }
 
 #[derive(Args, Debug)]
@@ -130,6 +134,15 @@ pub struct RunArgs {
     /// within this long. [default: 5s]
     #[arg(long, env = "GUESTWATCH_MAX_BACKOFF", value_parser = parse_duration, value_name = "DURATION")]
     pub max_backoff: Option<Duration>,
+    /// The machine-id file the epoch is bound to, instead of the target's /etc/machine-id
+    /// (for tests).
+    #[arg(
+        long,
+        env = "GUESTWATCH_MACHINE_ID_FILE",
+        value_name = "FILE",
+        hide = true
+    )]
+    pub machine_id_file: Option<PathBuf>,
     /// TOML configuration file (same keys as the options).
     #[arg(long, env = "GUESTWATCH_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -12,6 +12,7 @@
 //! quiet_period = "150ms"
 //! periodic_interval = "4h"
 //! max_scans_per_minute = 60
+//! scan_timeout = "30s"
 //! ack_timeout = "10s"
 //! ```
 
@@ -26,6 +27,7 @@ use serde::Deserialize;
 
 use crate::{
     cli::{DetectArgs, RunArgs, Target, WatchArgs, parse_duration},
+    deliver::machine::MachineId,
     detect::{DetectorChoice, process::AttributionMode, schedule::ScheduleConfig},
 };
 
@@ -69,6 +71,9 @@ pub struct FileConfig {
     pub connect_timeout: Option<String>,
     pub ack_timeout: Option<String>,
     pub max_backoff: Option<String>,
+    pub scan_timeout: Option<String>,
+    /// The machine-id file the epoch is bound to (tests; default: the target's).
+    pub machine_id_file: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -125,6 +130,9 @@ impl TargetSpec {
     }
 }
 
+/// How long a scan may run before it is abandoned.
+pub const DEFAULT_SCAN_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Detection settings.
 #[derive(Clone, Debug)]
 pub struct DetectSettings {
@@ -134,6 +142,8 @@ pub struct DetectSettings {
     pub periodic: Option<Duration>,
     pub disable_bpf: Option<String>,
     pub attribution: AttributionMode,
+    /// A scan running longer is abandoned.
+    pub scan_timeout: Duration,
 }
 
 impl DetectSettings {
@@ -163,6 +173,14 @@ impl DetectSettings {
             "periodic_interval",
         )?
         .unwrap_or(Duration::from_secs(4 * 3600));
+        let scan_timeout = pick_duration(args.scan_timeout, &file.scan_timeout, "scan_timeout")?
+            .unwrap_or(DEFAULT_SCAN_TIMEOUT);
+        if scan_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "scan_timeout",
+                message: "must be longer than 0".into(),
+            });
+        }
         Ok(Self {
             choice,
             schedule: ScheduleConfig {
@@ -181,6 +199,7 @@ impl DetectSettings {
                 .clone()
                 .or_else(|| file.disable_bpf.clone()),
             attribution,
+            scan_timeout,
         })
     }
 }
@@ -250,6 +269,8 @@ pub struct RunSettings {
     pub connect_timeout: Duration,
     pub ack_timeout: Duration,
     pub max_backoff: Duration,
+    /// Overrides the machine-id file the epoch is bound to.
+    pub machine_id_file: Option<PathBuf>,
 }
 
 impl RunSettings {
@@ -292,7 +313,22 @@ impl RunSettings {
                 .unwrap_or(Duration::from_secs(10)),
             max_backoff: pick_duration(args.max_backoff, &file.max_backoff, "max_backoff")?
                 .unwrap_or(Duration::from_secs(5)),
+            machine_id_file: args
+                .machine_id_file
+                .clone()
+                .or_else(|| file.machine_id_file.clone()),
         })
+    }
+
+    /// The machine the state directory must belong to: the override file, else the
+    /// `/etc/machine-id` of the root being inventoried (read inside it), else this machine's.
+    pub fn machine_id(&self) -> MachineId {
+        let name = Path::new("/etc/machine-id");
+        match (&self.machine_id_file, &self.target) {
+            (Some(file), _) => MachineId::read_file(file),
+            (None, TargetSpec::Root(root)) => MachineId::read_in_root(root, name),
+            (None, TargetSpec::DbPath(_)) => MachineId::read_in_root(Path::new("/"), name),
+        }
     }
 }
 
@@ -336,7 +372,8 @@ mod tests {
         std::fs::write(
             &path,
             "root = \"/srv/vm\"\nrelay = \"unix:/run/relay.sock\"\nquiet_period = \"300ms\"\n\
-             periodic_interval = \"0\"\ndetector = \"inotify\"\n",
+             periodic_interval = \"0\"\ndetector = \"inotify\"\nscan_timeout = \"45s\"\n\
+             machine_id_file = \"/run/test-machine-id\"\n",
         )
         .unwrap();
         let args = RunArgs {
@@ -351,6 +388,7 @@ mod tests {
             connect_timeout: None,
             ack_timeout: None,
             max_backoff: None,
+            machine_id_file: None,
             config: Some(path),
         };
         let s = RunSettings::resolve(&args).unwrap();
@@ -361,6 +399,11 @@ mod tests {
         assert_eq!(s.detect.choice, DetectorChoice::Inotify);
         assert_eq!(s.ack_timeout, Duration::from_secs(10));
         assert_eq!(s.state, PathBuf::from("/var/lib/guestwatch"));
+        assert_eq!(s.detect.scan_timeout, Duration::from_secs(45));
+        assert_eq!(
+            s.machine_id_file,
+            Some(PathBuf::from("/run/test-machine-id"))
+        );
     }
 
     #[test]
@@ -376,6 +419,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("quiet_period"), "{err}");
+        std::fs::write(&path, "dbpath = \"/x\"\nscan_timeout = \"0\"\n").unwrap();
+        let file = FileConfig::load(Some(&path)).unwrap();
+        let err = DetectSettings::resolve(&DetectArgs::default(), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("scan_timeout"), "{err}");
+        let defaults = DetectSettings::resolve(&DetectArgs::default(), &FileConfig::default());
+        assert_eq!(defaults.unwrap().scan_timeout, DEFAULT_SCAN_TIMEOUT);
     }
 
     #[test]

@@ -7,5 +7,6 @@ pub mod commands;
 pub mod config;
 pub mod deliver;
 pub mod detect;
+pub mod health;
 pub mod metrics;
 pub mod scan;

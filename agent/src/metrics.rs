@@ -42,8 +42,10 @@ pub struct Metrics {
     pub reports_sent: Counter,
     pub reports_acked: Family<OutcomeLabel, Counter>,
     pub reports_nacked: Counter,
+    pub reports_rejected: Family<ReasonLabel, Counter>,
     pub pending_reports: Gauge,
     pub relay_connected: Gauge,
+    pub relay_connections: Counter,
     pub delivery_seconds: Histogram,
 }
 
@@ -61,7 +63,7 @@ impl Metrics {
         let scans = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "scans",
-            "Scans by outcome (changed, unchanged, failed)",
+            "Scans by outcome (changed, unchanged, failed, timeout)",
             scans.clone(),
         );
         let scan_seconds =
@@ -95,6 +97,12 @@ impl Metrics {
             "Reports the relay asked to retry later",
             reports_nacked.clone(),
         );
+        let reports_rejected = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "reports_rejected",
+            "Reports given up on: the relay can never take them (too_large, malformed, rejected)",
+            reports_rejected.clone(),
+        );
         let pending_reports = Gauge::default();
         registry.register(
             "pending_reports",
@@ -106,6 +114,12 @@ impl Metrics {
             "relay_connected",
             "1 while connected to the relay",
             relay_connected.clone(),
+        );
+        let relay_connections = Counter::default();
+        registry.register(
+            "relay_connections",
+            "Connections to the relay that completed the handshake",
+            relay_connections.clone(),
         );
         let delivery_seconds =
             Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0]);
@@ -124,8 +138,10 @@ impl Metrics {
             reports_sent,
             reports_acked,
             reports_nacked,
+            reports_rejected,
             pending_reports,
             relay_connected,
+            relay_connections,
             delivery_seconds,
         }
     }
@@ -160,6 +176,22 @@ impl Metrics {
         }
     }
 
+    pub fn acked(&self, outcome: &str) {
+        self.reports_acked
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.reports_rejected
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
     pub fn scan(&self, outcome: &str, seconds: f64) {
         self.scans
             .get_or_create(&OutcomeLabel {
@@ -188,6 +220,7 @@ mod tests {
         m.trigger(TriggerKind::Transaction);
         m.set_mode(DetectorMode::Ebpf);
         m.scan("changed", 0.02);
+        m.rejected("too_large");
         let mut text = String::new();
         encode(&mut text, &m.registry.lock().unwrap()).unwrap();
         assert!(
@@ -208,6 +241,10 @@ mod tests {
         );
         assert!(
             text.contains("guestwatch_agent_scan_duration_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("guestwatch_agent_reports_rejected_total{reason=\"too_large\"} 1"),
             "{text}"
         );
     }

@@ -75,16 +75,25 @@ impl SystemScanner {
         }
     }
 
-    /// Scans now.
+    /// Scans now, with the default deadline.
     pub fn scan_now(&mut self) -> Result<Snapshot, ScanError> {
+        self.scan_until(Instant::now() + rpmdb::DEFAULT_TIMEOUT)
+    }
+
+    /// Scans now; past `deadline` the database and history readers give up
+    /// (`DbError::Deadline`), so an abandoned scan's thread stops too.
+    pub fn scan_until(&mut self, deadline: Instant) -> Result<Snapshot, ScanError> {
         let started = Instant::now();
-        let options = rpmdb::ReadOptions::timeout(rpmdb::DEFAULT_TIMEOUT);
+        let options = rpmdb::ReadOptions {
+            deadline: Some(deadline),
+            ..rpmdb::ReadOptions::default()
+        };
         let scan = rpmdb::read_with(self.source(), &options)?;
         let content_hash = report::content_hash(&scan.packages);
         let system = self
             .system
             .as_mut()
-            .map(SystemReader::read)
+            .map(|reader| reader.read_with(&options))
             .unwrap_or_else(SystemInfo::none);
         let root = match &self.target {
             TargetSpec::Root(root) => Some(root.as_path()),
@@ -107,8 +116,14 @@ impl Scanner for SystemScanner {
     type Output = Snapshot;
     type Error = ScanError;
 
-    fn scan(&mut self, _batch: &Batch) -> Result<Snapshot, ScanError> {
-        self.scan_now()
+    fn scan(&mut self, _batch: &Batch, deadline: Instant) -> Result<Snapshot, ScanError> {
+        // The pipeline abandons the scan at `deadline` whatever happens; the readers stop there
+        // too, so the abandoned thread does not linger.
+        self.scan_until(deadline)
+    }
+
+    fn fresh(&self) -> Self {
+        Self::new(self.target.clone())
     }
 }
 

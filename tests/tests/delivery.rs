@@ -8,7 +8,7 @@ use std::{
 };
 
 use guestwatch_tests::{
-    Agent, PackageSpec, Relay, RpmDb, build_packages, package_versions, testkit, wait_for,
+    Agent, PackageSpec, Relay, RpmDb, binary, build_packages, package_versions, testkit, wait_for,
 };
 
 fn prerequisites() -> bool {
@@ -160,4 +160,112 @@ fn killing_relay_and_agent_at_random_never_loses_the_newest_report() {
         "{iterations} iterations, {} deliveries",
         relay.deliveries().len()
     );
+}
+
+/// A Unix-socket proxy in front of the relay that counts the connections made through it.
+struct CountingProxy {
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingProxy {
+    fn start(listen: &std::path::Path, relay: std::path::PathBuf) -> Self {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        let listener = UnixListener::bind(listen).unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = connections.clone();
+        std::thread::spawn(move || {
+            for agent in listener.incoming() {
+                let Ok(agent) = agent else { return };
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Ok(upstream) = UnixStream::connect(&relay) else {
+                    continue;
+                };
+                let pipe = |mut from: UnixStream, mut to: UnixStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                if let (Ok(a), Ok(u)) = (agent.try_clone(), upstream.try_clone()) {
+                    pipe(a, upstream);
+                    pipe(u, agent);
+                }
+            }
+        });
+        Self { connections }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Bytes of `scan --format claircore` of a database: an upper bound of its report's payload.
+fn report_size(db: &RpmDb) -> usize {
+    let out = std::process::Command::new(binary("guestwatch-agent"))
+        .args(["scan", "--format", "claircore", "--dbpath"])
+        .arg(db.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    out.stdout.len()
+}
+
+#[test]
+fn a_report_larger_than_the_relay_takes_is_not_sent_in_a_loop() {
+    if !prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let db = RpmDb::at(work.path().join("rpmdb")).unwrap();
+    let specs = testkit::generated_specs("big", 40);
+    db.install(&build_packages(&specs, &work.path().join("rpms")).unwrap())
+        .unwrap();
+    // A frame limit a third of the pretty-printed document: the compact report of 40
+    // packages exceeds it, the report of 2 packages is far below it.
+    let max_frame = report_size(&db) / 3;
+    let relay = Relay::start(
+        work.path(),
+        &["vm1"],
+        None,
+        &["--max-frame", &max_frame.to_string()],
+    );
+    let proxy_socket = work.path().join("proxy.sock");
+    let proxy = CountingProxy::start(&proxy_socket, relay.socket("vm1"));
+    let agent = Agent::start(work.path(), "vm1", db.path(), &proxy_socket, &[]);
+
+    wait_for("the refusal", Duration::from_secs(30), || {
+        agent
+            .process
+            .log()
+            .contains("the relay cannot take report")
+            .then_some(())
+    });
+    let window = Duration::from_secs(20);
+    std::thread::sleep(window);
+    let connections = proxy.connections();
+    println!("{connections} connections in {window:?} with an undeliverable report");
+    // Before: about 6 a second, without end.
+    assert!(
+        connections <= 5,
+        "{connections} connections in {window:?}\n{}",
+        agent.process.log()
+    );
+    let log = agent.process.log();
+    assert_eq!(
+        log.matches("the relay cannot take report").count(),
+        1,
+        "logged once: {log}"
+    );
+    assert!(relay.latest("vm1").is_none(), "nothing was delivered yet");
+
+    // A smaller package set makes a report that fits: delivered.
+    let names: Vec<String> = specs.iter().skip(2).map(|s| s.name.clone()).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    db.erase(&names).unwrap();
+    let want = db_state(&db);
+    wait_for("the smaller report", Duration::from_secs(30), || {
+        (package_versions(&relay.latest("vm1")?["report"]) == want).then_some(())
+    });
 }

@@ -41,13 +41,27 @@ fn db_state(db: &RpmDb) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Waits until the VM's latest report equals the database.
+/// Waits until the VM's latest report equals the database and its delivery is logged (the
+/// dir sink replaces `latest.json` before it appends to `deliveries.jsonl`).
 fn wait_synced(relay: &Relay, vm: &str, db: &RpmDb, what: &str) -> serde_json::Value {
     let want = db_state(db);
     wait_for(what, DELIVERY, || {
         let latest = relay.latest(vm)?;
-        (package_versions(&latest["report"]) == want).then_some(latest)
+        let id = latest["delivery"]["report_id"].as_str()?.to_owned();
+        (package_versions(&latest["report"]) == want
+            && relay
+                .deliveries()
+                .iter()
+                .any(|d| d["report_id"] == id.as_str()))
+        .then_some(latest)
     })
+}
+
+/// A file of the agent's state directory, trimmed.
+fn state_file(agent: &Agent, name: &str) -> Option<String> {
+    std::fs::read_to_string(agent.state.join(name))
+        .ok()
+        .map(|s| s.trim().to_owned())
 }
 
 /// No report was delivered twice as new: report ids are unique and consecutive deliveries of
@@ -149,12 +163,19 @@ fn agent_crash_with_a_pending_report_resends_it() {
     let mut relay = Relay::start(work.path(), &["vm1"], None, &[]);
     let mut agent = Agent::start(work.path(), "vm1", db.path(), &relay.socket("vm1"), &[]);
     wait_synced(&relay, "vm1", &db, "the first report");
+    // The agent has the relay's acknowledgement too, not only the sink the report: a relay
+    // killed between the two leaves report 1 pending, and then *it* is what is resent.
+    wait_for("the acknowledgement of report 1", DELIVERY, || {
+        let acked = state_file(&agent, "acked")?;
+        (acked.starts_with("1 ") && state_file(&agent, "pending").is_none()).then_some(())
+    });
 
     relay.process.kill();
     db.install(&pkg(work.path(), "pending-app", "1.0")).unwrap();
-    // The agent persisted the report it could not deliver.
-    wait_for("the pending report on disk", DELIVERY, || {
-        agent.state.join("pending").exists().then_some(())
+    // The agent persisted the report of the install (generation 2) that it could not deliver.
+    wait_for("report 2 pending on disk", DELIVERY, || {
+        (state_file(&agent, "generation")? == "2" && agent.state.join("pending").exists())
+            .then_some(())
     });
     agent.process.kill();
     relay.restart();
@@ -174,7 +195,16 @@ fn agent_crash_with_a_pending_report_resends_it() {
         "{}",
         latest["delivery"]
     );
-    assert_eq!(relay.deliveries().len(), 2);
+    // The restarted agent's startup scan found that content: no new generation.
+    wait_for("the restarted agent's startup scan", DELIVERY, || {
+        agent
+            .process
+            .log()
+            .contains("scan after startup trigger: package set unchanged")
+            .then_some(())
+    });
+    assert_eq!(state_file(&agent, "generation").as_deref(), Some("2"));
+    assert_eq!(relay.deliveries().len(), 2, "{:#?}", relay.deliveries());
     assert_no_double_delivery(&relay);
 }
 

@@ -21,7 +21,10 @@ pub const APT_PACKAGES: &[(&str, &str)] = &[
         "librpm's Python bindings: transactions a test can block or keep open",
     ),
     ("createrepo-c", "local repositories for dnf"),
-    ("zypper", "real zypper transactions (it runs the rpm binary)"),
+    (
+        "zypper",
+        "real zypper transactions (it runs the rpm binary)",
+    ),
     ("librpm-dev", "librpm headers and the unversioned librpm.so"),
     ("sqlite3", "inspecting rpmdb.sqlite in tests"),
     ("redis-server", "the Redis Streams sink's real server"),

@@ -58,7 +58,11 @@ impl Watch {
     }
 
     /// The first line matching `want` within `timeout`.
-    pub fn until(&self, timeout: Duration, want: impl Fn(&Value) -> bool) -> Option<(Instant, Value)> {
+    pub fn until(
+        &self,
+        timeout: Duration,
+        want: impl Fn(&Value) -> bool,
+    ) -> Option<(Instant, Value)> {
         let deadline = Instant::now() + timeout;
         loop {
             let (at, v) = self

@@ -1,11 +1,7 @@
 //! `guestwatch-agent run`: the daemon. Detects changes, scans, and delivers each new report to
 //! the relay until it is acknowledged — surviving relay outages, restarts and reboots.
 
-use std::{
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use guestwatch_protocol::{
@@ -22,22 +18,31 @@ use crate::{
     deliver::{
         sender::{self, Outbox, SenderConfig},
         state::StateDir,
+        writer::StateWriter,
     },
     detect::{
-        Detector, DetectorConfig, DetectorMode, IgnoredHook,
+        Detector, DetectorConfig, DetectorMode, IgnoredHook, LostHook,
         pipeline::{self, PipelineConfig, PipelineEvent},
         schedule::Batch,
         trigger::{Trigger, TriggerKind},
     },
+    health::Health,
     metrics::Metrics,
     scan::{Snapshot, SystemScanner, millis},
 };
 
 pub async fn run(args: &RunArgs) -> Result<()> {
     let settings = RunSettings::resolve(args)?;
-    let state = StateDir::open(&settings.state).context("opening the state directory")?;
+    // File reads and fsyncs: off the runtime's thread, like every later state write.
+    let lookup = settings.clone();
+    let state =
+        tokio::task::spawn_blocking(move || StateDir::open(&lookup.state, &lookup.machine_id()))
+            .await
+            .context("opening the state directory")?
+            .context("opening the state directory")?;
     let epoch = state.epoch();
-    let state = Arc::new(Mutex::new(state));
+    let epoch_reason = state.epoch_reason();
+    let writer = StateWriter::start(state).context("starting the state writer")?;
     let metrics = Metrics::new();
     let stop = CancellationToken::new();
     super::watch::spawn_signal_handler(stop.clone());
@@ -58,12 +63,14 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     .context("starting detection")?;
     let mode = detector.status().mode;
     metrics.set_mode(mode);
+    let health = Health::new(settings.detect.choice, detector.status(), writer.clone());
 
     if let Some(addr) = settings.metrics {
+        let health = health.clone();
         let server = guestwatch_telemetry::MetricsServer::bind(
             addr,
             metrics.registry.clone(),
-            Arc::new(|| Ok(())),
+            Arc::new(move || health.check()),
         )
         .await
         .with_context(|| format!("metrics endpoint on {addr}"))?;
@@ -75,31 +82,16 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     }
 
     let (outbox, outbox_rx) = Outbox::new();
-    // A report that was not acknowledged before the last stop is sent again first.
-    let mut baseline = {
-        let state = state.lock().unwrap_or_else(|p| p.into_inner());
-        let restored = state
-            .load_pending()
-            .ok()
-            .flatten()
-            .and_then(|bytes| sender::restore(&bytes));
-        match restored {
-            Some(report) if report.id.epoch == epoch => {
-                log::info!(
-                    "resending report {} left unacknowledged by the previous run",
-                    report.id
-                );
-                let hash = report.content_hash;
-                outbox.offer(report);
-                Some(hash)
-            }
-            _ => state
-                .load_acked()
-                .ok()
-                .flatten()
-                .and_then(|a| ContentHash::from_hex(&a.content_hash)),
-        }
-    };
+    // A report that was not acknowledged before the last stop is what is delivered first, and
+    // its content is the baseline: a startup scan finding the same is no new report.
+    let resumed = writer
+        .resume()
+        .await
+        .context("reading the state directory")?;
+    let mut baseline = resumed.baseline;
+    if let Some(report) = resumed.pending {
+        outbox.offer(Arc::new(report));
+    }
 
     let sender_config = SenderConfig {
         relay: settings.relay.clone(),
@@ -108,27 +100,45 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         max_backoff: settings.max_backoff,
         agent: agent_info(&settings.target, mode),
         epoch,
+        extensions: epoch_reason
+            .map(|r| vec![("epoch_reason".to_owned(), r.as_str().to_owned())])
+            .unwrap_or_default(),
     };
     log::info!(
-        "delivering to {} (state in {})",
+        "delivering to {} (state in {}, epoch {epoch:016x})",
         settings.relay,
         settings.state.display()
     );
     let sending = tokio::spawn(sender::run(
         sender_config,
-        state.clone(),
+        writer.clone(),
         outbox_rx,
         metrics.clone(),
         stop.clone(),
+        resumed.rejected,
     ));
 
     let (trigger_tx, trigger_rx) = mpsc::channel(1024);
     let (event_tx, mut events) = mpsc::channel(256);
-    tokio::spawn(detector.run(trigger_tx, stop.clone()));
+    let mut detector = detector;
+    {
+        let health = health.clone();
+        detector.on_lost(LostHook(Arc::new(move |why| health.detection_lost(why))));
+    }
+    {
+        let (health, stop) = (health.clone(), stop.clone());
+        tokio::spawn(async move {
+            detector.run(trigger_tx, stop.clone()).await;
+            if !stop.is_cancelled() {
+                health.detection_lost("detection stopped");
+            }
+        });
+    }
     let config = PipelineConfig {
         schedule: settings.detect.schedule.clone(),
         periodic: settings.detect.periodic,
         startup_scan: true,
+        scan_timeout: settings.detect.scan_timeout,
     };
     let pipeline = tokio::spawn(pipeline::run(
         config,
@@ -139,6 +149,8 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     ));
 
     let mut previous: Option<Snapshot> = None;
+    // Scans abandoned since the last report, told in the next report's errors.
+    let mut timeouts: Vec<String> = Vec::new();
     while let Some(event) = events.recv().await {
         match event {
             PipelineEvent::Trigger(trigger) => {
@@ -153,12 +165,25 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                     );
                 }
             }
+            PipelineEvent::TimedOut { batch, after } => {
+                metrics.scan("timeout", after.as_secs_f64());
+                let what = format!(
+                    "the scan after {} trigger was abandoned after {after:.1?} (--scan-timeout)",
+                    batch.cause.kind.as_str()
+                );
+                log::error!("{what}; detection goes on");
+                // Bounded: one line per abandoned scan, the oldest dropped first.
+                if timeouts.len() == 8 {
+                    timeouts.remove(0);
+                }
+                timeouts.push(what);
+            }
             PipelineEvent::Scan {
                 batch,
                 result,
                 duration,
             } => match result {
-                Ok(snapshot) => {
+                Ok(mut snapshot) => {
                     let hash = ContentHash(snapshot.content_hash);
                     let changes = previous
                         .as_ref()
@@ -174,34 +199,28 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                             batch.cause.kind.as_str()
                         );
                     } else {
+                        // Without a persisted generation there is no report: the next scan
+                        // tries again, and /healthz says why meanwhile.
+                        let generation = match writer.next_generation().await {
+                            Ok(generation) => generation,
+                            Err(e) => {
+                                metrics.scan("failed", duration.as_secs_f64());
+                                log::error!("persisting the report generation: {e}");
+                                continue;
+                            }
+                        };
                         metrics.scan("changed", duration.as_secs_f64());
-                        let generation = state
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .next_generation()
-                            .context("persisting the report generation")?;
-                        let report = build_report(
+                        snapshot.system.problems.append(&mut timeouts);
+                        let report = Arc::new(build_report(
                             &snapshot,
                             &batch,
                             &changes,
                             mode,
                             ReportId { epoch, generation },
                             duration,
-                        );
-                        match sender::persistable(&report) {
-                            Some(bytes) => {
-                                if let Err(e) = state
-                                    .lock()
-                                    .unwrap_or_else(|p| p.into_inner())
-                                    .save_pending(&bytes)
-                                {
-                                    log::error!("persisting report {}: {e}", report.id);
-                                }
-                            }
-                            None => log::error!(
-                                "report {} cannot be encoded for persistence",
-                                report.id
-                            ),
+                        ));
+                        if let Err(e) = writer.save_pending(report.clone()).await {
+                            log::error!("persisting report {}: {e}", report.id);
                         }
                         log::info!(
                             "report {} ({} packages, {}) after {} trigger",

@@ -1,9 +1,13 @@
 //! `guestwatch-agent watch`: detection and scanning locally, one JSON line per event on stdout:
-//! a `detector` line first (mode and, if eBPF is not used, why), then `trigger` and `scan` lines.
+//! a `detector` line first (mode and, if eBPF is not used, why), then `trigger`, `scan`,
+//! `scan_error` and `scan_timeout` lines. When stdout is closed (`watch … | head -1`), it
+//! stops quietly like any Unix filter.
+
+use std::io::Write;
 
 use anyhow::{Context, Result};
 use report::ChangeSummary;
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +36,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
     .context("starting detection")?;
     let mut status = serde_json::to_value(detector.status())?;
     status["event"] = json!("detector");
-    println!("{status}");
+    emit(&status)?;
 
     let stop = CancellationToken::new();
     spawn_signal_handler(stop.clone());
@@ -43,6 +47,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
         schedule: settings.detect.schedule.clone(),
         periodic: settings.detect.periodic,
         startup_scan: true,
+        scan_timeout: settings.detect.scan_timeout,
     };
     let pipeline = tokio::spawn(pipeline::run(
         config,
@@ -51,6 +56,8 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
         event_tx,
         stop.clone(),
     ));
+    // Stop detection whenever this returns, a closed stdout included.
+    let _stop_on_return = stop.clone().drop_guard();
 
     let mut previous: Option<Snapshot> = None;
     while let Some(event) = events.recv().await {
@@ -58,7 +65,18 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
             PipelineEvent::Trigger(trigger) => {
                 let mut line = serde_json::to_value(&trigger)?;
                 line["event"] = json!("trigger");
-                println!("{line}");
+                emit(&line)?;
+            }
+            PipelineEvent::TimedOut { batch, after } => {
+                log::error!(
+                    "the scan after {} trigger was abandoned after {after:.1?} (--scan-timeout)",
+                    batch.cause.kind.as_str()
+                );
+                emit(&json!({
+                    "event": "scan_timeout",
+                    "after_ms": millis(after),
+                    "trigger": batch.cause,
+                }))?;
             }
             PipelineEvent::Scan {
                 batch,
@@ -79,38 +97,42 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
                             batch.cause.kind.as_str()
                         );
                     }
-                    println!(
-                        "{}",
-                        json!({
-                            "event": "scan",
-                            "changed": changed,
-                            "packages": snapshot.scan.packages.len(),
-                            "content_hash": hex::encode(snapshot.content_hash),
-                            "backend": snapshot.scan.backend.as_str(),
-                            "database": snapshot.scan.path,
-                            "errors": snapshot.scan.errors,
-                            "trigger": batch.cause,
-                            "transactions": batch.transactions.iter().filter_map(|t| t.attribution.as_ref()).collect::<Vec<_>>(),
-                            "tampers": batch.tampers.iter().filter_map(|t| t.attribution.as_ref()).collect::<Vec<_>>(),
-                            "coalesced": batch.counts,
-                            "duration_ms": millis(duration),
-                            "changes": changes,
-                        })
-                    );
+                    emit(&json!({
+                        "event": "scan",
+                        "changed": changed,
+                        "packages": snapshot.scan.packages.len(),
+                        "content_hash": hex::encode(snapshot.content_hash),
+                        "backend": snapshot.scan.backend.as_str(),
+                        "database": snapshot.scan.path,
+                        "errors": snapshot.scan.errors,
+                        "trigger": batch.cause,
+                        "transactions": batch.transactions.iter().filter_map(|t| t.attribution.as_ref()).collect::<Vec<_>>(),
+                        "tampers": batch.tampers.iter().filter_map(|t| t.attribution.as_ref()).collect::<Vec<_>>(),
+                        "coalesced": batch.counts,
+                        "duration_ms": millis(duration),
+                        "changes": changes,
+                    }))?;
                     previous = Some(snapshot);
                 }
                 Err(e) => {
                     log::error!("scan failed: {e}");
-                    println!(
-                        "{}",
-                        json!({"event": "scan_error", "error": e.to_string(), "trigger": batch.cause})
-                    );
+                    emit(
+                        &json!({"event": "scan_error", "error": e.to_string(), "trigger": batch.cause}),
+                    )?;
                 }
             },
         }
     }
     pipeline.await.context("the scan pipeline crashed")?;
     Ok(())
+}
+
+/// Writes one line to stdout. A closed stdout is an `io::Error` of kind `BrokenPipe`, which
+/// `main.rs` turns into a quiet exit (never the panic `println!` would raise).
+fn emit(line: &Value) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
 }
 
 /// Cancels `stop` on SIGTERM or SIGINT.

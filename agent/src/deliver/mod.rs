@@ -1,6 +1,12 @@
-//! Delivering reports to the relay: the state directory, the transport, retry pacing.
+//! Delivering reports to the relay: the state directory and its writer thread, resuming after
+//! a restart, the relay session, the sender's policy, retry pacing.
 
 pub mod backoff;
+pub mod machine;
+pub mod resume;
 pub mod sender;
+pub mod session;
 pub mod state;
+pub mod stored;
 pub mod transport;
+pub mod writer;

@@ -1,10 +1,16 @@
 //! The sender: keeps the newest unacknowledged report and delivers it to the relay.
 //!
-//! - Reports arrive through a [`Outbox`]; a newer one supersedes an older unacknowledged one.
-//! - Every report is persisted in the state directory before it is offered, so a crash or a
-//!   reboot resends it; an acknowledgement clears it and records what the relay has.
-//! - Reconnection and retransmission use capped exponential backoff with jitter; a `Nack`'s
-//!   retry-after is honoured; an unanswered report is retransmitted after the ack timeout.
+//! - Reports arrive through an [`Outbox`]; a newer one supersedes an older unacknowledged one.
+//!   The producer persists a report before offering it, so a crash or a reboot resends it; an
+//!   acknowledgement is recorded in the state directory, which then forgets the report.
+//! - Every attempt is paced by one capped, jittered backoff: a failed or unanswered connection,
+//!   a `Nack`, a refusal each push the next attempt back, and only an acknowledgement resets
+//!   it. A connection that succeeds but delivers nothing does not, so an undeliverable report
+//!   can never make the agent reconnect in a tight loop.
+//! - A report the relay can never take (a terminal `Nack`, a version-1 relay's `Error`, or
+//!   beyond the limits it announced in `Welcome`, in which case it is not even sent) is given
+//!   up: logged once, counted, and not sent again until something changes — a newer report, or
+//!   a relay announcing other limits on a later connection.
 //! - The relay being down never blocks detection or scanning: the outbox is a watch channel,
 //!   the producer never waits for the sender.
 
@@ -14,16 +20,16 @@ use std::{
 };
 
 use guestwatch_protocol::{
-    AckStatus, AgentInfo, Connection, ErrorCode, Hello, Limits, Message, PROTOCOL_VERSION, Report,
-    SUPPORTED_VERSIONS, frame,
+    AckStatus, AgentInfo, Hello, Payload, PayloadEncoding, Report, ReportId,
 };
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{
     backoff::Backoff,
-    state::{Acked, StateDir},
-    transport::{self, RelayStream},
+    session::{Answer, RelayLimits, Session},
+    state::{Acked, Rejected},
+    writer::StateWriter,
 };
 use crate::{config::RelayAddr, metrics::Metrics};
 
@@ -31,6 +37,8 @@ use crate::{config::RelayAddr, metrics::Metrics};
 #[derive(Clone, Debug)]
 pub struct Pending {
     pub report: Arc<Report>,
+    /// The payload's size decompressed, when known (checked against the relay's limit).
+    pub json_len: Option<u64>,
     /// When the scan that produced it finished (for the delivery-latency metric).
     pub scanned: StdInstant,
 }
@@ -48,11 +56,24 @@ impl Outbox {
     }
 
     /// Offers `report`, superseding any report not acknowledged yet.
-    pub fn offer(&self, report: Report) {
+    pub fn offer(&self, report: Arc<Report>) {
+        let json_len = json_len(report.body.payload());
         self.tx.send_replace(Some(Pending {
-            report: Arc::new(report),
+            report,
+            json_len,
             scanned: StdInstant::now(),
         }));
+    }
+}
+
+/// The decompressed size of a payload, from the zstd frame header (the agent compressed it
+/// itself, with the size recorded) rather than by decompressing it.
+fn json_len(payload: &Payload) -> Option<u64> {
+    match payload.encoding {
+        PayloadEncoding::Json => u64::try_from(payload.bytes.len()).ok(),
+        PayloadEncoding::JsonZstd => zstd::zstd_safe::get_frame_content_size(&payload.bytes)
+            .ok()
+            .flatten(),
     }
 }
 
@@ -66,277 +87,293 @@ pub struct SenderConfig {
     pub agent: AgentInfo,
     /// The installation's epoch (from the state directory), announced in `Hello`.
     pub epoch: u64,
+    /// `Hello.extensions` (e.g. why the epoch was chosen).
+    pub extensions: Vec<(String, String)>,
 }
 
-/// Encodes a report as it is stored in the state directory (one protocol frame).
-pub fn persistable(report: &Report) -> Option<Vec<u8>> {
-    frame::encode(
-        PROTOCOL_VERSION,
-        &Message::Report(Box::new(report.clone())),
-        u32::MAX,
-    )
-    .ok()
-}
-
-/// Decodes a stored report; `None` if it is damaged (it is then discarded).
-pub fn restore(bytes: &[u8]) -> Option<Report> {
-    match frame::decode(bytes, u32::MAX).ok()??.message.ok()? {
-        Message::Report(report) => Some(*report),
-        _ => None,
-    }
-}
-
-enum Exchange {
-    /// The relay acknowledged the report.
-    Acked(AckStatus),
-    /// Retry after this long (Nack).
-    RetryAfter(Duration),
-    /// The connection is unusable; reconnect.
-    Broken(String),
+/// A report given up on, and the relay limits it was refused under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Refusal {
+    id: ReportId,
+    limits: RelayLimits,
 }
 
 /// Delivers reports until `stop`. A write in progress is finished before returning.
+/// `rejected` is the pending report's refusal as the previous run recorded it.
 pub async fn run(
     config: SenderConfig,
-    state: Arc<std::sync::Mutex<StateDir>>,
+    writer: StateWriter,
     mut outbox: watch::Receiver<Option<Pending>>,
     metrics: Metrics,
     stop: CancellationToken,
+    rejected: Option<Rejected>,
 ) {
-    let mut reconnect = Backoff::new(Duration::from_millis(200), config.max_backoff);
-    let mut conn: Option<Connection<Box<dyn RelayStream>>> = None;
-    let mut ping_interval = Duration::from_secs(30);
-    // The last report the relay acknowledged: never sent again.
-    let mut acked: Option<guestwatch_protocol::ReportId> = None;
+    let refused = rejected.map(|r| {
+        log::info!(
+            "report {:016x}-{} was refused by the relay ({}); waiting for a newer report or \
+             other relay limits",
+            config.epoch,
+            r.generation,
+            r.reason
+        );
+        Refusal {
+            id: ReportId {
+                epoch: config.epoch,
+                generation: r.generation,
+            },
+            limits: RelayLimits {
+                max_frame: r.max_frame,
+                max_report_payload: r.max_report_payload,
+            },
+        }
+    });
+    let mut sender = Sender {
+        backoff: Backoff::new(Duration::from_millis(200), config.max_backoff),
+        hello: Hello {
+            versions: Vec::new(),
+            epoch: config.epoch,
+            agent: config.agent.clone(),
+            extensions: config.extensions.clone(),
+        },
+        config,
+        writer,
+        metrics,
+        session: None,
+        acked: None,
+        refused,
+        not_before: Instant::now(),
+        connect_failures: 0,
+    };
     loop {
-        // Wait for something (not yet acknowledged) to send.
-        let pending = loop {
-            if let Some(p) = outbox.borrow_and_update().clone()
-                && Some(p.report.id) != acked
-            {
-                break p;
-            }
-            metrics.pending_reports.set(0);
-            let connected = conn.is_some();
-            let idle = async move {
-                match connected {
-                    true => tokio::time::sleep(ping_interval).await,
-                    false => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = stop.cancelled() => return,
-                changed = outbox.changed() => if changed.is_err() { return },
-                () = idle => {
-                    // Keep the connection alive (and find out early if it died).
-                    if let Some(c) = &mut conn
-                        && !ping(c, config.ack_timeout).await
-                    {
-                        conn = None;
-                        metrics.relay_connected.set(0);
-                    }
-                }
-            }
-        };
-        metrics.pending_reports.set(1);
-
-        let Some(c) = conn.as_mut() else {
-            match connect(&config).await {
-                Ok((c, interval)) => {
-                    log::info!("connected to the relay at {}", config.relay);
-                    ping_interval = interval;
-                    reconnect.reset();
-                    conn = Some(c);
-                    metrics.relay_connected.set(1);
-                }
-                Err(e) => {
-                    let delay = reconnect.next_delay();
-                    if reconnect.attempts() <= 1 || reconnect.attempts().is_multiple_of(20) {
-                        log::warn!(
-                            "relay {} unreachable ({e}); retrying in {delay:.1?}",
-                            config.relay
-                        );
-                    }
-                    if sleep_or_stop(delay, &stop).await {
-                        return;
-                    }
-                }
+        if sender.current(&mut outbox).is_none() {
+            if !sender.idle(&mut outbox, &stop).await {
+                return;
             }
             continue;
-        };
-
-        metrics.reports_sent.inc();
-        // The exchange is not cancelled by `stop`: a write in progress completes, and the
-        // answer is awaited for at most the ack timeout.
-        let outcome = exchange(c, &pending.report, config.ack_timeout).await;
-        match outcome {
-            Exchange::Acked(status) => {
-                let id = pending.report.id;
-                metrics
-                    .reports_acked
-                    .get_or_create(&crate::metrics::OutcomeLabel {
-                        outcome: match status {
-                            AckStatus::Delivered => "delivered",
-                            AckStatus::Duplicate => "duplicate",
-                        }
-                        .to_owned(),
-                    })
-                    .inc();
-                metrics
-                    .delivery_seconds
-                    .observe(pending.scanned.elapsed().as_secs_f64());
-                log::info!("report {id} acknowledged ({status:?})");
-                acknowledged(&state, &pending.report);
-                acked = Some(id);
-            }
-            Exchange::RetryAfter(delay) => {
-                metrics.reports_nacked.inc();
-                log::info!(
-                    "relay asked to retry report {} in {delay:.1?}",
-                    pending.report.id
-                );
-                if sleep_or_stop(delay, &stop).await {
-                    return;
-                }
-            }
-            Exchange::Broken(why) => {
-                log::warn!(
-                    "lost the relay connection ({why}); will retransmit report {}",
-                    pending.report.id
-                );
-                conn = None;
-                metrics.relay_connected.set(0);
-                let delay = reconnect.next_delay();
-                if sleep_or_stop(delay, &stop).await {
-                    return;
-                }
-            }
         }
+        if sleep_until_or_stop(sender.not_before, &stop).await {
+            return;
+        }
+        // The newest report after the wait (a newer one may have arrived meanwhile).
+        let Some(pending) = sender.current(&mut outbox) else {
+            continue;
+        };
+        if sender.session.is_none() {
+            // Connected, or paced after a failure: start over with the newest report.
+            sender.connect().await;
+            continue;
+        }
+        if sender.gave_up_on(&pending) {
+            if !sender.idle(&mut outbox, &stop).await {
+                return;
+            }
+            continue;
+        }
+        sender.deliver(&pending).await;
         if stop.is_cancelled() {
             return;
         }
     }
 }
 
-fn acknowledged(state: &std::sync::Mutex<StateDir>, report: &Report) {
-    let state = state.lock().unwrap_or_else(|p| p.into_inner());
-    let acked = Acked {
-        generation: report.id.generation,
-        content_hash: report.content_hash.to_hex(),
-    };
-    if let Err(e) = state.save_acked(&acked) {
-        log::error!("recording the acknowledgement: {e}");
-    }
-    // Only the newest persisted report is cleared; a newer pending one stays on disk.
-    if state.generation() == report.id.generation
-        && let Err(e) = state.clear_pending()
-    {
-        log::error!("clearing the delivered report: {e}");
-    }
+struct Sender {
+    config: SenderConfig,
+    hello: Hello,
+    writer: StateWriter,
+    metrics: Metrics,
+    backoff: Backoff,
+    session: Option<Session>,
+    /// The last report the relay acknowledged: never sent again.
+    acked: Option<ReportId>,
+    refused: Option<Refusal>,
+    /// No connection attempt or transmission before this.
+    not_before: Instant,
+    connect_failures: u32,
 }
 
-async fn sleep_or_stop(delay: Duration, stop: &CancellationToken) -> bool {
-    tokio::select! {
-        () = stop.cancelled() => true,
-        () = tokio::time::sleep(delay) => false,
+impl Sender {
+    /// The newest report not acknowledged yet.
+    fn current(&self, outbox: &mut watch::Receiver<Option<Pending>>) -> Option<Pending> {
+        let current = outbox
+            .borrow_and_update()
+            .clone()
+            .filter(|p| Some(p.report.id) != self.acked);
+        self.metrics
+            .pending_reports
+            .set(i64::from(current.is_some()));
+        current
     }
-}
 
-async fn connect(
-    config: &SenderConfig,
-) -> Result<(Connection<Box<dyn RelayStream>>, Duration), String> {
-    let stream = transport::connect(&config.relay, config.connect_timeout)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut conn = Connection::new(stream, Limits::default());
-    let hello = Message::Hello(Hello {
-        versions: SUPPORTED_VERSIONS.to_vec(),
-        epoch: config.epoch,
-        agent: config.agent.clone(),
-        extensions: Vec::new(),
-    });
-    let answer = tokio::time::timeout(config.ack_timeout, async {
-        conn.write_message(&hello).await?;
-        conn.read_message().await
-    })
-    .await
-    .map_err(|_| "the relay did not answer Hello".to_owned())?
-    .map_err(|e| e.to_string())?;
-    match answer {
-        Some(Message::Welcome(welcome)) => {
-            conn.set_version(welcome.version);
-            conn.set_max_frame(welcome.max_frame);
-            Ok((
-                conn,
-                Duration::from_secs(u64::from(welcome.ping_interval_secs.max(1))),
-            ))
-        }
-        Some(Message::Error(e)) => {
-            Err(format!("the relay refused us: {:?}: {}", e.code, e.message))
-        }
-        Some(other) => Err(format!("expected Welcome, got {:?}", other.kind())),
-        None => Err("the relay closed the connection".into()),
-    }
-}
-
-async fn ping(conn: &mut Connection<Box<dyn RelayStream>>, timeout: Duration) -> bool {
-    let nonce = fastrand::u64(..);
-    let answered = tokio::time::timeout(timeout, async {
-        conn.write_message(&Message::Ping(nonce)).await?;
-        loop {
-            match conn.read_message().await? {
-                Some(Message::Pong(n)) if n == nonce => return Ok(true),
-                Some(_) => continue,
-                None => return Ok::<bool, guestwatch_protocol::ProtocolError>(false),
+    /// Waits for a newer report, keeping an open connection alive; false on `stop`.
+    async fn idle(
+        &mut self,
+        outbox: &mut watch::Receiver<Option<Pending>>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let ping_every = self.session.as_ref().map(|s| s.ping_interval);
+        tokio::select! {
+            () = stop.cancelled() => false,
+            changed = outbox.changed() => changed.is_ok(),
+            () = sleep_opt(ping_every) => {
+                if let Some(session) = &mut self.session
+                    && !session.ping(self.config.ack_timeout).await
+                {
+                    self.lost("the relay did not answer a ping");
+                }
+                true
             }
         }
-    })
-    .await;
-    matches!(answered, Ok(Ok(true)))
-}
-
-/// Sends `report` and waits for its answer.
-async fn exchange(
-    conn: &mut Connection<Box<dyn RelayStream>>,
-    report: &Report,
-    ack_timeout: Duration,
-) -> Exchange {
-    if let Err(e) = conn
-        .write_message(&Message::Report(Box::new(report.clone())))
-        .await
-    {
-        return Exchange::Broken(format!("sending: {e}"));
     }
-    let deadline = Instant::now() + ack_timeout;
-    loop {
-        let answer = match tokio::time::timeout_at(deadline, conn.read_message()).await {
-            Err(_) => return Exchange::Broken(format!("no answer within {ack_timeout:?}")),
-            Ok(Err(e)) => return Exchange::Broken(e.to_string()),
-            Ok(Ok(None)) => return Exchange::Broken("the relay closed the connection".into()),
-            Ok(Ok(Some(message))) => message,
-        };
-        match answer {
-            Message::Ack(ack) if ack.id == report.id => return Exchange::Acked(ack.status),
-            Message::Nack(nack) if nack.id == report.id => {
-                return Exchange::RetryAfter(
-                    Duration::from_millis(u64::from(nack.retry_after_ms))
-                        .max(Duration::from_millis(100)),
+
+    async fn connect(&mut self) {
+        let opened = Session::open(
+            &self.config.relay,
+            self.config.connect_timeout,
+            self.config.ack_timeout,
+            &self.hello,
+        )
+        .await;
+        match opened {
+            Ok(session) => {
+                log::info!(
+                    "connected to the relay at {} (frames up to {} bytes)",
+                    self.config.relay,
+                    session.limits.max_frame
                 );
+                self.connect_failures = 0;
+                self.metrics.relay_connections.inc();
+                self.metrics.relay_connected.set(1);
+                self.session = Some(session);
             }
-            // Answers to an earlier transmission on this connection, or keep-alives: skip.
-            Message::Ack(_) | Message::Nack(_) | Message::Pong(_) => continue,
-            Message::Ping(n) => {
-                if conn.write_message(&Message::Pong(n)).await.is_err() {
-                    return Exchange::Broken("answering a ping".into());
+            Err(e) => {
+                self.connect_failures = self.connect_failures.saturating_add(1);
+                let delay = self.pace();
+                if self.connect_failures == 1 || self.connect_failures.is_multiple_of(20) {
+                    log::warn!(
+                        "relay {} unreachable ({e}); retrying in {delay:.1?}",
+                        self.config.relay
+                    );
                 }
             }
-            Message::Error(e) if e.code == ErrorCode::Busy => {
-                return Exchange::RetryAfter(Duration::from_secs(1));
-            }
-            Message::Error(e) => {
-                return Exchange::Broken(format!("relay error {:?}: {}", e.code, e.message));
-            }
-            other => return Exchange::Broken(format!("unexpected {:?}", other.kind())),
         }
+    }
+
+    /// Whether `pending` was refused under the limits the relay announces now. Other limits
+    /// (a relay restarted with another `--max-frame`) earn it one more try.
+    fn gave_up_on(&mut self, pending: &Pending) -> bool {
+        let (Some(refusal), Some(session)) = (&self.refused, &self.session) else {
+            return false;
+        };
+        if refusal.id != pending.report.id {
+            return false;
+        }
+        if refusal.limits == session.limits {
+            return true;
+        }
+        log::info!(
+            "the relay now announces other limits ({:?}, was {:?}); trying report {} again",
+            session.limits,
+            refusal.limits,
+            refusal.id
+        );
+        self.refused = None;
+        false
+    }
+
+    async fn deliver(&mut self, pending: &Pending) {
+        let Some(session) = &mut self.session else {
+            return;
+        };
+        let id = pending.report.id;
+        let limits = session.limits;
+        // The exchange is not cancelled by `stop`: a write in progress completes, and the
+        // answer is awaited for at most the ack timeout.
+        let answer = session
+            .exchange(&pending.report, pending.json_len, self.config.ack_timeout)
+            .await;
+        if !matches!(answer, Answer::Refused { sent: false, .. }) {
+            self.metrics.reports_sent.inc();
+        }
+        match answer {
+            Answer::Acked(status) => {
+                self.metrics.acked(match status {
+                    AckStatus::Delivered => "delivered",
+                    AckStatus::Duplicate => "duplicate",
+                });
+                self.metrics
+                    .delivery_seconds
+                    .observe(pending.scanned.elapsed().as_secs_f64());
+                log::info!("report {id} acknowledged ({status:?})");
+                self.acked = Some(id);
+                self.refused = None;
+                self.backoff.reset();
+                let acked = Acked {
+                    generation: id.generation,
+                    content_hash: pending.report.content_hash.to_hex(),
+                };
+                if let Err(e) = self.writer.record_ack(acked).await {
+                    log::error!("recording the acknowledgement of report {id}: {e}");
+                }
+            }
+            Answer::Retry { reason, after } => {
+                self.metrics.reports_nacked.inc();
+                let delay = after.max(self.backoff.next_delay());
+                self.not_before = Instant::now() + delay;
+                log::info!("relay asked to retry report {id} ({reason}); retrying in {delay:.1?}");
+            }
+            Answer::Refused { reason, detail, .. } => {
+                self.metrics.rejected(reason.as_str());
+                log::warn!(
+                    "the relay cannot take report {id} ({reason}): {detail}; not sending it \
+                     again until the package set or the relay's limits change"
+                );
+                self.refused = Some(Refusal { id, limits });
+                // A stream of refused reports is paced like any other failure.
+                self.pace();
+                let rejected = Rejected {
+                    generation: id.generation,
+                    reason: reason.as_str().to_owned(),
+                    max_frame: limits.max_frame,
+                    max_report_payload: limits.max_report_payload,
+                };
+                if let Err(e) = self.writer.save_rejected(rejected).await {
+                    log::error!("recording the refusal of report {id}: {e}");
+                }
+            }
+            Answer::Broken(why) => {
+                log::warn!("lost the relay connection ({why}); will retransmit report {id}");
+                self.lost(&why);
+            }
+        }
+    }
+
+    /// The connection is gone: the next one waits for the backoff.
+    fn lost(&mut self, why: &str) {
+        log::debug!("relay connection closed: {why}");
+        self.session = None;
+        self.metrics.relay_connected.set(0);
+        self.pace();
+    }
+
+    /// Pushes the next attempt back by one backoff step; returns the step.
+    fn pace(&mut self) -> Duration {
+        let delay = self.backoff.next_delay();
+        self.not_before = Instant::now() + delay;
+        delay
+    }
+}
+
+/// True if `stop` was cancelled first.
+async fn sleep_until_or_stop(at: Instant, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        () = stop.cancelled() => true,
+        () = tokio::time::sleep_until(at) => false,
+    }
+}
+
+async fn sleep_opt(delay: Option<Duration>) {
+    match delay {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
 }

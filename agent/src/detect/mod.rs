@@ -53,6 +53,11 @@ pub struct IgnoredHook(pub Arc<IgnoredFn>);
 
 pub type IgnoredFn = dyn Fn(&Attribution, IgnoreReason) + Send + Sync;
 
+/// Called with the reason when detection has no working source left at run time (only the
+/// periodic rescan remains).
+#[derive(Clone)]
+pub struct LostHook(pub Arc<dyn Fn(&str) + Send + Sync>);
+
 impl std::fmt::Debug for IgnoredHook {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("IgnoredHook")
@@ -149,6 +154,7 @@ pub struct Detector {
     status: DetectorStatus,
     rediscover: Option<Duration>,
     on_ignored: Option<IgnoredHook>,
+    on_lost: Option<LostHook>,
 }
 
 impl Detector {
@@ -229,11 +235,30 @@ impl Detector {
             status,
             rediscover: config.rediscover.filter(|d| !d.is_zero()),
             on_ignored: config.on_ignored.clone(),
+            on_lost: None,
         })
     }
 
     pub fn status(&self) -> &DetectorStatus {
         &self.status
+    }
+
+    /// Tells `hook` when the last working source fails (for `/healthz`).
+    pub fn on_lost(&mut self, hook: LostHook) {
+        self.on_lost = Some(hook);
+    }
+
+    /// A source failed at run time: says so once nothing is left but the periodic rescan.
+    fn source_failed(&mut self, what: &str, error: &std::io::Error) {
+        log::error!("{what} failed: {error}; relying on the other detectors");
+        if self.ebpf.is_none()
+            && self.inotify.is_none()
+            && let Some(hook) = &self.on_lost
+        {
+            (hook.0)(&format!(
+                "no change detection left ({what} failed: {error}); only periodic rescans run"
+            ));
+        }
     }
 
     /// Feeds triggers into `triggers` until `stop` is cancelled or the receiver is gone.
@@ -265,12 +290,12 @@ impl Detector {
             tokio::select! {
                 () = stop.cancelled() => return,
                 ready = readable_bpf(&mut self.ebpf) => if let Err(e) = ready {
-                    log::error!("reading BPF events failed: {e}; continuing with inotify");
                     self.ebpf = None;
+                    self.source_failed("reading BPF events", &e);
                 },
                 ready = readable_dir(&mut self.inotify) => if let Err(e) = ready {
-                    log::error!("inotify failed: {e}; relying on the other detectors");
                     self.inotify = None;
+                    self.source_failed("inotify", &e);
                 },
                 () = sleep_until(deadline) => {}
                 _ = liveness.tick(), if checking => {
@@ -353,8 +378,8 @@ impl Detector {
                         }
                         Some(Ok(None)) | None => break,
                         Some(Err(e)) => {
-                            log::error!("inotify failed: {e}; relying on the other detectors");
                             self.inotify = None;
+                            self.source_failed("inotify", &e);
                             break;
                         }
                     }

@@ -1,7 +1,14 @@
 //! The async loop that turns the trigger stream into scans: one scan at a time on a blocking
-//! thread, triggers coalesced by the [`Scheduler`], a periodic trigger, and a clean stop.
+//! thread, triggers coalesced by the [`Scheduler`], a periodic trigger, a deadline on every
+//! scan, and a clean stop.
+//!
+//! A scan still running at its deadline (`--scan-timeout`) is abandoned: the pipeline reports
+//! it, stops waiting, and scans the next batch with a fresh scanner. The abandoned thread ends
+//! on its own (the scanner is handed the deadline so it can stop there) and its result is
+//! dropped. At most [`MAX_SCAN_THREADS`] scans exist at once: while that many are stuck, the
+//! next scan waits for one of them to end.
 
-use std::time::Duration;
+use std::{future::Future, pin::Pin, task::Poll, time::Duration};
 
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -11,11 +18,23 @@ use super::{
     trigger::{Trigger, TriggerKind},
 };
 
+/// Scans running at once, abandoned ones included.
+pub const MAX_SCAN_THREADS: usize = 2;
+
 /// Something that scans the system; it runs on a blocking thread.
-pub trait Scanner: Send + 'static {
+pub trait Scanner: Send + Sized + 'static {
     type Output: Send + 'static;
     type Error: Send + 'static;
-    fn scan(&mut self, batch: &Batch) -> Result<Self::Output, Self::Error>;
+    /// Scans for `batch`. The pipeline stops waiting at `deadline`: a scanner that can stop
+    /// early should give up by then (the rpm database reader takes this deadline).
+    fn scan(
+        &mut self,
+        batch: &Batch,
+        deadline: std::time::Instant,
+    ) -> Result<Self::Output, Self::Error>;
+    /// A scanner in its initial state, to go on with while this one is stuck in an abandoned
+    /// scan.
+    fn fresh(&self) -> Self;
 }
 
 /// What the pipeline reports to its consumer.
@@ -29,6 +48,9 @@ pub enum PipelineEvent<O, E> {
         result: Result<O, E>,
         duration: Duration,
     },
+    /// A scan was still running at its deadline and was abandoned; the next trigger scans
+    /// again.
+    TimedOut { batch: Batch, after: Duration },
 }
 
 /// A scan's result with the scanner handed back for the next one.
@@ -42,6 +64,16 @@ pub struct PipelineConfig {
     pub periodic: Option<Duration>,
     /// Whether to scan once at start.
     pub startup_scan: bool,
+    /// How long a scan may run before it is abandoned.
+    pub scan_timeout: Duration,
+}
+
+/// The scan in progress.
+struct Running<S: Scanner> {
+    batch: Batch,
+    started: Instant,
+    deadline: Instant,
+    done: JoinHandle<ScanDone<S>>,
 }
 
 /// Runs until `stop` is cancelled or every trigger sender is gone (then it finishes the scan
@@ -65,39 +97,35 @@ pub async fn run<S: Scanner>(
     if let Some(interval) = &mut periodic {
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     }
-    let mut running: Option<JoinHandle<ScanDone<S>>> = None;
-    let mut running_batch: Option<(Batch, Instant)> = None;
+    // Only ever used to make fresh scanners.
+    let template = scanner.fresh();
+    let mut running: Option<Running<S>> = None;
+    // Dropping a handle would detach its scan; they are kept to count and log them.
+    let mut abandoned: Vec<JoinHandle<ScanDone<S>>> = Vec::new();
     let mut scanner = Some(scanner);
     let mut sources_open = true;
 
     loop {
-        if running.is_none()
-            && let Some(mut s) = scanner.take()
-        {
-            match scheduler.take(Instant::now()) {
-                Some(batch) => {
-                    let for_scan = batch.clone();
-                    running = Some(tokio::task::spawn_blocking(move || {
-                        let result = s.scan(&for_scan);
-                        (s, result)
-                    }));
-                    running_batch = Some((batch, Instant::now()));
-                }
-                None => scanner = Some(s),
+        if running.is_none() && abandoned.len() < MAX_SCAN_THREADS {
+            let now = Instant::now();
+            if let Some(batch) = scheduler.take(now) {
+                let s = scanner.take().unwrap_or_else(|| template.fresh());
+                running = Some(start(s, batch, now, config.scan_timeout));
             }
         }
         if !sources_open && running.is_none() && scheduler.ready_at().is_none() {
             return;
         }
         let wake = scheduler.ready_at().unwrap_or(far_future);
+        let deadline = running.as_ref().map_or(far_future, |r| r.deadline);
         tokio::select! {
             () = stop.cancelled() => {
-                // Let a scan in progress finish so its result is not lost.
-                if let (Some(handle), Some((batch, started))) = (running.take(), running_batch.take())
-                    && let Ok((_, result)) = handle.await
+                // Let a scan in progress finish (until its deadline) so its result is not lost.
+                if let Some(r) = running.take()
+                    && let Ok(Ok((_, result))) = tokio::time::timeout_at(r.deadline, r.done).await
                 {
-                    let duration = started.elapsed();
-                    let _ = events.send(PipelineEvent::Scan { batch, result, duration }).await;
+                    let duration = r.started.elapsed();
+                    let _ = events.send(PipelineEvent::Scan { batch: r.batch, result, duration }).await;
                 }
                 return;
             }
@@ -110,25 +138,46 @@ pub async fn run<S: Scanner>(
                 }
                 None => sources_open = false,
             },
-            () = tokio::time::sleep_until(wake), if running.is_none() && wake < far_future => {}
-            joined = join(&mut running), if running.is_some() => {
-                running = None;
+            // While too many abandoned scans are stuck, a ready batch waits for one to end, and
+            // its wake-up stays off (it would fire at once, again and again).
+            () = tokio::time::sleep_until(wake),
+                if running.is_none() && abandoned.len() < MAX_SCAN_THREADS && wake < far_future => {}
+            joined = done(&mut running), if running.is_some() => {
+                let Some(r) = running.take() else { continue };
                 scheduler.finished();
-                let Some((batch, started)) = running_batch.take() else { continue };
                 match joined {
                     Ok((s, result)) => {
                         scanner = Some(s);
-                        let duration = started.elapsed();
-                        if events.send(PipelineEvent::Scan { batch, result, duration }).await.is_err() {
+                        let duration = r.started.elapsed();
+                        if events.send(PipelineEvent::Scan { batch: r.batch, result, duration }).await.is_err() {
                             return;
                         }
                     }
-                    Err(e) => {
-                        // The scanner panicked: it is gone, and so is scanning.
-                        log::error!("the scanner crashed: {e}; no further scans");
-                        return;
-                    }
+                    // The scanner panicked: go on with a fresh one.
+                    Err(e) => log::error!(
+                        "the scan after {} trigger crashed: {e}",
+                        r.batch.cause.kind.as_str()
+                    ),
                 }
+            }
+            () = tokio::time::sleep_until(deadline), if running.is_some() => {
+                let Some(r) = running.take() else { continue };
+                scheduler.finished();
+                let after = r.started.elapsed();
+                abandoned.push(r.done);
+                if abandoned.len() >= MAX_SCAN_THREADS {
+                    log::warn!(
+                        "{} abandoned scans are still running; the next scan waits for one to end",
+                        abandoned.len()
+                    );
+                }
+                if events.send(PipelineEvent::TimedOut { batch: r.batch, after }).await.is_err() {
+                    return;
+                }
+            }
+            ended = any_done(&mut abandoned), if !abandoned.is_empty() => {
+                abandoned.swap_remove(ended);
+                log::info!("an abandoned scan ended; its result was dropped");
             }
             () = tick(&mut periodic) => {
                 scheduler.add(Trigger::new(TriggerKind::Periodic), Instant::now());
@@ -137,11 +186,44 @@ pub async fn run<S: Scanner>(
     }
 }
 
-async fn join<T>(handle: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
-    match handle {
-        Some(h) => h.await,
+/// Starts scanning `batch` on a blocking thread. (An abandoned scan there must not hold up
+/// the runtime's shutdown: `main.rs` shuts the runtime down in the background.)
+fn start<S: Scanner>(mut s: S, batch: Batch, now: Instant, timeout: Duration) -> Running<S> {
+    let deadline = now + timeout;
+    let scan_deadline = std::time::Instant::now() + timeout;
+    let for_scan = batch.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        let result = s.scan(&for_scan, scan_deadline);
+        (s, result)
+    });
+    Running {
+        batch,
+        started: now,
+        deadline,
+        done,
+    }
+}
+
+async fn done<S: Scanner>(
+    running: &mut Option<Running<S>>,
+) -> Result<ScanDone<S>, tokio::task::JoinError> {
+    match running {
+        Some(r) => (&mut r.done).await,
         None => std::future::pending().await,
     }
+}
+
+/// The index of an abandoned scan that ended.
+async fn any_done<T>(list: &mut [JoinHandle<T>]) -> usize {
+    std::future::poll_fn(|cx| {
+        for (i, handle) in list.iter_mut().enumerate() {
+            if Pin::new(handle).poll(cx).is_ready() {
+                return Poll::Ready(i);
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 async fn tick(interval: &mut Option<tokio::time::Interval>) {
@@ -170,8 +252,13 @@ mod tests {
     impl Scanner for Counting {
         type Output = u32;
         type Error = String;
-        fn scan(&mut self, _batch: &Batch) -> Result<u32, String> {
+        fn scan(&mut self, _batch: &Batch, _deadline: std::time::Instant) -> Result<u32, String> {
             Ok(self.scans.fetch_add(1, Ordering::SeqCst) + 1)
+        }
+        fn fresh(&self) -> Self {
+            Self {
+                scans: self.scans.clone(),
+            }
         }
     }
 
@@ -183,6 +270,7 @@ mod tests {
             },
             periodic,
             startup_scan: true,
+            scan_timeout: Duration::from_secs(30),
         }
     }
 
@@ -191,8 +279,116 @@ mod tests {
             match events.recv().await.expect("pipeline ended") {
                 PipelineEvent::Scan { batch, result, .. } => return (batch, result.unwrap()),
                 PipelineEvent::Trigger(_) => {}
+                PipelineEvent::TimedOut { batch, .. } => panic!("{batch:?} timed out"),
             }
         }
+    }
+
+    /// A scanner whose scans hang while the gate is closed (a hostile database, as far as
+    /// the pipeline can tell), and that counts how many run at once.
+    #[derive(Default)]
+    struct Gate {
+        state: std::sync::Mutex<GateState>,
+        changed: std::sync::Condvar,
+    }
+
+    #[derive(Default)]
+    struct GateState {
+        open: bool,
+        started: u32,
+        running: u32,
+        most_running: u32,
+        deadlines: Vec<std::time::Instant>,
+    }
+
+    struct Hanging {
+        gate: Arc<Gate>,
+        /// Set on scanners made by `fresh`.
+        fresh: bool,
+    }
+
+    impl Scanner for Hanging {
+        type Output = bool;
+        type Error = String;
+        fn scan(&mut self, _batch: &Batch, deadline: std::time::Instant) -> Result<bool, String> {
+            let mut state = self.gate.state.lock().unwrap();
+            state.started += 1;
+            state.running += 1;
+            state.most_running = state.most_running.max(state.running);
+            state.deadlines.push(deadline);
+            self.gate.changed.notify_all();
+            while !state.open {
+                state = self.gate.changed.wait(state).unwrap();
+            }
+            state.running -= 1;
+            self.gate.changed.notify_all();
+            Ok(self.fresh)
+        }
+        fn fresh(&self) -> Self {
+            Self {
+                gate: self.gate.clone(),
+                fresh: true,
+            }
+        }
+    }
+
+    impl Gate {
+        fn open(&self) {
+            self.state.lock().unwrap().open = true;
+            self.changed.notify_all();
+        }
+
+        /// Waits (on a blocking thread) until `f` holds.
+        async fn until(self: &Arc<Self>, f: fn(&GateState) -> bool) {
+            let gate = self.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut state = gate.state.lock().unwrap();
+                while !f(&state) {
+                    state = gate.changed.wait(state).unwrap();
+                }
+            })
+            .await
+            .unwrap();
+        }
+    }
+
+    type HangingEvents = mpsc::Receiver<PipelineEvent<bool, String>>;
+
+    async fn next_outcome(events: &mut HangingEvents) -> Result<(TriggerKind, bool), TriggerKind> {
+        loop {
+            match events.recv().await.expect("pipeline ended") {
+                PipelineEvent::Scan { batch, result, .. } => {
+                    return Ok((batch.cause.kind, result.unwrap()));
+                }
+                PipelineEvent::TimedOut { batch, .. } => return Err(batch.cause.kind),
+                PipelineEvent::Trigger(_) => {}
+            }
+        }
+    }
+
+    /// CPU time this thread (the test runtime's, which runs the pipeline) has used.
+    fn cpu_time() -> Duration {
+        // SAFETY: `rusage` is plain data; all zeroes is a valid value.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: getrusage(2) with a valid `who` fills the struct it is given.
+        unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+        let time = |t: libc::timeval| {
+            Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64)
+        };
+        time(usage.ru_utime) + time(usage.ru_stime)
+    }
+
+    fn hanging(timeout: Duration) -> (PipelineConfig, Arc<Gate>, Hanging) {
+        let gate = Arc::new(Gate::default());
+        let config = PipelineConfig {
+            scan_timeout: timeout,
+            ..config(None)
+        };
+        let scanner = Hanging {
+            gate: gate.clone(),
+            fresh: false,
+        };
+        (config, gate, scanner)
     }
 
     #[tokio::test]
@@ -259,6 +455,78 @@ mod tests {
             "{waited:?}"
         );
         stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_scan_past_its_deadline_is_abandoned_and_detection_goes_on() {
+        let timeout = Duration::from_millis(300);
+        let (config, gate, scanner) = hanging(timeout);
+        let (tx, rx) = mpsc::channel(64);
+        let (etx, mut erx) = mpsc::channel(64);
+        let stop = CancellationToken::new();
+        let started = std::time::Instant::now();
+        let task = tokio::spawn(run(config, scanner, rx, etx, stop.clone()));
+
+        // The startup scan hangs: it is abandoned at its deadline, which the scanner was given.
+        assert_eq!(next_outcome(&mut erx).await, Err(TriggerKind::Startup));
+        let deadline = gate.state.lock().unwrap().deadlines[0];
+        assert!(deadline >= started + timeout && deadline < started + timeout * 30);
+        // Triggers still flow while it hangs, and the next one is scanned by a fresh scanner.
+        tx.send(Trigger::new(TriggerKind::Transaction))
+            .await
+            .unwrap();
+        gate.until(|s| s.started == 2).await;
+        gate.open();
+        assert_eq!(
+            next_outcome(&mut erx).await,
+            Ok((TriggerKind::Transaction, true))
+        );
+        // The abandoned scan's result, when it comes, is dropped: nothing else is reported.
+        gate.until(|s| s.running == 0).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(400), next_outcome(&mut erx))
+                .await
+                .is_err()
+        );
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stuck_scans_never_pile_up() {
+        let (config, gate, scanner) = hanging(Duration::from_millis(200));
+        let (tx, rx) = mpsc::channel(64);
+        let (etx, mut erx) = mpsc::channel(64);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(config, scanner, rx, etx, stop.clone()));
+        assert_eq!(next_outcome(&mut erx).await, Err(TriggerKind::Startup));
+        tx.send(Trigger::new(TriggerKind::Transaction))
+            .await
+            .unwrap();
+        assert_eq!(next_outcome(&mut erx).await, Err(TriggerKind::Transaction));
+        // Two scans are stuck: a third trigger waits for one of them instead of adding a
+        // third, and waits idle.
+        tx.send(Trigger::new(TriggerKind::Periodic)).await.unwrap();
+        let cpu_before = cpu_time();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(600), next_outcome(&mut erx))
+                .await
+                .is_err()
+        );
+        let spent = cpu_time() - cpu_before;
+        assert!(
+            spent < Duration::from_millis(300),
+            "busy while waiting: {spent:?}"
+        );
+        assert_eq!(gate.state.lock().unwrap().started, 2);
+        gate.open();
+        assert_eq!(
+            next_outcome(&mut erx).await,
+            Ok((TriggerKind::Periodic, true))
+        );
+        assert_eq!(gate.state.lock().unwrap().most_running, 2);
+        stop.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test]

@@ -1,0 +1,187 @@
+//! A protocol-level stand-in for the relay, for the faults the real relay cannot produce on
+//! demand: a terminal `Nack` or a version-1 `Error` for a well-formed report, other limits on
+//! the next connection, connections that take a report and close.
+#![allow(dead_code)]
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+};
+
+use guestwatch_protocol::{
+    Ack, AckStatus, Connection, ErrorCode, Hello, Limits, Message, Nack, NackReason, Report,
+    ReportId, Welcome,
+};
+use tokio::{net::UnixListener, sync::watch};
+
+/// What the fake answers a report with.
+#[derive(Clone, Debug)]
+pub enum Reply {
+    Answer(Message),
+    /// Close the connection without answering.
+    Close,
+}
+
+type Answer = dyn Fn(&Report) -> Reply + Send + Sync;
+
+/// What the fake saw.
+#[derive(Default)]
+pub struct Seen {
+    pub hellos: Vec<Hello>,
+    /// (connection number, report id) of every report received.
+    pub reports: Vec<(usize, ReportId)>,
+}
+
+pub struct FakeRelay {
+    pub path: PathBuf,
+    pub seen: Arc<Mutex<Seen>>,
+    limits: Arc<Mutex<(u32, u32)>>,
+    answer: Arc<Mutex<Arc<Answer>>>,
+    /// Bumped to make every open connection close.
+    hang_up: watch::Sender<u64>,
+}
+
+impl FakeRelay {
+    /// Listens on `dir/relay.sock`, announcing `max_frame` and a 64 MiB payload limit, with
+    /// pings due every second.
+    pub fn start(
+        dir: &Path,
+        max_frame: u32,
+        answer: impl Fn(&Report) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let path = dir.join("relay.sock");
+        let listener = UnixListener::bind(&path).expect("binding the fake relay");
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let limits = Arc::new(Mutex::new((max_frame, 64 << 20)));
+        let answer: Arc<Mutex<Arc<Answer>>> = Arc::new(Mutex::new(Arc::new(answer)));
+        let (hang_up, _) = watch::channel(0u64);
+        let relay = Self {
+            path,
+            seen: seen.clone(),
+            limits: limits.clone(),
+            answer: answer.clone(),
+            hang_up: hang_up.clone(),
+        };
+        tokio::spawn(async move {
+            let mut number = 0;
+            while let Ok((stream, _)) = listener.accept().await {
+                let (seen, limits, answer) = (seen.clone(), limits.clone(), answer.clone());
+                let hang_up = hang_up.subscribe();
+                tokio::spawn(serve(stream, number, seen, limits, answer, hang_up));
+                number += 1;
+            }
+        });
+        relay
+    }
+
+    /// Limits announced to connections from now on.
+    pub fn set_limits(&self, max_frame: u32, max_report_payload: u32) {
+        *self.limits.lock().unwrap() = (max_frame, max_report_payload);
+    }
+
+    pub fn set_answer(&self, answer: impl Fn(&Report) -> Reply + Send + Sync + 'static) {
+        *self.answer.lock().unwrap() = Arc::new(answer);
+    }
+
+    /// Closes every open connection (as a relay restart would).
+    pub fn hang_up(&self) {
+        self.hang_up.send_modify(|n| *n += 1);
+    }
+
+    pub fn connections(&self) -> usize {
+        self.seen.lock().unwrap().hellos.len()
+    }
+
+    pub fn reports(&self) -> Vec<ReportId> {
+        self.seen
+            .lock()
+            .unwrap()
+            .reports
+            .iter()
+            .map(|(_, id)| *id)
+            .collect()
+    }
+}
+
+async fn serve(
+    stream: tokio::net::UnixStream,
+    number: usize,
+    seen: Arc<Mutex<Seen>>,
+    limits: Arc<Mutex<(u32, u32)>>,
+    answer: Arc<Mutex<Arc<Answer>>>,
+    mut hang_up: watch::Receiver<u64>,
+) {
+    let mut conn = Connection::new(
+        stream,
+        Limits {
+            max_frame: 64 << 20,
+        },
+    );
+    let Ok(Some(Message::Hello(hello))) = conn.read_message().await else {
+        return;
+    };
+    seen.lock().unwrap().hellos.push(hello);
+    let (max_frame, max_report_payload) = *limits.lock().unwrap();
+    conn.set_version(2);
+    let welcome = Welcome {
+        version: 2,
+        max_frame,
+        max_report_payload,
+        features: vec!["zstd".into()],
+        ping_interval_secs: 1,
+        relay_version: "fake".into(),
+    };
+    if conn
+        .write_message(&Message::Welcome(welcome))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        let message = tokio::select! {
+            _ = hang_up.changed() => return,
+            read = conn.read_message() => match read {
+                Ok(Some(message)) => message,
+                _ => return,
+            },
+        };
+        let reply = match message {
+            Message::Report(report) => {
+                seen.lock().unwrap().reports.push((number, report.id));
+                let answer = answer.lock().unwrap().clone();
+                answer(&report)
+            }
+            Message::Ping(n) => Reply::Answer(Message::Pong(n)),
+            _ => continue,
+        };
+        match reply {
+            Reply::Answer(message) => {
+                if conn.write_message(&message).await.is_err() {
+                    return;
+                }
+            }
+            Reply::Close => return,
+        }
+    }
+}
+
+pub fn ack(report: &Report) -> Reply {
+    Reply::Answer(Message::Ack(Ack {
+        id: report.id,
+        status: AckStatus::Delivered,
+    }))
+}
+
+pub fn nack(report: &Report, reason: NackReason) -> Reply {
+    Reply::Answer(Message::Nack(Nack {
+        id: report.id,
+        reason,
+        detail: "refused by the fake relay".into(),
+        retry_after_ms: 0,
+    }))
+}
+
+pub fn error(code: ErrorCode) -> Reply {
+    Reply::Answer(Message::error(code, "refused by the fake relay"))
+}
