@@ -25,8 +25,13 @@ use crate::{
 /// What a BPF record means for detection.
 #[derive(Debug)]
 pub enum Signal {
-    /// A transaction started; `who` was read while its process was alive.
-    TxStarted { key: TxKey, who: Box<Attribution> },
+    /// A transaction started; `who` was read while its process was alive. `opened` says
+    /// whether the process had a file of the watched database open then.
+    TxStarted {
+        key: TxKey,
+        who: Box<Attribution>,
+        opened: bool,
+    },
     /// A transaction's process wrote a watched path.
     TxWrote {
         key: TxKey,
@@ -133,7 +138,7 @@ impl EbpfSource {
         };
         match tx.kind {
             EventKind::TxStart => {
-                self.track_open_descriptors(tx.tgid);
+                let opened = self.track_open_descriptors(tx.tgid);
                 let mut who = process::attribution(&tx, &self.procfs, self.mode);
                 who.library = self.library(tx.cookie);
                 if self.running.len() >= MAX_RUNNING
@@ -146,6 +151,7 @@ impl EbpfSource {
                 Signal::TxStarted {
                     key,
                     who: Box::new(who),
+                    opened,
                 }
             }
             _ => {
@@ -173,11 +179,14 @@ impl EbpfSource {
 
     /// Descriptors on the watched database the process opened for writing before the probes
     /// were there (a long-running daemon such as PackageKit): tracked from now on, so that the
-    /// transaction's writes through them are seen as its evidence.
-    fn track_open_descriptors(&mut self, tgid: u32) {
+    /// transaction's writes through them are seen as its evidence. Returns whether the process
+    /// has any file of the watched database open (a transaction that has not cannot be
+    /// changing it).
+    fn track_open_descriptors(&mut self, tgid: u32) -> bool {
         let Ok(entries) = std::fs::read_dir(format!("/proc/{tgid}/fd")) else {
-            return;
+            return false;
         };
+        let mut opened = false;
         for entry in entries.flatten() {
             let Some(fd) = entry
                 .file_name()
@@ -189,11 +198,14 @@ impl EbpfSource {
             let Ok(target) = std::fs::read_link(entry.path()) else {
                 continue;
             };
-            if !self.inside(&target)
-                || target
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .is_none_or(reader_written)
+            if !self.inside(&target) {
+                continue;
+            }
+            opened = true;
+            if target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_none_or(reader_written)
             {
                 continue;
             }
@@ -211,6 +223,7 @@ impl EbpfSource {
                 self.probes.track_descriptor(tgid, fd, &target, flags);
             }
         }
+        opened
     }
 
     /// A transaction's write: which file it really was.

@@ -116,6 +116,9 @@ struct Tx {
     evidence: Option<Evidence>,
     /// It wrote a file of the watched path that is not the watched database.
     elsewhere: bool,
+    /// Its process had a file of the watched database open: only such a transaction can change
+    /// it without a syscall the probes see (`mmap`).
+    opened: bool,
     aborted: bool,
     /// A change was seen during it and other transactions: it cannot be credited.
     ambiguous: bool,
@@ -198,6 +201,7 @@ impl Explainer {
             ended_ns: None,
             evidence: None,
             elsewhere: false,
+            opened: false,
             aborted: false,
             ambiguous: false,
             writes_seen: 0,
@@ -205,9 +209,11 @@ impl Explainer {
         })
     }
 
-    /// A transaction started; `who` was read while its process was alive.
-    pub fn started(&mut self, key: TxKey, who: Attribution) {
+    /// A transaction started; `who` was read while its process was alive; `opened`: its
+    /// process had a file of the watched database open.
+    pub fn started(&mut self, key: TxKey, who: Attribution, opened: bool) {
         let tx = self.tx(key, Attribution::default);
+        tx.opened |= opened;
         // What a write record may have filled in before the start record arrived stays.
         let database = tx.who.database.take().or(who.database.clone());
         tx.who = Attribution { database, ..who };
@@ -220,6 +226,7 @@ impl Explainer {
         match written {
             Written::Ours { database } | Written::Unverified { database } => {
                 tx.evidence = Some(Evidence::Syscall);
+                tx.opened = true;
                 if tx.who.database.is_none() {
                     tx.who.database = Some(database);
                 }
@@ -346,6 +353,7 @@ impl Explainer {
                 // clock's tolerance of it: then the change may postdate its scan.
                 .filter(|(k, tx)| {
                     tx.ran_during(k, from, to, tick)
+                        && tx.opened
                         && !tx.elsewhere
                         && tx.evidence != Some(Evidence::Syscall)
                 })
@@ -408,7 +416,7 @@ impl Explainer {
             let pending = self.held.iter().any(|c| {
                 self.txs
                     .get(&key)
-                    .is_some_and(|tx| tx.ran_during(&key, c.at_ns, c.latest_ns, tick))
+                    .is_some_and(|tx| tx.opened && tx.ran_during(&key, c.at_ns, c.latest_ns, tick))
             });
             if pending {
                 continue;
@@ -546,7 +554,7 @@ mod tests {
     fn a_transaction_that_wrote_triggers_at_once_and_covers_its_changes() {
         let mut m = machine();
         let k = key(10, 1_000 * MS);
-        m.started(k, who(10, "rpm"));
+        m.started(k, who(10, "rpm"), true);
         m.wrote(k, || who(10, "rpm"), ours());
         m.changed(1_001 * MS, 1_001 * MS, "rpmdb.sqlite-wal modified");
         let d = end(&mut m, k, Some(0), 1_020 * MS, 1);
@@ -583,7 +591,7 @@ mod tests {
         let mut all = Vec::new();
         for (pid, rc, write, _) in &cases {
             let k = key(*pid, 100 * MS);
-            m.started(k, who(*pid, "dnf"));
+            m.started(k, who(*pid, "dnf"), true);
             if let Some(w) = write {
                 m.wrote(k, || who(*pid, "dnf"), w.clone());
             }
@@ -622,7 +630,7 @@ mod tests {
         m.drained(None, Some(6 * MS));
         assert!(m.settle(6 * MS).is_empty(), "waits for the records");
         let k = key(20, 4 * MS);
-        m.started(k, who(20, "rpm"));
+        m.started(k, who(20, "rpm"), true);
         m.wrote(k, || who(20, "rpm"), ours());
         let d = end(&mut m, k, Some(0), 30 * MS, 1);
         assert_eq!(triggers(&d).len(), 1);
@@ -634,7 +642,7 @@ mod tests {
         let mut m = machine();
         m.changed(5 * MS, 5 * MS, "Packages modified");
         let k = key(21, 100 * MS);
-        m.started(k, who(21, "rpm"));
+        m.started(k, who(21, "rpm"), true);
         m.wrote(k, || who(21, "rpm"), ours());
         // The earlier change is before the transaction: its scan covers it all the same.
         assert_eq!(triggers(&end(&mut m, k, Some(0), 110 * MS, 1)).len(), 1);
@@ -650,7 +658,7 @@ mod tests {
     fn inotify_is_evidence_when_one_transaction_alone_ran_during_the_change() {
         let mut m = machine();
         let k = key(40, 0);
-        m.started(k, who(40, "rpm"));
+        m.started(k, who(40, "rpm"), true);
         m.changed(MS, 2 * MS, "Index.db modified");
         assert!(
             settle_at(&mut m, 3 * MS).is_empty(),
@@ -675,9 +683,9 @@ mod tests {
         let mut m = machine();
         let test = key(45, 0);
         let real = key(45, 50 * MS);
-        m.started(test, who(45, "dnf"));
+        m.started(test, who(45, "dnf"), true);
         assert!(end(&mut m, test, Some(0), 10 * MS, 0).is_empty());
-        m.started(real, who(45, "dnf"));
+        m.started(real, who(45, "dnf"), true);
         m.wrote(real, || who(45, "dnf"), ours());
         m.changed(60 * MS, 61 * MS, "rpmdb.sqlite-wal modified");
         let d = end(&mut m, real, Some(0), 80 * MS, 1);
@@ -699,8 +707,8 @@ mod tests {
     fn with_two_transactions_running_nobody_is_credited() {
         let mut m = machine();
         let (a, b) = (key(50, 0), key(51, 0));
-        m.started(a, who(50, "rpm"));
-        m.started(b, who(51, "rpm"));
+        m.started(a, who(50, "rpm"), true);
+        m.started(b, who(51, "rpm"), true);
         m.changed(MS, MS, "Packages modified");
         end(&mut m, a, Some(0), 20 * MS, 0);
         end(&mut m, b, Some(0), 20 * MS, 0);
@@ -724,7 +732,7 @@ mod tests {
     fn another_databases_transactions_never_explain_or_hide_a_change_here() {
         let mut m = machine();
         let other = key(60, 0);
-        m.started(other, who(60, "rpm"));
+        m.started(other, who(60, "rpm"), true);
         m.wrote(other, || who(60, "rpm"), Written::Elsewhere);
         m.changed(MS, MS, "Packages modified");
         let d = settle_at(&mut m, 20 * MS);
@@ -746,7 +754,7 @@ mod tests {
     fn a_transaction_that_never_ends_cannot_hold_a_change_back() {
         let mut m = machine();
         let k = key(61, 0);
-        m.started(k, who(61, "rpm"));
+        m.started(k, who(61, "rpm"), true);
         m.changed(MS, MS, "Packages modified");
         assert_eq!(m.next_deadline(), Some(2_001 * MS));
         assert!(settle_at(&mut m, 2_000 * MS).is_empty());
@@ -771,7 +779,7 @@ mod tests {
     fn a_killed_transaction_that_wrote_triggers_and_leaves_nothing_open() {
         let mut m = machine();
         let k = key(70, 0);
-        m.started(k, who(70, "rpm"));
+        m.started(k, who(70, "rpm"), true);
         m.wrote(k, || who(70, "rpm"), ours());
         let d = end(&mut m, k, None, MS, 1);
         let t = triggers(&d);
@@ -783,6 +791,24 @@ mod tests {
         settle_at(&mut m, 1_000 * MS);
         m.changed(1_000 * MS, 1_000 * MS, "Packages modified");
         assert_eq!(triggers(&settle_at(&mut m, 1_100 * MS)).len(), 1);
+    }
+
+    #[test]
+    fn transactions_that_never_opened_the_database_are_no_candidates() {
+        // Another test's rpm on another database, running while a change happens here.
+        let mut m = machine();
+        let foreign = key(95, 0);
+        m.started(foreign, who(95, "rpm"), false);
+        m.changed(MS, MS, "Packages modified");
+        let d = settle_at(&mut m, 20 * MS);
+        let t = triggers(&d);
+        assert_eq!(t.len(), 1, "not held back by it");
+        assert_eq!(t[0].kind, TriggerKind::Inotify);
+        assert!(end(&mut m, foreign, Some(0), 30 * MS, 0).is_empty());
+        assert_eq!(
+            ignored(&settle_at(&mut m, 100 * MS)),
+            [(95, IgnoreReason::NoWrite)]
+        );
     }
 
     #[test]
@@ -820,7 +846,7 @@ mod tests {
     fn state_is_bounded() {
         let mut m = machine();
         for pid in 0..(MAX_TXS as u32 + 100) {
-            m.started(key(pid, 0), who(pid, "x"));
+            m.started(key(pid, 0), who(pid, "x"), true);
         }
         assert!(m.txs.len() <= MAX_TXS);
         for i in 0..(MAX_HELD as u64 + 100) {

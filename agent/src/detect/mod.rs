@@ -461,7 +461,7 @@ impl Loop {
 
     fn signal(&mut self, signal: Signal) {
         match signal {
-            Signal::TxStarted { key, who } => self.explainer.started(key, *who),
+            Signal::TxStarted { key, who, opened } => self.explainer.started(key, *who, opened),
             Signal::TxWrote { key, who, written } => self.explainer.wrote(key, || *who, written),
             Signal::TxEnded {
                 key,
