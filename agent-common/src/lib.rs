@@ -22,6 +22,8 @@ pub enum EventKind {
     File = 3,
     /// A thread exited while inside `rpmtsRun` (the process was killed mid-transaction).
     TxAbort = 4,
+    /// A process that ran a transaction exited (after SQLite's checkpoint on close).
+    TxExit = 5,
 }
 
 impl EventKind {
@@ -32,6 +34,7 @@ impl EventKind {
             2 => Some(Self::TxEnd),
             3 => Some(Self::File),
             4 => Some(Self::TxAbort),
+            5 => Some(Self::TxExit),
             _ => None,
         }
     }
@@ -257,8 +260,13 @@ pub struct FileEvent {
     pub dirfd2: i32,
     /// `CLOCK_BOOTTIME` nanoseconds of the event.
     pub now_ns: u64,
-    /// The transaction (its `start_ns`) the writing process is inside, 0 for none.
+    /// The transaction (its `start_ns`) the writing process is inside, or (with `tail`) the
+    /// one it ran last; 0 for none.
     pub tx_start_ns: u64,
+    /// 1: a write after the process's transaction ended (SQLite's checkpoint on close), not
+    /// inside it.
+    pub tail: u32,
+    pub _pad: u32,
     /// The written file, for [`FileOp::Write`].
     pub file: InodeId,
     /// The directories a relative `path` and `path2` are relative to (the directory
@@ -286,6 +294,9 @@ pub struct OpenedFile {
     /// 0 until a write through it is reported; then the transaction it was reported in (its
     /// start), or [`REPORTED_OUTSIDE`]: one record per descriptor per transaction is enough.
     pub reported: u64,
+    /// The transaction (its start) after whose end a write through it was reported as that
+    /// transaction's tail, 0 for none.
+    pub tail_reported: u64,
     pub flags: u32,
     /// The directory descriptor of a relative open ([`AT_FDCWD`] otherwise).
     pub dirfd: i32,

@@ -132,11 +132,12 @@ fn read_path(slot: u32, user_ptr: u64) -> Option<*mut OpenedFile> {
     Some(scratch)
 }
 
-/// Which transaction a record is evidence for (0: tampering), and the directory descriptors
-/// its paths are relative to.
+/// Which transaction a record is evidence for (0: tampering) or the tail of, and the
+/// directory descriptors its paths are relative to.
 #[derive(Clone, Copy)]
 struct Context {
     tx_start_ns: u64,
+    tail: bool,
     dirfd: i32,
     dirfd2: i32,
 }
@@ -171,6 +172,8 @@ fn emit(
         (*event).dirfd2 = at.dirfd2;
         (*event).now_ns = now_ns();
         (*event).tx_start_ns = at.tx_start_ns;
+        (*event).tail = u32::from(at.tail);
+        (*event)._pad = 0;
         (*event).file = if op == FileOp::Write {
             fd_inode(fd)
         } else {
@@ -203,21 +206,24 @@ fn emit(
     entry.submit(0);
 }
 
-/// Whether a change by process `tgid` is reported, and for which transaction: inside one it
-/// is its evidence (`Some(start)`, counted); outside any it is tampering (`Some(0)`); the
-/// agent and a process that ran a transaction before are not reported (`None`).
+/// Whether a change by process `tgid` is reported, and how: inside a transaction it is its
+/// evidence (`Some((start, false))`, counted); by a process that ran one before, that
+/// transaction's tail (`Some((start, true))`); outside any, tampering (`Some((0, false))`); the
+/// agent's are not reported (`None`).
 #[inline(always)]
-fn report_as(tgid: u32) -> Option<u64> {
+fn report_as(tgid: u32) -> Option<(u64, bool)> {
     match phase(tgid) {
         Phase::InTransaction(state) => {
             // SAFETY: the pointer is this key's map value, valid for the program's run.
             unsafe {
                 (*state).writes += 1;
-                Some((*state).start_ns)
+                Some(((*state).start_ns, false))
             }
         }
-        Phase::Outsider => Some(0),
-        Phase::RanTransaction | Phase::Agent => None,
+        // SAFETY: as above.
+        Phase::RanTransaction(state) => Some((unsafe { (*state).start_ns }, true)),
+        Phase::Outsider => Some((0, false)),
+        Phase::Agent => None,
     }
 }
 
@@ -247,16 +253,22 @@ fn open_enter(dirfd: i32, user_path: u64, flags: u32) {
         (*scratch).flags = flags;
         (*scratch).dirfd = dirfd;
         (*scratch).reported = 0;
+        (*scratch).tail_reported = 0;
         if flags & O_TRUNC != 0
-            && let Some(tx) = report_as(tgid_of(id))
+            && let Some((tx, tail)) = report_as(tgid_of(id))
         {
             let at = Context {
                 tx_start_ns: tx,
+                tail,
                 dirfd,
                 dirfd2: AT_FDCWD,
             };
             emit(FileOp::OpenTruncate, -1, flags, at, &(*scratch).path, None);
-            (*scratch).reported = reported_mark(tx);
+            if tail {
+                (*scratch).tail_reported = tx;
+            } else {
+                (*scratch).reported = reported_mark(tx);
+            }
         }
         // By reference: a copy of the 272-byte value would take half the 512-byte BPF stack.
         #[allow(clippy::needless_borrows_for_generic_args)]
@@ -317,7 +329,7 @@ pub fn fd_write(ctx: TracePointContext) -> u32 {
     };
     // Concurrent writers of the same descriptor can at worst both report, which userspace
     // coalesces.
-    let tx = match phase(tgid_of(id)) {
+    let (tx, tail) = match phase(tgid_of(id)) {
         // SAFETY: `opened` and `state` point at map values valid for the program's run.
         Phase::InTransaction(state) => unsafe {
             let start = (*state).start_ns;
@@ -325,17 +337,30 @@ pub fn fd_write(ctx: TracePointContext) -> u32 {
                 return 0;
             }
             (*state).writes += 1;
-            start
+            (*opened).reported = start;
+            (start, false)
         },
         // SAFETY: as above.
-        Phase::Outsider if unsafe { (*opened).reported } == 0 => 0,
+        Phase::RanTransaction(state) => unsafe {
+            let start = (*state).start_ns;
+            if (*opened).tail_reported == start {
+                return 0;
+            }
+            (*opened).tail_reported = start;
+            (start, true)
+        },
+        // SAFETY: as above.
+        Phase::Outsider if unsafe { (*opened).reported } == 0 => unsafe {
+            (*opened).reported = REPORTED_OUTSIDE;
+            (0, false)
+        },
         _ => return 0,
     };
     // SAFETY: `opened` points at this key's map value.
     unsafe {
-        (*opened).reported = reported_mark(tx);
         let at = Context {
             tx_start_ns: tx,
+            tail,
             dirfd: (*opened).dirfd,
             dirfd2: AT_FDCWD,
         };
@@ -425,7 +450,7 @@ pub fn close_enter(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn path_op(op: FileOp, dirfd: i32, path: u64, second: Option<(i32, u64)>, flags: u32) {
     let tgid = tgid_of(pid_tgid());
-    if matches!(phase(tgid), Phase::Agent | Phase::RanTransaction) {
+    if matches!(phase(tgid), Phase::Agent) {
         return;
     }
     let Some(first) = read_path(0, path) else {
@@ -441,9 +466,10 @@ fn path_op(op: FileOp, dirfd: i32, path: u64, second: Option<(i32, u64)>, flags:
             None => (AT_FDCWD, None),
         };
         let hit = watched(&(*first).path) || second.is_some_and(|s| watched(&(*s).path));
-        if hit && let Some(tx) = report_as(tgid) {
+        if hit && let Some((tx, tail)) = report_as(tgid) {
             let at = Context {
                 tx_start_ns: tx,
+                tail,
                 dirfd,
                 dirfd2,
             };
@@ -534,6 +560,7 @@ pub fn path_truncate(ctx: aya_ebpf::programs::FEntryContext) -> u32 {
         }
         let at = Context {
             tx_start_ns: 0,
+            tail: false,
             dirfd: AT_FDCWD,
             dirfd2: AT_FDCWD,
         };

@@ -34,8 +34,8 @@ pub enum Phase {
     /// Inside the transaction that started at this time: its writes are its evidence.
     InTransaction(*mut TxState),
     /// It ran a transaction before (its writes now are the transaction's tail, such as
-    /// SQLite's checkpoint on close): trusted, not reported.
-    RanTransaction,
+    /// SQLite's checkpoint on close): trusted, reported as the tail.
+    RanTransaction(*mut TxState),
     /// Never entered `rpmtsRun`: its writes are tampering.
     Outsider,
 }
@@ -48,7 +48,7 @@ pub fn phase(tgid: u32) -> Phase {
     match TX_STATE.get_ptr_mut(tgid) {
         // SAFETY: the pointer is this key's map value, valid for the program's run.
         Some(state) if unsafe { (*state).depth } > 0 => Phase::InTransaction(state),
-        Some(_) => Phase::RanTransaction,
+        Some(state) => Phase::RanTransaction(state),
         None => Phase::Outsider,
     }
 }

@@ -117,7 +117,7 @@ pub fn rpmts_run_enter(ctx: ProbeContext) -> u32 {
                 (*state).start_ns
             }
         }
-        Phase::RanTransaction | Phase::Outsider => {
+        Phase::RanTransaction(_) | Phase::Outsider => {
             let fresh = TxState {
                 depth: 1,
                 writes: 0,
@@ -205,6 +205,11 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
         emit_end(EventKind::TxAbort, id, 0, start, writes, 0);
     }
     if id as u32 == tgid_of(id) {
+        // SAFETY: only the presence of the key and a copied u64 are used.
+        if let Some(state) = unsafe { TX_STATE.get(tgid_of(id)) } {
+            let start = state.start_ns;
+            emit_end(EventKind::TxExit, id, 0, start, 0, 0);
+        }
         let _ = TX_STATE.remove(tgid_of(id));
     }
     0

@@ -11,7 +11,8 @@ use guestwatch_agent_common::{
 /// A transaction boundary seen in the kernel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxRecord {
-    /// `TxStart`, `TxEnd`, or `TxAbort` (the thread died inside `rpmtsRun`).
+    /// `TxStart`, `TxEnd`, `TxAbort` (the thread died inside `rpmtsRun`) or `TxExit` (the
+    /// process, which ran a transaction, exited).
     pub kind: EventKind,
     pub tgid: u32,
     pub pid: u32,
@@ -54,8 +55,11 @@ pub struct FileRecord {
     pub dirfd2: Option<i32>,
     /// `CLOCK_BOOTTIME` ns of the record.
     pub now_ns: u64,
-    /// The transaction (its start) the process is inside, `None` for tampering.
+    /// The transaction (its start) the process is inside, or with `tail` the one it ran
+    /// last; `None` for tampering.
     pub tx_start_ns: Option<u64>,
+    /// A write after the process's transaction ended (SQLite's checkpoint on close).
+    pub tail: bool,
     /// The written file (for [`FileOp::Write`]), as the kernel knows it.
     pub file: Option<FileId>,
     /// The directories relative `path` and `path2` are relative to, read when the call was
@@ -150,9 +154,9 @@ pub fn decode(bytes: &[u8]) -> Result<BpfRecord, DecodeError> {
     let mut r = Reader { bytes, at: 0 };
     let raw_kind = r.u32()?;
     match EventKind::from_u32(raw_kind) {
-        Some(kind @ (EventKind::TxStart | EventKind::TxEnd | EventKind::TxAbort)) => {
-            decode_tx(kind, r).map(BpfRecord::Tx)
-        }
+        Some(
+            kind @ (EventKind::TxStart | EventKind::TxEnd | EventKind::TxAbort | EventKind::TxExit),
+        ) => decode_tx(kind, r).map(BpfRecord::Tx),
         Some(EventKind::File) => decode_file(r).map(BpfRecord::File),
         None => Err(DecodeError::UnknownKind(raw_kind)),
     }
@@ -174,6 +178,8 @@ fn decode_file(mut r: Reader<'_>) -> Result<FileRecord, DecodeError> {
     let dirfd2 = r.u32()? as i32;
     let now_ns = r.u64()?;
     let tx_start_ns = r.u64()?;
+    let tail = r.u32()? != 0;
+    let _pad = r.u32()?;
     let mut inode = || -> Result<Option<FileId>, DecodeError> {
         let ino = r.u64()?;
         let dev = r.u32()?;
@@ -198,6 +204,7 @@ fn decode_file(mut r: Reader<'_>) -> Result<FileRecord, DecodeError> {
         dirfd2: (dirfd2 != AT_FDCWD).then_some(dirfd2),
         now_ns,
         tx_start_ns: (tx_start_ns != 0).then_some(tx_start_ns),
+        tail,
         file,
         dir,
         dir2,
@@ -309,12 +316,13 @@ mod tests {
         assert_eq!(std::mem::offset_of!(TxStartEvent, cmdline_len), 240);
         assert_eq!(std::mem::offset_of!(TxStartEvent, cmdline), 248);
         assert_eq!(TxStartEvent::SIZE, 248 + CMDLINE_LEN);
-        assert_eq!(FileEvent::SIZE, 632);
+        assert_eq!(FileEvent::SIZE, 640);
         assert_eq!(std::mem::offset_of!(FileEvent, now_ns), 40);
         assert_eq!(std::mem::offset_of!(FileEvent, tx_start_ns), 48);
-        assert_eq!(std::mem::offset_of!(FileEvent, file), 56);
-        assert_eq!(std::mem::offset_of!(FileEvent, dir2), 88);
-        assert_eq!(std::mem::offset_of!(FileEvent, path), 120);
+        assert_eq!(std::mem::offset_of!(FileEvent, tail), 56);
+        assert_eq!(std::mem::offset_of!(FileEvent, file), 64);
+        assert_eq!(std::mem::offset_of!(FileEvent, dir2), 96);
+        assert_eq!(std::mem::offset_of!(FileEvent, path), 128);
     }
 
     #[test]
@@ -382,6 +390,7 @@ mod tests {
         }
         bytes.extend_from_slice(&77u64.to_ne_bytes());
         bytes.extend_from_slice(&0u64.to_ne_bytes());
+        bytes.extend_from_slice(&0u64.to_ne_bytes()); // tail, pad
         // file unknown; dir = inode 99 on device 8:1; dir2 unknown.
         for (ino, dev) in [(0u64, 0u32), (99, (8 << 20) | 1), (0, 0)] {
             bytes.extend_from_slice(&ino.to_ne_bytes());

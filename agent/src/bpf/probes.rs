@@ -477,6 +477,7 @@ impl Probes {
         }
         let mut entry = OpenedFile {
             reported: 0,
+            tail_reported: 0,
             flags,
             dirfd: AT_FDCWD,
             path: [0; PATH_LEN],
@@ -485,9 +486,9 @@ impl Probes {
         let key = (u64::from(tgid) << 32) | u64::from(fd);
         // BPF_NOEXIST: an entry the open tracepoint made keeps its reporting state.
         const BPF_NOEXIST: u64 = 1;
-        match fds.insert(key, entry, BPF_NOEXIST) {
-            Ok(()) => log::debug!("tracking descriptor {fd} of {tgid} on {}", path.display()),
-            Err(e) => log::debug!("descriptor {fd} of {tgid} not tracked: {e}"),
+        // An error means the open tracepoint had it already (or the map is full: LRU).
+        if fds.insert(key, entry, BPF_NOEXIST).is_ok() {
+            log::debug!("tracking descriptor {fd} of {tgid} on {}", path.display());
         }
     }
 

@@ -110,6 +110,7 @@ mod tests {
             dirfd2: None,
             now_ns: 0,
             tx_start_ns: None,
+            tail: false,
             file: None,
             dir: None,
             dir2: None,

@@ -46,6 +46,11 @@ pub enum Signal {
         end_ns: u64,
         writes: u32,
     },
+    /// A process that ran a transaction exited (its database closed, SQLite checkpointed).
+    Exited { tgid: u32, exit_ns: u64 },
+    /// A process that ran a transaction wrote file `name` of the watched database after it
+    /// (the transaction's tail: SQLite's checkpoint and `-wal` removal on close).
+    Tail { tgid: u32, at_ns: u64, name: String },
     /// Tampering: scan.
     Tamper(Box<Trigger>),
     /// Tampering by a process that exited before its relative path could be resolved; it
@@ -106,6 +111,7 @@ impl EbpfSource {
         let record = self.probes.try_next()?;
         Some(match record {
             BpfRecord::Tx(tx) => self.transaction_signal(tx),
+            BpfRecord::File(file) if file.tail => self.tail_signal(&file),
             BpfRecord::File(file) if file.tx_start_ns.is_some() => self.write_signal(&file),
             BpfRecord::File(file) => self.tamper_signal(file),
         })
@@ -154,6 +160,10 @@ impl EbpfSource {
                     opened,
                 }
             }
+            EventKind::TxExit => Signal::Exited {
+                tgid: tx.tgid,
+                exit_ns: tx.now_ns,
+            },
             _ => {
                 let who = self.running.remove(&key).unwrap_or_else(|| {
                     let mut who = Self::minimal(tx.tgid, tx.pid, tx.uid, tx.gid, &tx.comm);
@@ -224,6 +234,22 @@ impl EbpfSource {
             }
         }
         opened
+    }
+
+    /// A write after a transaction by its process: only the watched database's files matter.
+    fn tail_signal(&self, file: &FileRecord) -> Signal {
+        let name = Path::new(&file.path)
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned);
+        match (self.what_was_written(file), name) {
+            (Written::Ours { .. } | Written::Unverified { .. }, Some(name)) => Signal::Tail {
+                tgid: file.tgid,
+                at_ns: file.now_ns,
+                name,
+            },
+            _ => Signal::None,
+        }
     }
 
     /// A transaction's write: which file it really was.

@@ -8,10 +8,12 @@
 //! installroot, dnf's test transaction, a failed or read-only one, one killed before it wrote —
 //! is ignored and counted.
 //!
-//! An inotify change is *covered* when a transaction with syscall evidence ended after it (or
-//! is still running): that transaction's scan starts after its end, so it sees the change. Any
-//! other change becomes an `inotify` trigger (without attribution: inotify does not say who),
-//! so a change nothing explains is still scanned, never lost.
+//! A transaction with evidence triggers when its process exits (rpm closes the database, and
+//! SQLite checkpoints, right after `rpmtsRun` returns), or [`ExplainConfig::exit_wait`] after
+//! its end if the process lives on (dnf): its scan then sees the final state. An inotify change
+//! is *covered* when such a trigger comes after it (or is still to come): that scan sees it.
+//! Any other change becomes an `inotify` trigger (without attribution: inotify does not say
+//! who), so a change nothing explains is still scanned, never lost.
 //!
 //! Time is the kernel's boot clock in nanoseconds: transaction records carry it, and a change
 //! is dated by the changed file's ctime (a coarse kernel clock, so with a tolerance of
@@ -98,6 +100,8 @@ pub struct ExplainConfig {
     /// A change that a running transaction without evidence yet may still explain becomes a
     /// trigger after this long anyway: a transaction that never ends cannot hide a change.
     pub max_hold: Duration,
+    /// How long after its end a transaction's trigger waits for its process to exit.
+    pub exit_wait: Duration,
 }
 
 impl Default for ExplainConfig {
@@ -105,6 +109,7 @@ impl Default for ExplainConfig {
         Self {
             clock_tick: Duration::from_millis(10),
             max_hold: Duration::from_secs(2),
+            exit_wait: Duration::from_millis(100),
         }
     }
 }
@@ -126,12 +131,23 @@ struct Tx {
     writes_seen: u32,
     /// The transaction trigger was emitted.
     reported: bool,
+    /// When its trigger went out (boot clock): its scan sees every change up to then.
+    reported_ns: Option<u64>,
+    /// Its process's writes of watched files after it ended (kernel time, file name): SQLite's
+    /// checkpoint and `-wal` removal on close. The first few.
+    tails: Vec<(u64, String)>,
 }
 
 impl Tx {
-    /// Whether it ran at some point of `[from, to + tick)`.
+    /// Whether it may have run at some point of `[from, to + tick)`.
     fn ran_during(&self, key: &TxKey, from: u64, to: u64, tick: u64) -> bool {
         key.start_ns <= to.saturating_add(tick) && self.ended_ns.is_none_or(|e| e >= from)
+    }
+
+    /// Whether it surely ran all through `[from, to + tick)` (the change, with the clock's
+    /// uncertainty, lies inside its window): only then can the change be its own.
+    fn ran_throughout(&self, key: &TxKey, from: u64, to: u64, tick: u64) -> bool {
+        key.start_ns <= from && self.ended_ns.is_some_and(|e| e >= to.saturating_add(tick))
     }
 }
 
@@ -145,12 +161,17 @@ struct Change {
     read_ns: u64,
     /// The distinct changes merged into it (`Packages modified`), the first few.
     what: Vec<String>,
+    /// The distinct files it touched, the first few; `overflow` when there were more.
+    files: Vec<String>,
+    overflow: bool,
     /// Further changes merged into this one.
     more: u32,
 }
 
 /// Distinct changes named in one merged change's trigger.
 const MAX_NAMED: usize = 8;
+/// Tail writes remembered per transaction.
+const MAX_TAILS: usize = 32;
 
 /// The machine.
 #[derive(Debug)]
@@ -206,6 +227,8 @@ impl Explainer {
             ambiguous: false,
             writes_seen: 0,
             reported: false,
+            reported_ns: None,
+            tails: Vec::new(),
         })
     }
 
@@ -237,8 +260,9 @@ impl Explainer {
     }
 
     /// The transaction ended (`return_code` `None`: its thread died inside `rpmtsRun`);
-    /// `writes` is what the kernel counted. A transaction with syscall evidence triggers at
-    /// once (its trigger comes out of this call).
+    /// `writes` is what the kernel counted. A transaction with syscall evidence whose thread
+    /// died triggers at once (its trigger comes out of this call); otherwise when its process
+    /// exits ([`Self::exited`]) or `exit_wait` after its end ([`Self::settle`]).
     pub fn ended(
         &mut self,
         key: TxKey,
@@ -262,18 +286,61 @@ impl Explainer {
         if tx.evidence.is_none() && writes > tx.writes_seen && !tx.elsewhere {
             tx.evidence = Some(Evidence::Syscall);
         }
-        if tx.evidence.is_some() && !tx.reported {
+        if tx.evidence.is_some() && !tx.reported && tx.aborted {
             tx.reported = true;
+            tx.reported_ns = Some(end_ns);
             return Some(Decision::Trigger(Box::new(transaction_trigger(tx))));
         }
         None
     }
 
-    /// inotify saw database file `what` change (lock and reader-written files excluded); the
-    /// change happened at `at_ns` (the file's ctime on the boot clock) and was read at
-    /// `read_ns`.
-    pub fn changed(&mut self, at_ns: u64, read_ns: u64, what: &str) {
+    /// Process `tgid`, which ran transactions, exited at `exit_ns`: the triggers of its ended
+    /// transactions with evidence go out now, covering every change up to its exit.
+    pub fn exited(&mut self, tgid: u32, exit_ns: u64) -> Vec<Decision> {
+        let mut out = Vec::new();
+        for (key, tx) in self.txs.range_mut(
+            TxKey { tgid, start_ns: 0 }..=TxKey {
+                tgid,
+                start_ns: u64::MAX,
+            },
+        ) {
+            let _ = key;
+            if tx.ended_ns.is_some() && tx.evidence.is_some() && !tx.reported {
+                tx.reported = true;
+                tx.reported_ns = Some(exit_ns);
+                out.push(Decision::Trigger(Box::new(transaction_trigger(tx))));
+            }
+        }
+        out
+    }
+
+    /// Process `tgid` wrote watched file `name` at `at_ns` after its transaction ended (the
+    /// transaction's tail).
+    pub fn tail(&mut self, tgid: u32, at_ns: u64, name: &str) {
+        let last = self
+            .txs
+            .range_mut(
+                TxKey { tgid, start_ns: 0 }..=TxKey {
+                    tgid,
+                    start_ns: u64::MAX,
+                },
+            )
+            .next_back();
+        if let Some((_, tx)) = last
+            && tx.ended_ns.is_some()
+            && tx.tails.len() < MAX_TAILS
+        {
+            tx.tails.push((at_ns, name.to_owned()));
+        }
+    }
+
+    /// inotify saw database file `file` change (`what`: modified, deleted, …; lock and
+    /// reader-written files excluded); the change happened at `at_ns` (the file's ctime on the
+    /// boot clock) and was read at `read_ns`.
+    pub fn changed(&mut self, at_ns: u64, read_ns: u64, file: &str, what: &str) {
         let at_ns = at_ns.min(read_ns);
+        let what = format!("{file} {what}");
+        let what = what.as_str();
         // A burst (a writer's many writes) is one change: one trigger is enough for it. Only
         // a later change joins an earlier one (it is then dated by the earlier, the safe side).
         let full = self.held.len() >= MAX_HELD;
@@ -283,6 +350,13 @@ impl Explainer {
         {
             last.at_ns = last.at_ns.min(at_ns);
             last.latest_ns = last.latest_ns.max(at_ns);
+            if !last.files.iter().any(|f| f == file) {
+                if last.files.len() < MAX_NAMED {
+                    last.files.push(file.to_owned());
+                } else {
+                    last.overflow = true;
+                }
+            }
             if !last.what.iter().any(|w| w == what) && last.what.len() < MAX_NAMED {
                 last.what.push(what.to_owned());
                 return;
@@ -295,6 +369,8 @@ impl Explainer {
             latest_ns: at_ns,
             read_ns,
             what: vec![what.to_owned()],
+            files: vec![file.to_owned()],
+            overflow: false,
             more: 0,
         });
     }
@@ -313,9 +389,27 @@ impl Explainer {
     /// When [`Self::settle`] has something to decide by time alone (a held change's maximum
     /// hold).
     pub fn next_deadline(&self) -> Option<u64> {
+        let exit_wait = ns(self.config.exit_wait);
+        let pending = self
+            .txs
+            .values()
+            .filter_map(|tx| match (tx.ended_ns, tx.evidence) {
+                (Some(end), Some(_)) if !tx.reported => Some(end.saturating_add(exit_wait)),
+                _ => None,
+            });
+        let tick = ns(self.config.clock_tick);
         self.held
             .iter()
-            .map(|c| c.read_ns.saturating_add(ns(self.config.max_hold)))
+            .map(|c| {
+                let records = c.latest_ns.saturating_add(tick);
+                if self.records_until < records {
+                    // Decidable once the records up to it are in: a drain then says so.
+                    records
+                } else {
+                    c.read_ns.saturating_add(ns(self.config.max_hold))
+                }
+            })
+            .chain(pending)
             .min()
     }
 
@@ -331,7 +425,18 @@ impl Explainer {
     pub fn settle(&mut self, now_ns: u64) -> Vec<Decision> {
         let tick = ns(self.config.clock_tick);
         let max_hold = ns(self.config.max_hold);
+        let exit_wait = ns(self.config.exit_wait);
         let mut out = Vec::new();
+        // Transactions whose process lives on past the wait: their trigger goes out now.
+        for tx in self.txs.values_mut() {
+            if let (Some(end), Some(_), false) = (tx.ended_ns, tx.evidence, tx.reported)
+                && now_ns >= end.saturating_add(exit_wait)
+            {
+                tx.reported = true;
+                tx.reported_ns = Some(now_ns);
+                out.push(Decision::Trigger(Box::new(transaction_trigger(tx))));
+            }
+        }
         let mut held = std::mem::take(&mut self.held);
         held.retain(|change| {
             let (from, to) = (change.at_ns, change.latest_ns);
@@ -339,9 +444,25 @@ impl Explainer {
             if self.records_until < to.saturating_add(tick) {
                 return true;
             }
+            // A trigger still to come, or that went out after the change: its scan sees it.
+            // Or every file it touched is a tail write of a transaction, made before that
+            // transaction's trigger (the kernel's precise times need no coarse-clock margin).
             let covered = self.txs.values().any(|tx| {
-                tx.evidence == Some(Evidence::Syscall)
-                    && tx.ended_ns.is_none_or(|e| e >= to.saturating_add(tick))
+                if tx.evidence != Some(Evidence::Syscall) {
+                    return false;
+                }
+                if tx.reported_ns.is_none_or(|r| r >= to.saturating_add(tick)) {
+                    return true;
+                }
+                !change.overflow
+                    && change.files.iter().all(|f| {
+                        tx.tails.iter().any(|(w, name)| {
+                            name == f
+                                && *w + tick >= from
+                                && *w <= to.saturating_add(tick)
+                                && tx.reported_ns.is_none_or(|r| *w <= r)
+                        })
+                    })
             });
             if covered {
                 return false;
@@ -371,6 +492,7 @@ impl Explainer {
                 && !still_running
                 && let Some(tx) = self.txs.get_mut(only)
                 && !tx.ambiguous
+                && tx.ran_throughout(only, from, to, tick)
             {
                 // The one transaction that could have made a change no syscall showed.
                 if tx.evidence.is_none() {
@@ -378,6 +500,7 @@ impl Explainer {
                 }
                 if !tx.reported {
                     tx.reported = true;
+                    tx.reported_ns = Some(now_ns);
                     out.push(Decision::Trigger(Box::new(transaction_trigger(tx))));
                 }
                 return false;
@@ -401,14 +524,23 @@ impl Explainer {
         });
         self.held = held;
 
-        // Ended transactions whose every change up to their end has been read: decided.
+        // Ended transactions whose every change up to their end (or their trigger, which
+        // covers changes until then) has been read: decided.
         let changes_until = self.changes_until;
         let done: Vec<TxKey> = self
             .txs
             .iter()
             .filter(|(_, tx)| {
-                tx.ended_ns
-                    .is_some_and(|e| changes_until >= e.saturating_add(tick))
+                let Some(end) = tx.ended_ns else {
+                    return false;
+                };
+                let until = match (tx.evidence, tx.reported_ns) {
+                    // Its trigger is still to come.
+                    (Some(_), None) => return false,
+                    (_, Some(reported)) => reported.max(end),
+                    (None, None) => end,
+                };
+                changes_until >= until.saturating_add(tick)
             })
             .map(|(k, _)| *k)
             .collect();
@@ -550,14 +682,27 @@ mod tests {
             .collect()
     }
 
+    /// The transaction ends and its process exits right after, as rpm does.
+    fn end_exit(
+        m: &mut Explainer,
+        k: TxKey,
+        rc: Option<i32>,
+        at: u64,
+        writes: u32,
+    ) -> Vec<Decision> {
+        let mut d = end(m, k, rc, at, writes);
+        d.extend(m.exited(k.tgid, at + MS));
+        d
+    }
+
     #[test]
     fn a_transaction_that_wrote_triggers_at_once_and_covers_its_changes() {
         let mut m = machine();
         let k = key(10, 1_000 * MS);
         m.started(k, who(10, "rpm"), true);
         m.wrote(k, || who(10, "rpm"), ours());
-        m.changed(1_001 * MS, 1_001 * MS, "rpmdb.sqlite-wal modified");
-        let d = end(&mut m, k, Some(0), 1_020 * MS, 1);
+        m.changed(1_001 * MS, 1_001 * MS, "rpmdb.sqlite-wal", "modified");
+        let d = end_exit(&mut m, k, Some(0), 1_020 * MS, 1);
         let t = triggers(&d);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].kind, TriggerKind::Transaction);
@@ -567,10 +712,77 @@ mod tests {
         assert_eq!(a.database.as_deref(), Some("/var/lib/rpm/rpmdb.sqlite"));
         assert!(t[0].detail.as_deref().unwrap().contains("rpm (pid 10)"));
         // Its own change, even read late, is covered: nothing else comes of it.
-        m.changed(1_005 * MS, 1_500 * MS, "rpmdb.sqlite-wal modified");
+        m.changed(1_005 * MS, 1_500 * MS, "rpmdb.sqlite-wal", "modified");
         assert!(settle_at(&mut m, 2_000 * MS).is_empty());
         assert_eq!(m.next_deadline(), None);
         assert_eq!(m.running().count(), 0);
+    }
+
+    #[test]
+    fn the_trigger_waits_for_the_process_to_exit_so_its_checkpoint_is_covered() {
+        let mut m = machine();
+        let k = key(12, 0);
+        m.started(k, who(12, "rpm"), true);
+        m.wrote(k, || who(12, "rpm"), ours());
+        assert!(
+            end(&mut m, k, Some(0), 10 * MS, 1).is_empty(),
+            "not before it exits"
+        );
+        assert_eq!(m.next_deadline(), Some(110 * MS));
+        // SQLite checkpoints on close, after rpmtsRun returned, before the process exits.
+        m.tail(12, 12 * MS + 500_000, "rpmdb.sqlite");
+        m.changed(12 * MS, 13 * MS, "rpmdb.sqlite", "modified");
+        let d = m.exited(12, 15 * MS);
+        assert_eq!(triggers(&d).len(), 1);
+        assert!(
+            settle_at(&mut m, 100 * MS).is_empty(),
+            "the checkpoint is covered"
+        );
+        // A change after the exit is not.
+        m.changed(120 * MS, 121 * MS, "Packages", "modified");
+        assert_eq!(
+            triggers(&settle_at(&mut m, 200 * MS))[0].kind,
+            TriggerKind::Inotify
+        );
+    }
+
+    #[test]
+    fn only_tail_writes_before_the_trigger_and_of_the_same_files_are_covered() {
+        let mut m = machine();
+        let k = key(14, 0);
+        m.started(k, who(14, "dnf"), true);
+        m.wrote(k, || who(14, "dnf"), ours());
+        end(&mut m, k, Some(0), 10 * MS, 1);
+        // dnf lives on: its trigger goes out at 110 ms; it checkpoints at 300 ms.
+        assert_eq!(triggers(&settle_at(&mut m, 110 * MS)).len(), 1);
+        m.tail(14, 300 * MS, "rpmdb.sqlite");
+        m.changed(300 * MS, 301 * MS, "rpmdb.sqlite", "modified");
+        let d = settle_at(&mut m, 400 * MS);
+        assert_eq!(triggers(&d).len(), 1, "after its trigger: scanned again");
+        // Another file than the tail's is not covered by it either.
+        let k2 = key(15, 0);
+        m.started(k2, who(15, "rpm"), true);
+        m.wrote(k2, || who(15, "rpm"), ours());
+        end(&mut m, k2, Some(0), 500 * MS, 1);
+        m.tail(15, 501 * MS, "rpmdb.sqlite");
+        m.changed(500 * MS, 502 * MS, "Packages", "modified");
+        m.exited(15, 503 * MS);
+        let d = settle_at(&mut m, 600 * MS);
+        assert_eq!(triggers(&d)[0].kind, TriggerKind::Inotify);
+    }
+
+    #[test]
+    fn a_process_that_lives_on_is_not_waited_for_long() {
+        // dnf keeps going after its transaction: the trigger goes out after the wait.
+        let mut m = machine();
+        let k = key(13, 0);
+        m.started(k, who(13, "dnf"), true);
+        m.wrote(k, || who(13, "dnf"), ours());
+        assert!(end(&mut m, k, Some(0), 10 * MS, 1).is_empty());
+        assert!(settle_at(&mut m, 109 * MS).is_empty());
+        let d = settle_at(&mut m, 110 * MS);
+        assert_eq!(triggers(&d).len(), 1);
+        assert!(m.exited(13, 500 * MS).is_empty(), "reported once");
     }
 
     #[test]
@@ -610,7 +822,7 @@ mod tests {
     #[test]
     fn a_change_nothing_explains_is_an_inotify_trigger() {
         let mut m = machine();
-        m.changed(50 * MS, 51 * MS, "Packages modified");
+        m.changed(50 * MS, 51 * MS, "Packages", "modified");
         // Not before the records up to the change are in.
         m.drained(Some(55 * MS), None);
         assert!(m.settle(55 * MS).is_empty());
@@ -626,13 +838,13 @@ mod tests {
     fn a_change_read_before_its_transactions_records_is_still_covered() {
         let mut m = machine();
         // inotify was read first; the transaction started at 4 ms and wrote at 5 ms.
-        m.changed(5 * MS, 6 * MS, "rpmdb.sqlite-wal modified");
+        m.changed(5 * MS, 6 * MS, "rpmdb.sqlite-wal", "modified");
         m.drained(None, Some(6 * MS));
         assert!(m.settle(6 * MS).is_empty(), "waits for the records");
         let k = key(20, 4 * MS);
         m.started(k, who(20, "rpm"), true);
         m.wrote(k, || who(20, "rpm"), ours());
-        let d = end(&mut m, k, Some(0), 30 * MS, 1);
+        let d = end_exit(&mut m, k, Some(0), 30 * MS, 1);
         assert_eq!(triggers(&d).len(), 1);
         assert!(settle_at(&mut m, 100 * MS).is_empty(), "covered");
     }
@@ -640,16 +852,19 @@ mod tests {
     #[test]
     fn a_change_before_a_transaction_or_after_its_end_is_scanned_on_its_own() {
         let mut m = machine();
-        m.changed(5 * MS, 5 * MS, "Packages modified");
+        m.changed(5 * MS, 5 * MS, "Packages", "modified");
         let k = key(21, 100 * MS);
         m.started(k, who(21, "rpm"), true);
         m.wrote(k, || who(21, "rpm"), ours());
         // The earlier change is before the transaction: its scan covers it all the same.
-        assert_eq!(triggers(&end(&mut m, k, Some(0), 110 * MS, 1)).len(), 1);
+        assert_eq!(
+            triggers(&end_exit(&mut m, k, Some(0), 110 * MS, 1)).len(),
+            1
+        );
         assert!(settle_at(&mut m, 120 * MS).is_empty());
         // A change after the end (SQLite's checkpoint, or another writer) may postdate the
         // scan: scanned again.
-        m.changed(130 * MS, 131 * MS, "rpmdb.sqlite modified");
+        m.changed(130 * MS, 131 * MS, "rpmdb.sqlite", "modified");
         let t = settle_at(&mut m, 150 * MS);
         assert_eq!(triggers(&t)[0].kind, TriggerKind::Inotify);
     }
@@ -659,7 +874,7 @@ mod tests {
         let mut m = machine();
         let k = key(40, 0);
         m.started(k, who(40, "rpm"), true);
-        m.changed(MS, 2 * MS, "Index.db modified");
+        m.changed(MS, 2 * MS, "Index.db", "modified");
         assert!(
             settle_at(&mut m, 3 * MS).is_empty(),
             "it may still show evidence"
@@ -687,10 +902,10 @@ mod tests {
         assert!(end(&mut m, test, Some(0), 10 * MS, 0).is_empty());
         m.started(real, who(45, "dnf"), true);
         m.wrote(real, || who(45, "dnf"), ours());
-        m.changed(60 * MS, 61 * MS, "rpmdb.sqlite-wal modified");
-        let d = end(&mut m, real, Some(0), 80 * MS, 1);
+        m.changed(60 * MS, 61 * MS, "rpmdb.sqlite-wal", "modified");
+        let d = end_exit(&mut m, real, Some(0), 80 * MS, 1);
         assert_eq!(triggers(&d).len(), 1);
-        m.changed(90 * MS, 95 * MS, "rpmdb.sqlite modified");
+        m.changed(90 * MS, 95 * MS, "rpmdb.sqlite", "modified");
         let d = settle_at(&mut m, 200 * MS);
         let t = triggers(&d);
         assert_eq!(t.len(), 1);
@@ -704,12 +919,27 @@ mod tests {
     }
 
     #[test]
+    fn a_change_within_the_clocks_tolerance_of_an_end_is_not_credited() {
+        // Killed at 100 ms; a write at 103 ms carries a coarse ctime of 100 ms: it may be after.
+        let mut m = machine();
+        let k = key(46, 0);
+        m.started(k, who(46, "python3"), true);
+        assert!(end(&mut m, k, None, 100 * MS, 0).is_empty());
+        m.changed(100 * MS, 104 * MS, "Packages", "modified");
+        let d = settle_at(&mut m, 200 * MS);
+        let t = triggers(&d);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].kind, TriggerKind::Inotify, "{d:?}");
+        assert_eq!(ignored(&d), [(46, IgnoreReason::Ambiguous)]);
+    }
+
+    #[test]
     fn with_two_transactions_running_nobody_is_credited() {
         let mut m = machine();
         let (a, b) = (key(50, 0), key(51, 0));
         m.started(a, who(50, "rpm"), true);
         m.started(b, who(51, "rpm"), true);
-        m.changed(MS, MS, "Packages modified");
+        m.changed(MS, MS, "Packages", "modified");
         end(&mut m, a, Some(0), 20 * MS, 0);
         end(&mut m, b, Some(0), 20 * MS, 0);
         let d = settle_at(&mut m, 100 * MS);
@@ -734,7 +964,7 @@ mod tests {
         let other = key(60, 0);
         m.started(other, who(60, "rpm"), true);
         m.wrote(other, || who(60, "rpm"), Written::Elsewhere);
-        m.changed(MS, MS, "Packages modified");
+        m.changed(MS, MS, "Packages", "modified");
         let d = settle_at(&mut m, 20 * MS);
         let t = triggers(&d);
         assert_eq!(
@@ -755,8 +985,14 @@ mod tests {
         let mut m = machine();
         let k = key(61, 0);
         m.started(k, who(61, "rpm"), true);
-        m.changed(MS, MS, "Packages modified");
-        assert_eq!(m.next_deadline(), Some(2_001 * MS));
+        m.changed(MS, MS, "Packages", "modified");
+        assert_eq!(
+            m.next_deadline(),
+            Some(11 * MS),
+            "first, the records up to it"
+        );
+        assert!(settle_at(&mut m, 20 * MS).is_empty());
+        assert_eq!(m.next_deadline(), Some(2_001 * MS), "then the longest hold");
         assert!(settle_at(&mut m, 2_000 * MS).is_empty());
         let d = settle_at(&mut m, 2_001 * MS);
         let t = triggers(&d);
@@ -789,7 +1025,7 @@ mod tests {
         assert_eq!(m.running().count(), 0);
         // A later change is not swallowed by stale state.
         settle_at(&mut m, 1_000 * MS);
-        m.changed(1_000 * MS, 1_000 * MS, "Packages modified");
+        m.changed(1_000 * MS, 1_000 * MS, "Packages", "modified");
         assert_eq!(triggers(&settle_at(&mut m, 1_100 * MS)).len(), 1);
     }
 
@@ -799,7 +1035,7 @@ mod tests {
         let mut m = machine();
         let foreign = key(95, 0);
         m.started(foreign, who(95, "rpm"), false);
-        m.changed(MS, MS, "Packages modified");
+        m.changed(MS, MS, "Packages", "modified");
         let d = settle_at(&mut m, 20 * MS);
         let t = triggers(&d);
         assert_eq!(t.len(), 1, "not held back by it");
@@ -815,11 +1051,14 @@ mod tests {
     fn dropped_write_records_still_count_as_evidence() {
         let mut m = machine();
         // No start, no write record (ring buffer full): the end's count says it wrote.
-        assert_eq!(triggers(&end(&mut m, key(80, 0), Some(0), MS, 2)).len(), 1);
+        assert_eq!(
+            triggers(&end_exit(&mut m, key(80, 0), Some(0), MS, 2)).len(),
+            1
+        );
         // Unless a seen write went elsewhere.
         let k2 = key(81, 0);
         m.wrote(k2, || who(81, "rpm"), Written::Elsewhere);
-        assert!(end(&mut m, k2, Some(0), MS, 2).is_empty());
+        assert!(end_exit(&mut m, k2, Some(0), MS, 2).is_empty());
     }
 
     #[test]
@@ -829,7 +1068,8 @@ mod tests {
             m.changed(
                 1_000 * MS + i * 50_000,
                 1_000 * MS + i * 50_000,
-                "Packages modified",
+                "Packages",
+                "modified",
             );
         }
         assert_eq!(m.held.len(), 1);
@@ -850,7 +1090,7 @@ mod tests {
         }
         assert!(m.txs.len() <= MAX_TXS);
         for i in 0..(MAX_HELD as u64 + 100) {
-            m.changed(i * 100 * MS, i * 100 * MS, "Packages modified");
+            m.changed(i * 100 * MS, i * 100 * MS, "Packages", "modified");
         }
         assert!(m.held.len() <= MAX_HELD);
         // Deciding stays cheap: every change here is held by running transactions.

@@ -440,9 +440,7 @@ impl Detector {
         if file == LOCK_FILE {
             return;
         }
-        state
-            .explainer
-            .changed(at_ns, read_ns, &format!("{file} {what}"));
+        state.explainer.changed(at_ns, read_ns, file, what);
     }
 }
 
@@ -473,6 +471,11 @@ impl Loop {
                 let decided = self
                     .explainer
                     .ended(key, || *who, return_code, end_ns, writes);
+                self.out.extend(decided);
+            }
+            Signal::Tail { tgid, at_ns, name } => self.explainer.tail(tgid, at_ns, &name),
+            Signal::Exited { tgid, exit_ns } => {
+                let decided = self.explainer.exited(tgid, exit_ns);
                 self.out.extend(decided);
             }
             Signal::Tamper(t) => self.out.push(Decision::Trigger(t)),
