@@ -39,14 +39,22 @@ impl Watch {
             .args(["watch", "--detector", detector, "--dbpath"])
             .arg(db)
             .args(extra)
-            .env("GUESTWATCH_LOG", "warn")
+            .env(
+                "GUESTWATCH_LOG",
+                std::env::var("GUESTWATCH_BENCH_AGENT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .spawn()
             .ok()?;
         let stdout = child.stdout.take()?;
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
+            let started = Instant::now();
+            let debug = std::env::var_os("GUESTWATCH_BENCH_DEBUG").is_some();
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if debug {
+                    eprintln!("RAW {:?} {line}", started.elapsed());
+                }
                 if let Ok(v) = serde_json::from_str::<Value>(&line) {
                     let _ = tx.send((Instant::now(), v));
                 }
@@ -239,6 +247,28 @@ pub fn judge(
         ..Outcome::default()
     };
     for d in done {
+        if std::env::var_os("GUESTWATCH_BENCH_DEBUG").is_some() {
+            for (at, v) in lines {
+                if at.saturating_duration_since(d.exited) < Duration::from_secs(1)
+                    && *at + Duration::from_millis(50) >= d.exited
+                {
+                    eprintln!(
+                        "    {:?} {} {} changed={} dur={} {:?}/{:?}",
+                        at.saturating_duration_since(d.exited),
+                        v["event"],
+                        if v["event"] == "trigger" {
+                            &v["detail"]
+                        } else {
+                            &v["trigger"]["detail"]
+                        },
+                        v["changed"],
+                        v["duration_ms"],
+                        v["changes"]["added"],
+                        v["changes"]["removed"]
+                    );
+                }
+            }
+        }
         let Some((at, scan)) = lines
             .iter()
             .find(|(_, v)| scan_changes(v, &d.name, d.install))
@@ -246,6 +276,16 @@ pub fn judge(
             continue;
         };
         let latency = at.saturating_duration_since(d.exited);
+        if std::env::var_os("GUESTWATCH_BENCH_DEBUG").is_some() {
+            eprintln!(
+                "{} {} pid {}: {:?} {}",
+                if d.install { "install" } else { "erase" },
+                d.name,
+                d.pid,
+                latency,
+                scan["trigger"]["detail"]
+            );
+        }
         if latency > window {
             continue;
         }
