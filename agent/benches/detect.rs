@@ -52,6 +52,10 @@ pub fn series(
         if j > 0 {
             steps.push((false, j - 1));
         }
+        // The last package goes too: n installs and n removals.
+        if j + 1 == packages {
+            steps.push((false, j));
+        }
         for (install, k) in steps {
             let name = format!("{prefix}-{k:04}");
             let mut child = if install {

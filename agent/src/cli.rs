@@ -62,6 +62,9 @@ pub enum Format {
     Packages,
     /// A CycloneDX 1.6 JSON SBOM.
     Cyclonedx,
+    /// The compact inventory document a report carries (binary, zstd-compressed; see
+    /// docs/protocol.md): what a full report of this system costs on the wire.
+    Document,
 }
 
 /// Detection tuning, shared by `watch` and `run`.

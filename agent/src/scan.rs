@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use report::{Facts, ReportInput, SystemInfo, SystemReader};
+use report::{Document, Facts, ReportInput, SystemInfo, SystemReader};
 
 use crate::{
     config::TargetSpec,
@@ -20,6 +20,9 @@ pub struct Snapshot {
     pub scan: rpmdb::Scan,
     /// Distribution and repositories; empty for a database scanned directly.
     pub system: SystemInfo,
+    /// The report's records and facts (its `changes` empty: a report fills them in).
+    pub document: Document,
+    /// The content hash of `document`'s records.
     pub content_hash: [u8; 32],
     pub duration: Duration,
     pub finished_at: SystemTime,
@@ -89,7 +92,6 @@ impl SystemScanner {
             ..rpmdb::ReadOptions::default()
         };
         let scan = rpmdb::read_with(self.source(), &options)?;
-        let content_hash = report::content_hash(&scan.packages);
         let system = self
             .system
             .as_mut()
@@ -100,12 +102,26 @@ impl SystemScanner {
             TargetSpec::DbPath(_) => None,
         };
         let dir = scan.path.parent().unwrap_or(&scan.path);
+        let database = shown_path(&self.target, &scan.path);
+        let package_db = report::package_db(scan.backend, dir, root);
+        let duration = started.elapsed();
+        let document = report::inventory::document(
+            &report::inventory::Scanned {
+                scan: &scan,
+                system: &system,
+                package_db: package_db.clone(),
+                database: database.clone(),
+                scan_duration_ms: Some(millis(duration)),
+            },
+            report::ChangeSummary::default(),
+        );
         Ok(Snapshot {
-            content_hash,
-            duration: started.elapsed(),
+            content_hash: document.content_hash().0,
+            document,
+            duration,
             finished_at: SystemTime::now(),
-            database: shown_path(&self.target, &scan.path),
-            package_db: report::package_db(scan.backend, dir, root),
+            database,
+            package_db,
             system,
             scan,
         })
@@ -130,12 +146,7 @@ impl Scanner for SystemScanner {
 impl Snapshot {
     /// The facts of this scan as a one-off report; continuous reporting fills in the rest.
     pub fn facts(&self) -> Facts {
-        Facts::of_scan(
-            env!("CARGO_PKG_VERSION"),
-            &self.scan,
-            self.database.clone(),
-            &self.system.problems,
-        )
+        Facts::of_document(env!("CARGO_PKG_VERSION"), &self.document)
     }
 
     /// What the report documents are built from.

@@ -14,6 +14,7 @@
 mod codec;
 mod connection;
 pub mod frame;
+pub mod inventory;
 mod limits;
 mod message;
 mod payload;
@@ -29,7 +30,7 @@ pub use message::{
     MessageType, Nack, NackReason, Payload, PayloadEncoding, Report, ReportBody, ReportFacts,
     ReportId, Welcome,
 };
-pub use payload::{COMPRESSION_THRESHOLD, PayloadError};
+pub use payload::{COMPRESSION_THRESHOLD, DOCUMENT_ZSTD_LEVEL, PayloadError};
 pub use trigger::{Ancestor, Attribution, Evidence, Timestamp, Trigger, TriggerKind};
 
 /// The protocol version this build prefers (the highest it speaks).

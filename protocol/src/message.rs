@@ -131,6 +131,11 @@ pub enum PayloadEncoding {
     Json,
     /// The claircore JSON, zstd-compressed.
     JsonZstd,
+    /// The compact document (`inventory::Document`, or `DeltaDocument` in a delta), from which
+    /// the relay renders the claircore JSON (version 2 only).
+    Document,
+    /// The same, zstd-compressed.
+    DocumentZstd,
 }
 
 /// A report's payload: the bytes and how they are encoded.

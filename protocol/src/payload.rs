@@ -7,13 +7,22 @@ use crate::message::{Payload, PayloadEncoding};
 /// Payloads larger than this are compressed (when that makes them smaller).
 pub const COMPRESSION_THRESHOLD: usize = 64 * 1024;
 
-/// Why a payload could not be turned back into JSON bytes.
+/// zstd level for compact documents: they are small, and every byte crosses the wire and
+/// lands in sinks, so the slow end of the scale pays (measured by `cargo xtask bench wire`).
+pub const DOCUMENT_ZSTD_LEVEL: i32 = 19;
+
+/// Why a payload could not be turned back into its bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum PayloadError {
     #[error("the payload decompresses to more than {max} bytes")]
     TooLarge { max: u32 },
     #[error("the payload is not valid zstd: {0}")]
     Corrupt(String),
+    #[error("the payload is a {found:?}, not {wanted}")]
+    WrongEncoding {
+        found: PayloadEncoding,
+        wanted: &'static str,
+    },
 }
 
 impl Payload {
@@ -34,17 +43,64 @@ impl Payload {
         }
     }
 
+    /// A compact document's bytes (`inventory::Document::to_bytes` or the delta's), zstd-
+    /// compressed when that makes them smaller.
+    pub fn document(bytes: Vec<u8>) -> Self {
+        if let Ok(compressed) = zstd::bulk::compress(&bytes, DOCUMENT_ZSTD_LEVEL)
+            && compressed.len() < bytes.len()
+        {
+            return Self {
+                encoding: PayloadEncoding::DocumentZstd,
+                bytes: compressed,
+            };
+        }
+        Self {
+            encoding: PayloadEncoding::Document,
+            bytes,
+        }
+    }
+
+    /// Whether it is a compact document (the relay renders the JSON) rather than JSON.
+    pub fn is_document(&self) -> bool {
+        matches!(
+            self.encoding,
+            PayloadEncoding::Document | PayloadEncoding::DocumentZstd
+        )
+    }
+
     /// The JSON bytes, decompressing at most `max` bytes (a zstd bomb stops there without
     /// allocating more).
     pub fn to_json(&self, max: u32) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> {
         match self.encoding {
-            PayloadEncoding::Json => {
+            PayloadEncoding::Json | PayloadEncoding::JsonZstd => self.decompressed(max),
+            found => Err(PayloadError::WrongEncoding {
+                found,
+                wanted: "JSON",
+            }),
+        }
+    }
+
+    /// A compact document's bytes, decompressing at most `max` bytes.
+    pub fn to_document(&self, max: u32) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> {
+        match self.encoding {
+            PayloadEncoding::Document | PayloadEncoding::DocumentZstd => self.decompressed(max),
+            found => Err(PayloadError::WrongEncoding {
+                found,
+                wanted: "a compact document",
+            }),
+        }
+    }
+
+    /// The bytes, decompressed when the encoding says so, at most `max` of them.
+    fn decompressed(&self, max: u32) -> Result<std::borrow::Cow<'_, [u8]>, PayloadError> {
+        match self.encoding {
+            PayloadEncoding::Json | PayloadEncoding::Document => {
                 if self.bytes.len() > max as usize {
                     return Err(PayloadError::TooLarge { max });
                 }
                 Ok(std::borrow::Cow::Borrowed(&self.bytes))
             }
-            PayloadEncoding::JsonZstd => {
+            PayloadEncoding::JsonZstd | PayloadEncoding::DocumentZstd => {
                 let decoder = zstd::stream::read::Decoder::new(self.bytes.as_slice())
                     .map_err(|e| PayloadError::Corrupt(e.to_string()))?;
                 let mut out =

@@ -75,6 +75,8 @@ pub struct Nack {
 pub enum Incompatible {
     #[error("delta reports need protocol version 2")]
     Delta,
+    #[error("compact documents need protocol version 2")]
+    Document,
     #[error("unknown trigger kind {0:?}")]
     TriggerKind(String),
 }
@@ -84,6 +86,10 @@ impl Report {
         let ReportBody::Full(payload) = &report.body else {
             return Err(Incompatible::Delta);
         };
+        if payload.is_document() {
+            // Version-1 relays take the claircore JSON only: the sender renders it first.
+            return Err(Incompatible::Document);
+        }
         let facts = &report.facts;
         let trigger = &facts.trigger;
         let a = trigger.attribution.clone();

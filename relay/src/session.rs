@@ -438,10 +438,22 @@ async fn check_and_deliver(
     let deliverer = &shared.deliverer;
     // One report per VM and `max_inflight` in all are decompressed and delivered at once.
     let _slot = deliverer.slot(&identity.name).await;
-    let json = {
+    let (json, document) = {
         let _validating = shared.metrics.validating();
+        let checked_facts = facts.clone();
         tokio::task::spawn_blocking(move || {
-            validate::payload_json(payload, DEFAULT_MAX_REPORT_PAYLOAD)
+            if payload.is_document() {
+                validate::payload_document(
+                    &payload,
+                    &content_hash,
+                    &checked_facts,
+                    id.generation,
+                    DEFAULT_MAX_REPORT_PAYLOAD,
+                )
+                .map(|(json, doc)| (json, Some(std::sync::Arc::new(doc))))
+            } else {
+                validate::payload_json(payload, DEFAULT_MAX_REPORT_PAYLOAD).map(|j| (j, None))
+            }
         })
         .await
         .unwrap_or_else(|e| {
@@ -467,6 +479,7 @@ async fn check_and_deliver(
         received_at: SystemTime::now(),
         package_count: u64::from(facts.package_count),
         report: bytes::Bytes::from(json),
+        document,
     };
     Ok(match deliverer.submit(delivery).await {
         Outcome::Delivered => Message::Ack(Ack {

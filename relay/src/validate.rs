@@ -4,12 +4,16 @@
 //! - its payload decompresses within `max_report_payload` → else `TooLarge`, or `Malformed` if
 //!   it is not valid zstd;
 //! - the payload is one JSON object (the sinks splice it into their documents as is) → else
-//!   `Malformed`.
+//!   `Malformed`; or a compact document that decodes, whose records have the content hash the
+//!   report claims → else `Malformed`; the relay then renders its claircore JSON.
 //!
 //! [`payload_json`] is CPU work proportional to the payload (up to 64 MiB): callers run it on
 //! the blocking pool, never on an async worker.
 
-use guestwatch_protocol::{NackReason, Payload, PayloadEncoding, PayloadError, ReportFacts};
+use guestwatch_protocol::{
+    ContentHash, NackReason, Payload, PayloadEncoding, PayloadError, ReportFacts,
+    inventory::Document,
+};
 
 /// Why a report is refused: the `Nack` reason, a detail for the guest, a metric label.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,10 +52,17 @@ pub fn payload_json(payload: Payload, max: u32) -> Result<Vec<u8>, Refusal> {
             return Err(too_large(max));
         }
         PayloadEncoding::Json => payload.bytes,
+        PayloadEncoding::Document | PayloadEncoding::DocumentZstd => {
+            return Err(Refusal::new(
+                NackReason::Malformed,
+                "bad_payload",
+                "a compact document where JSON was expected",
+            ));
+        }
         PayloadEncoding::JsonZstd => match payload.to_json(max) {
             Ok(json) => json.into_owned(),
             Err(PayloadError::TooLarge { max }) => return Err(too_large(max)),
-            Err(e @ PayloadError::Corrupt(_)) => {
+            Err(e) => {
                 return Err(Refusal::new(
                     NackReason::Malformed,
                     "bad_payload",
@@ -76,6 +87,53 @@ pub fn payload_json(payload: Payload, max: u32) -> Result<Vec<u8>, Refusal> {
         ));
     }
     Ok(json)
+}
+
+/// A compact full report: decoded, its records' content hash checked against the claim, and
+/// its claircore JSON rendered exactly as the agent would (report `generation`, `facts`).
+/// Blocking.
+pub fn payload_document(
+    payload: &Payload,
+    claimed: &ContentHash,
+    facts: &ReportFacts,
+    generation: u64,
+    max: u32,
+) -> Result<(Vec<u8>, Document), Refusal> {
+    let bytes = match payload.to_document(max) {
+        Ok(bytes) => bytes,
+        Err(PayloadError::TooLarge { max }) => return Err(too_large(max)),
+        Err(e) => {
+            return Err(Refusal::new(
+                NackReason::Malformed,
+                "bad_payload",
+                e.to_string(),
+            ));
+        }
+    };
+    let doc = Document::from_bytes(&bytes)
+        .map_err(|e| Refusal::new(NackReason::Malformed, "bad_document", e.to_string()))?;
+    rendered(doc, claimed, facts, generation)
+}
+
+/// The claircore JSON of `doc`, once its records are shown to have the claimed hash.
+pub fn rendered(
+    doc: Document,
+    claimed: &ContentHash,
+    facts: &ReportFacts,
+    generation: u64,
+) -> Result<(Vec<u8>, Document), Refusal> {
+    let actual = doc.content_hash();
+    if actual != *claimed {
+        return Err(Refusal::new(
+            NackReason::Malformed,
+            "hash_mismatch",
+            format!("the records' content hash is {actual}, not the claimed {claimed}"),
+        ));
+    }
+    let json_facts = report::Facts::of_report(&doc, facts, generation);
+    let json = serde_json::to_vec(&report::claircore::render(&doc, &json_facts))
+        .map_err(|e| Refusal::new(NackReason::Malformed, "bad_document", e.to_string()))?;
+    Ok((json, doc))
 }
 
 fn too_large(max: u32) -> Refusal {

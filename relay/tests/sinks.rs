@@ -36,6 +36,7 @@ fn delivery(vm: &str, generation: u64, hash: &str) -> Delivery {
         received_at: SystemTime::now(),
         package_count: 1,
         report: bytes::Bytes::from_static(br#"{"packages":{},"success":true}"#),
+        document: None,
     }
 }
 

@@ -5,135 +5,88 @@ use std::{
     collections::{BTreeMap, BTreeSet},
 };
 
-use rpmdb::Package;
-use serde::Serialize;
+use guestwatch_protocol::inventory::PackageRecord;
+pub use guestwatch_protocol::inventory::{Change, ChangeSummary};
 
-use crate::{evr, hash::canonical};
-
-/// One package (same name and arch) whose installed record changed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Change {
-    pub name: String,
-    pub arch: String,
-    /// `[epoch:]version-release` before and after.
-    pub from: String,
-    pub to: String,
-}
-
-/// Packages added, removed, upgraded, downgraded and reinstalled between two scans.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct ChangeSummary {
-    /// `name-[epoch:]version-release.arch` of packages that appeared.
-    pub added: Vec<String>,
-    /// The same for packages that disappeared.
-    pub removed: Vec<String>,
-    /// A newer version replaced an older one (rpm's `rpmvercmp` order).
-    pub upgraded: Vec<Change>,
-    /// An older version replaced a newer one.
-    pub downgraded: Vec<Change>,
-    /// The same version, with a different record (digest, install time, any reported field).
-    pub reinstalled: Vec<Change>,
-}
+use crate::evr;
 
 /// rpm's order of two installed versions (a missing epoch counts as 0).
-pub fn compare_evr(a: &Package, b: &Package) -> Ordering {
-    let e = |p: &Package| p.epoch.map(|e| e.to_string()).unwrap_or_default();
+pub fn compare_evr(a: &PackageRecord, b: &PackageRecord) -> Ordering {
+    let e = |p: &PackageRecord| p.epoch.map(|e| e.to_string()).unwrap_or_default();
     let (ea, eb) = (e(a), e(b));
     rpm_version::Evr::new(ea.as_str(), a.version.as_str(), a.release.as_str()).cmp(
         &rpm_version::Evr::new(eb.as_str(), b.version.as_str(), b.release.as_str()),
     )
 }
 
-impl ChangeSummary {
-    /// Compares two package sets. Packages are matched by name and arch (the same name can be
-    /// installed for several arches); a name with several versions installed at once (kernels)
-    /// is compared as a set of versions: one out and one in is an upgrade, a downgrade or (same
-    /// version by rpm's order) a reinstall; anything else is additions and removals. A version
-    /// present before and after whose record differs is a reinstall.
-    pub fn between(old: &[Package], new: &[Package]) -> Self {
-        type Index<'a> = BTreeMap<(&'a str, &'a str), BTreeMap<String, &'a Package>>;
-        fn index(packages: &[Package]) -> Index<'_> {
-            let mut map: Index<'_> = BTreeMap::new();
-            for p in packages {
-                map.entry((p.name.as_str(), p.arch.as_deref().unwrap_or("(none)")))
-                    .or_default()
-                    .insert(evr(p), p);
-            }
-            map
+/// Compares two package sets. Packages are matched by name and arch (the same name can be
+/// installed for several arches); a name with several versions installed at once (kernels)
+/// is compared as a set of versions: one out and one in is an upgrade, a downgrade or (same
+/// version by rpm's order) a reinstall; anything else is additions and removals. A version
+/// present before and after whose record differs is a reinstall.
+pub fn between(old: &[PackageRecord], new: &[PackageRecord]) -> ChangeSummary {
+    type Index<'a> = BTreeMap<(&'a str, &'a str), BTreeMap<String, &'a PackageRecord>>;
+    fn index(packages: &[PackageRecord]) -> Index<'_> {
+        let mut map: Index<'_> = BTreeMap::new();
+        for p in packages {
+            map.entry((p.name.as_str(), p.arch.as_deref().unwrap_or("(none)")))
+                .or_default()
+                .insert(evr(p), p);
         }
-        let (old, new) = (index(old), index(new));
-        let mut summary = Self::default();
-        let empty = BTreeMap::new();
-        let keys: BTreeSet<&(&str, &str)> = old.keys().chain(new.keys()).collect();
-        for key in keys {
-            let (before, after) = (
-                old.get(key).unwrap_or(&empty),
-                new.get(key).unwrap_or(&empty),
-            );
-            let change = |from: &str, to: &str| Change {
-                name: key.0.to_owned(),
-                arch: key.1.to_owned(),
-                from: from.to_owned(),
-                to: to.to_owned(),
+        map
+    }
+    let (old, new) = (index(old), index(new));
+    let mut summary = ChangeSummary::default();
+    let empty = BTreeMap::new();
+    let keys: BTreeSet<&(&str, &str)> = old.keys().chain(new.keys()).collect();
+    for key in keys {
+        let (before, after) = (
+            old.get(key).unwrap_or(&empty),
+            new.get(key).unwrap_or(&empty),
+        );
+        let change = |from: &str, to: &str| Change {
+            name: key.0.to_owned(),
+            arch: key.1.to_owned(),
+            from: from.to_owned(),
+            to: to.to_owned(),
+        };
+        for (version, was) in before {
+            if let Some(is) = after.get(version)
+                && was != is
+            {
+                summary.reinstalled.push(change(version, version));
+            }
+        }
+        let gone: Vec<(&String, &&PackageRecord)> = before
+            .iter()
+            .filter(|(v, _)| !after.contains_key(*v))
+            .collect();
+        let came: Vec<(&String, &&PackageRecord)> = after
+            .iter()
+            .filter(|(v, _)| !before.contains_key(*v))
+            .collect();
+        if let ([(from, was)], [(to, is)]) = (gone.as_slice(), came.as_slice()) {
+            let list = match compare_evr(is, was) {
+                Ordering::Greater => &mut summary.upgraded,
+                Ordering::Less => &mut summary.downgraded,
+                Ordering::Equal => &mut summary.reinstalled,
             };
-            for (version, was) in before {
-                if let Some(is) = after.get(version)
-                    && canonical(was) != canonical(is)
-                {
-                    summary.reinstalled.push(change(version, version));
-                }
-            }
-            let gone: Vec<(&String, &&Package)> = before
-                .iter()
-                .filter(|(v, _)| !after.contains_key(*v))
-                .collect();
-            let came: Vec<(&String, &&Package)> = after
-                .iter()
-                .filter(|(v, _)| !before.contains_key(*v))
-                .collect();
-            if let ([(from, was)], [(to, is)]) = (gone.as_slice(), came.as_slice()) {
-                let list = match compare_evr(is, was) {
-                    Ordering::Greater => &mut summary.upgraded,
-                    Ordering::Less => &mut summary.downgraded,
-                    Ordering::Equal => &mut summary.reinstalled,
-                };
-                list.push(change(from, to));
-                continue;
-            }
-            let nevra = |v: &String| format!("{}-{v}.{}", key.0, key.1);
-            summary.removed.extend(gone.iter().map(|(v, _)| nevra(v)));
-            summary.added.extend(came.iter().map(|(v, _)| nevra(v)));
+            list.push(change(from, to));
+            continue;
         }
-        summary
+        let nevra = |v: &String| format!("{}-{v}.{}", key.0, key.1);
+        summary.removed.extend(gone.iter().map(|(v, _)| nevra(v)));
+        summary.added.extend(came.iter().map(|(v, _)| nevra(v)));
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.added.is_empty()
-            && self.removed.is_empty()
-            && self.upgraded.is_empty()
-            && self.downgraded.is_empty()
-            && self.reinstalled.is_empty()
-    }
-
-    /// `+2 -1 ^1 v0 =0` (added, removed, upgraded, downgraded, reinstalled), for logs.
-    pub fn short(&self) -> String {
-        format!(
-            "+{} -{} ^{} v{} ={}",
-            self.added.len(),
-            self.removed.len(),
-            self.upgraded.len(),
-            self.downgraded.len(),
-            self.reinstalled.len()
-        )
-    }
+    summary
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn p(name: &str, v: &str, arch: &str) -> Package {
-        Package {
+    fn p(name: &str, v: &str, arch: &str) -> PackageRecord {
+        PackageRecord {
             name: name.into(),
             version: v.into(),
             release: "1".into(),
@@ -151,7 +104,7 @@ mod tests {
         ];
         let mut new = old.clone();
         new[0].version = "5.2".into();
-        let s = ChangeSummary::between(&old, &new);
+        let s = between(&old, &new);
         assert_eq!(
             s.upgraded,
             vec![Change {
@@ -164,27 +117,24 @@ mod tests {
         assert!(s.added.is_empty() && s.removed.is_empty());
         new.pop();
         new.push(p("vim", "9", "x86_64"));
-        let s = ChangeSummary::between(&old, &new);
+        let s = between(&old, &new);
         assert_eq!(s.removed, vec!["glibc-2.34-1.i686"]);
         assert_eq!(s.added, vec!["vim-9-1.x86_64"]);
         assert_eq!(s.short(), "+1 -1 ^1 v0 =0");
-        assert!(ChangeSummary::between(&old, &old).is_empty());
+        assert!(between(&old, &old).is_empty());
     }
 
     #[test]
     fn several_versions_of_one_name_are_a_set() {
         let old = vec![p("kernel", "6.1", "x86_64"), p("kernel", "6.2", "x86_64")];
         let new = vec![p("kernel", "6.2", "x86_64"), p("kernel", "6.3", "x86_64")];
-        assert_eq!(ChangeSummary::between(&old, &new).upgraded.len(), 1);
+        assert_eq!(between(&old, &new).upgraded.len(), 1);
         let new = vec![
             p("kernel", "6.1", "x86_64"),
             p("kernel", "6.2", "x86_64"),
             p("kernel", "6.3", "x86_64"),
         ];
-        assert_eq!(
-            ChangeSummary::between(&old, &new).added,
-            vec!["kernel-6.3-1.x86_64"]
-        );
+        assert_eq!(between(&old, &new).added, vec!["kernel-6.3-1.x86_64"]);
     }
 
     #[test]
@@ -192,15 +142,15 @@ mod tests {
         let old = vec![p("bash", "5.10", "x86_64"), p("vim", "9.1", "x86_64")];
         // 5.9 < 5.10 in rpm's order, though not as strings.
         let new = vec![p("bash", "5.9", "x86_64"), p("vim", "9.1", "x86_64")];
-        let s = ChangeSummary::between(&old, &new);
+        let s = between(&old, &new);
         assert_eq!(s.downgraded.len(), 1, "{s:?}");
         assert!(s.upgraded.is_empty());
-        let s = ChangeSummary::between(&new, &old);
+        let s = between(&new, &old);
         assert_eq!(s.upgraded[0].to, "5.10-1");
         // The same version with another install time is a reinstall.
         let mut again = old.clone();
         again[1].installtime = Some(1_700_000_000);
-        let s = ChangeSummary::between(&old, &again);
+        let s = between(&old, &again);
         assert_eq!(
             s.reinstalled,
             vec![Change {
@@ -213,12 +163,12 @@ mod tests {
         // An epoch of 0 where there was none: equal in rpm's order, a different record.
         let mut epoch = old.clone();
         epoch[0].epoch = Some(0);
-        let s = ChangeSummary::between(&old, &epoch);
+        let s = between(&old, &epoch);
         assert_eq!((s.reinstalled.len(), s.upgraded.len()), (1, 0), "{s:?}");
         // An epoch outranks any version.
         let mut higher = old.clone();
         higher[0].epoch = Some(1);
         higher[0].version = "1.0".into();
-        assert_eq!(ChangeSummary::between(&old, &higher).upgraded.len(), 1);
+        assert_eq!(between(&old, &higher).upgraded.len(), 1);
     }
 }

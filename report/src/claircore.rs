@@ -7,10 +7,10 @@
 
 use std::collections::BTreeMap;
 
-use rpmdb::Package;
+use guestwatch_protocol::inventory::{Document, PackageRecord};
 use serde::Serialize;
 
-use crate::{Distribution, Facts, ReportInput, evr, hash, id_of};
+use crate::{Distribution, Facts, evr, id_of};
 
 #[derive(Debug, Serialize)]
 pub struct IndexReport<'a> {
@@ -77,8 +77,8 @@ pub struct Environment {
 pub const DNF_REPOSITORY_KEY: &str = "dnf-repoid";
 
 /// The content id of a package, used as its key in `packages` and `environments`.
-pub fn package_id(p: &Package) -> String {
-    id_of(&hash::canonical(p))
+pub fn package_id(p: &PackageRecord) -> String {
+    id_of(&String::from_utf8_lossy(&p.canonical()))
 }
 
 /// Splits a source rpm file name (`curl-7.76.0-6.cm2.src.rpm`) into name and `version-release`.
@@ -99,9 +99,10 @@ fn module(label: Option<&str>) -> String {
         .unwrap_or_default()
 }
 
-/// Builds the IndexReport of `input`.
-pub fn index_report<'a>(input: &ReportInput<'a>) -> IndexReport<'a> {
-    let distribution = input.system.distribution.as_ref().map(|d| {
+/// Renders the IndexReport of `doc`, with guestwatch's `facts`.
+pub fn render<'a>(doc: &Document, facts: &'a Facts) -> IndexReport<'a> {
+    let package_db = doc.system.package_db.as_str();
+    let distribution = doc.system.distribution.as_ref().map(|d| {
         let entry = DistributionEntry {
             id: id_of(&format!(
                 "{}\0{}\0{}\0{}",
@@ -120,9 +121,9 @@ pub fn index_report<'a>(input: &ReportInput<'a>) -> IndexReport<'a> {
     let mut repositories = BTreeMap::new();
     let mut packages = BTreeMap::new();
     let mut environments = BTreeMap::new();
-    for p in input.packages {
+    for p in &doc.packages {
         let id = package_id(p);
-        let repo = input.system.repository_of(p).map(|repoid| {
+        let repo = p.repository.as_deref().map(|repoid| {
             let entry = RepositoryEntry {
                 id: id_of(&format!("{DNF_REPOSITORY_KEY}\0{repoid}")),
                 name: repoid.to_owned(),
@@ -159,7 +160,7 @@ pub fn index_report<'a>(input: &ReportInput<'a>) -> IndexReport<'a> {
                 version: evr(p),
                 kind: "binary",
                 source,
-                package_db: input.package_db.to_owned(),
+                package_db: package_db.to_owned(),
                 repository_hint: repo
                     .as_ref()
                     .map(|(_, repoid)| format!("repoid={repoid}"))
@@ -172,7 +173,7 @@ pub fn index_report<'a>(input: &ReportInput<'a>) -> IndexReport<'a> {
         environments.insert(
             id,
             vec![Environment {
-                package_db: input.package_db.to_owned(),
+                package_db: package_db.to_owned(),
                 introduced_in: String::new(),
                 distribution_id: distribution_id.clone(),
                 repository_ids: repo.map(|(id, _)| id).into_iter().collect(),
@@ -180,7 +181,7 @@ pub fn index_report<'a>(input: &ReportInput<'a>) -> IndexReport<'a> {
         );
     }
     IndexReport {
-        manifest_hash: format!("sha256:{}", input.facts.content_hash),
+        manifest_hash: format!("sha256:{}", facts.content_hash),
         state: "IndexFinished",
         packages,
         distributions: distribution.into_iter().collect(),
@@ -188,7 +189,7 @@ pub fn index_report<'a>(input: &ReportInput<'a>) -> IndexReport<'a> {
         environments,
         success: true,
         err: String::new(),
-        guestwatch: input.facts,
+        guestwatch: facts,
     }
 }
 

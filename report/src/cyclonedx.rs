@@ -8,7 +8,15 @@ use rpmdb::Package;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::{Distribution, ReportInput, claircore, evr};
+use crate::{Distribution, ReportInput, claircore, inventory::record};
+
+/// `[epoch:]version-release` of a package.
+fn evr(p: &Package) -> String {
+    match p.epoch {
+        Some(e) => format!("{e}:{}-{}", p.version, p.release),
+        None => format!("{}-{}", p.version, p.release),
+    }
+}
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -160,7 +168,7 @@ pub fn bom(input: &ReportInput<'_>) -> Bom {
             p.name.clone(),
             evr(p),
             p.arch.clone(),
-            claircore::package_id(p),
+            claircore::package_id(&record(p, input.system.repository_of(p))),
         )
     });
     let components = packages
@@ -181,7 +189,10 @@ pub fn bom(input: &ReportInput<'_>) -> Bom {
             }
             Component {
                 kind: "library",
-                bom_ref: Some(claircore::package_id(p)),
+                bom_ref: Some(claircore::package_id(&record(
+                    p,
+                    input.system.repository_of(p),
+                ))),
                 supplier: p.vendor.clone().map(|name| Entity { name }),
                 name: p.name.clone(),
                 version: Some(evr(p)),

@@ -1,6 +1,7 @@
 //! guestwatch's facts about a report, carried under the `guestwatch` key of the claircore
 //! document and as properties of the CycloneDX SBOM.
 
+use guestwatch_protocol::{ReportFacts, inventory::Document};
 use serde::Serialize;
 
 use crate::changes::ChangeSummary;
@@ -37,39 +38,56 @@ pub struct Facts {
 }
 
 impl Facts {
-    /// The facts of a one-off scan of `scan` (the agent fills in detector, trigger, duration,
-    /// generation and changes when it reports continuously). `database` is the database file
-    /// as shown in reports; `problems` are what could not be read of the rest of the system.
-    pub fn of_scan(
-        agent_version: &str,
-        scan: &rpmdb::Scan,
-        database: String,
-        problems: &[String],
-    ) -> Self {
+    /// The facts of a one-off scan whose compact document is `doc` (a continuous report's are
+    /// [`Facts::of_report`]).
+    pub fn of_document(agent_version: &str, doc: &Document) -> Self {
+        let system = &doc.system;
         Self {
             agent_version: agent_version.to_owned(),
             detector: "none".into(),
             trigger: serde_json::json!({ "kind": "manual" }),
             transactions: serde_json::json!([]),
             tampers: serde_json::json!([]),
-            backend: scan.backend.as_str().into(),
-            database,
-            package_count: scan.packages.len(),
-            gpg_pubkeys: scan
-                .pubkeys
-                .iter()
-                .map(|k| format!("{}-{}-{}", k.name, k.version, k.release))
-                .collect(),
+            backend: system.backend.clone(),
+            database: system.database.clone(),
+            package_count: doc.packages.len(),
+            gpg_pubkeys: system.gpg_pubkeys.clone(),
             scan_duration_ms: None,
-            content_hash: hex::encode(crate::content_hash(&scan.packages)),
-            errors: scan
-                .errors
-                .iter()
-                .map(|e| format!("{}: {}", e.entry, e.reason))
-                .chain(problems.iter().cloned())
-                .collect(),
+            content_hash: doc.content_hash().to_hex(),
+            errors: system.errors.clone(),
             generation: None,
             changes: ChangeSummary::default(),
+        }
+    }
+
+    /// The facts of report `generation` with `facts` (what travels with it): the agent and
+    /// the relay, rendering the same document, write the same facts.
+    pub fn of_report(doc: &Document, facts: &ReportFacts, generation: u64) -> Self {
+        let json = |v: &dyn erased::Json| v.to_json();
+        Self {
+            agent_version: facts.agent_version.clone(),
+            detector: facts.detector.clone(),
+            trigger: json(&facts.trigger),
+            transactions: json(&facts.transactions),
+            tampers: json(&facts.tampers),
+            scan_duration_ms: doc.system.scan_duration_ms,
+            generation: Some(generation),
+            changes: doc.system.changes.clone(),
+            ..Self::of_document(&facts.agent_version, doc)
+        }
+    }
+}
+
+mod erased {
+    /// Serialises to a JSON value whatever the type (a failure is `null`: these are the
+    /// protocol's own plain types, which always serialise).
+    pub trait Json {
+        fn to_json(&self) -> serde_json::Value;
+    }
+
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or_default()
         }
     }
 }

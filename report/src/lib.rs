@@ -10,21 +10,33 @@
 //! Reports are deterministic: ids derive from content and maps are ordered, so the same system
 //! gives byte-identical documents.
 #![forbid(unsafe_code)]
+//!
+//! Rendering (`claircore`, `changes`, `hash`, `facts`) works on the protocol's compact
+//! [`Document`] and needs no I/O: the relay renders with it too. Reading a system (`system`,
+//! `inventory`, `cyclonedx`) is the `read` feature (default), which the relay does without.
 
 pub mod changes;
 pub mod claircore;
+#[cfg(feature = "read")]
 pub mod cyclonedx;
 pub mod facts;
 pub mod hash;
+#[cfg(feature = "read")]
+pub mod inventory;
+#[cfg(feature = "read")]
 pub mod system;
 
 pub use changes::{Change, ChangeSummary};
 pub use facts::Facts;
+pub use guestwatch_protocol::inventory::{Distribution, Document, PackageRecord, SystemFacts};
 pub use hash::content_hash;
+#[cfg(feature = "read")]
 pub use rpmdb::Package;
-pub use system::{Distribution, SystemInfo, SystemReader};
+#[cfg(feature = "read")]
+pub use system::{SystemInfo, SystemReader};
 
-/// Everything a report is built from.
+/// Everything a CycloneDX SBOM is built from (the rpm database's full headers).
+#[cfg(feature = "read")]
 pub struct ReportInput<'a> {
     /// Installed packages (gpg-pubkeys excluded).
     pub packages: &'a [Package],
@@ -36,6 +48,7 @@ pub struct ReportInput<'a> {
 
 /// How claircore names a package database: `<backend>:<directory relative to the root>`,
 /// e.g. `sqlite:usr/lib/sysimage/rpm`.
+#[cfg(feature = "read")]
 pub fn package_db(
     backend: rpmdb::Backend,
     dir: &std::path::Path,
@@ -49,7 +62,7 @@ pub fn package_db(
 }
 
 /// `[epoch:]version-release`, as rpm and claircore write an installed version.
-pub fn evr(p: &Package) -> String {
+pub fn evr(p: &PackageRecord) -> String {
     match p.epoch {
         Some(e) => format!("{e}:{}-{}", p.version, p.release),
         None => format!("{}-{}", p.version, p.release),

@@ -19,7 +19,6 @@ use rpmdb::{
     confine::{Root, Stamp},
 };
 use rusqlite::Connection;
-use serde::Serialize;
 
 /// Where a root's `os-release` lives, in the order systemd reads them.
 const OS_RELEASE: &[&str] = &["etc/os-release", "usr/lib/os-release"];
@@ -29,19 +28,7 @@ const DNF5_HISTORY: &str = "usr/lib/sysimage/libdnf5/transaction_history.sqlite"
 /// `os-release` is a few hundred bytes; anything far larger is not one.
 const MAX_OS_RELEASE: u64 = 64 * 1024;
 
-/// The distribution, with claircore's field names.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Distribution {
-    /// `ID` (e.g. `rhel`, `fedora`, `mariner`).
-    pub did: String,
-    pub name: String,
-    pub version: String,
-    pub version_id: String,
-    pub version_code_name: String,
-    pub pretty_name: String,
-    /// `CPE_NAME`, else the content of `etc/system-release-cpe`.
-    pub cpe: String,
-}
+pub use guestwatch_protocol::inventory::Distribution;
 
 /// A package's identity in dnf's history: rpm stores "no epoch" where dnf stores 0.
 type HistoryKey = (String, u32, String, String, String);

@@ -9,7 +9,7 @@ use std::{
 };
 
 use guestwatch_testkit::{PackageSpec, RpmDb, build_packages, have_rpm_tools, in_ci};
-use report::{ChangeSummary, Facts, ReportInput, SystemInfo, SystemReader, claircore, cyclonedx};
+use report::{Document, Facts, ReportInput, SystemInfo, SystemReader, claircore, cyclonedx};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -99,6 +99,7 @@ impl Root {
 struct Scanned {
     scan: rpmdb::Scan,
     system: SystemInfo,
+    document: Document,
     facts: Facts,
     package_db: String,
 }
@@ -109,11 +110,22 @@ fn scan(root: &Path) -> Scanned {
     assert_eq!(scan.path.parent(), Some(dir.as_path()));
     let system = SystemInfo::read(root);
     let shown = format!("/{}", scan.path.strip_prefix(root).unwrap().display());
-    let facts = Facts::of_scan("test", &scan, shown, &system.problems);
     let package_db = report::package_db(scan.backend, &dir, Some(root));
+    let document = report::inventory::document(
+        &report::inventory::Scanned {
+            scan: &scan,
+            system: &system,
+            package_db: package_db.clone(),
+            database: shown,
+            scan_duration_ms: None,
+        },
+        Default::default(),
+    );
+    let facts = Facts::of_document("test", &document);
     Scanned {
         scan,
         system,
+        document,
         facts,
         package_db,
     }
@@ -130,7 +142,7 @@ impl Scanned {
     }
 
     fn claircore(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(&claircore::index_report(&self.input())).unwrap()
+        serde_json::to_vec_pretty(&claircore::render(&self.document, &self.facts)).unwrap()
     }
 
     fn claircore_json(&self) -> Value {
@@ -360,7 +372,7 @@ fn same_root_twice_is_byte_identical_and_one_upgrade_is_one_change() {
     root.rpmdb().upgrade(&built[1..]).unwrap();
     let upgraded = scan(root.path());
     assert_ne!(first.claircore(), upgraded.claircore());
-    let changes = ChangeSummary::between(&first.scan.packages, &upgraded.scan.packages);
+    let changes = report::changes::between(&first.document.packages, &upgraded.document.packages);
     assert_eq!(changes.upgraded.len(), 1, "{changes:?}");
     assert!(
         changes.added.is_empty() && changes.removed.is_empty(),

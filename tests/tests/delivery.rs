@@ -201,10 +201,10 @@ impl CountingProxy {
     }
 }
 
-/// Bytes of `scan --format claircore` of a database: an upper bound of its report's payload.
+/// The compact document of `db` as a full report carries it, in bytes.
 fn report_size(db: &RpmDb) -> usize {
     let out = std::process::Command::new(binary("guestwatch-agent"))
-        .args(["scan", "--format", "claircore", "--dbpath"])
+        .args(["scan", "--format", "document", "--dbpath"])
         .arg(db.path())
         .output()
         .unwrap();
@@ -219,12 +219,25 @@ fn a_report_larger_than_the_relay_takes_is_not_sent_in_a_loop() {
     }
     let work = tempfile::tempdir().unwrap();
     let db = RpmDb::at(work.path().join("rpmdb")).unwrap();
-    let specs = testkit::generated_specs("big", 40);
-    db.install(&build_packages(&specs, &work.path().join("rpms")).unwrap())
+    // Three packages whose licenses are 1,500 random characters: a compact document no
+    // compression shrinks much. Their upgrades have short licenses.
+    let random = |n: usize| {
+        std::iter::repeat_with(fastrand::alphanumeric)
+            .take(n)
+            .collect::<String>()
+    };
+    let fat: Vec<PackageSpec> = (0..3)
+        .map(|i| PackageSpec::new(format!("fat-{i}"), "1.0", "1").license(random(1500)))
+        .collect();
+    let thin: Vec<PackageSpec> = (0..3)
+        .map(|i| PackageSpec::new(format!("fat-{i}"), "1.1", "1").license("MIT"))
+        .collect();
+    let thin = build_packages(&thin, &work.path().join("thin")).unwrap();
+    db.install(&build_packages(&fat, &work.path().join("fat")).unwrap())
         .unwrap();
-    // A frame limit a third of the pretty-printed document: the compact report of 40
-    // packages exceeds it, the report of 2 packages is far below it.
-    let max_frame = report_size(&db) / 3;
+    // A frame limit half the fat document: its report exceeds it; the report after the
+    // upgrade (a document of three short records, three upgrades in its facts) is far below.
+    let max_frame = report_size(&db) / 2;
     let relay = Relay::start(
         work.path(),
         &["vm1"],
@@ -261,9 +274,7 @@ fn a_report_larger_than_the_relay_takes_is_not_sent_in_a_loop() {
     assert!(relay.latest("vm1").is_none(), "nothing was delivered yet");
 
     // A smaller package set makes a report that fits: delivered.
-    let names: Vec<String> = specs.iter().skip(2).map(|s| s.name.clone()).collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    db.erase(&names).unwrap();
+    db.upgrade(&thin).unwrap();
     let want = db_state(&db);
     wait_for("the smaller report", Duration::from_secs(30), || {
         (package_versions(&relay.latest("vm1")?["report"]) == want).then_some(())

@@ -8,7 +8,7 @@ use guestwatch_protocol::{
     AgentInfo, ChangeCounts, ContentHash, Payload, Report, ReportBody, ReportFacts, ReportId,
     Timestamp,
 };
-use report::{ChangeSummary, Facts};
+use report::ChangeSummary;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -187,7 +187,12 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                     let hash = ContentHash(snapshot.content_hash);
                     let changes = previous
                         .as_ref()
-                        .map(|p| ChangeSummary::between(&p.scan.packages, &snapshot.scan.packages))
+                        .map(|p| {
+                            report::changes::between(
+                                &p.document.packages,
+                                &snapshot.document.packages,
+                            )
+                        })
                         .unwrap_or_default();
                     // A tamper signal is reported even when the package set did not change:
                     // the write itself is what security teams need to see.
@@ -210,7 +215,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
                             }
                         };
                         metrics.scan("changed", duration.as_secs_f64());
-                        snapshot.system.problems.append(&mut timeouts);
+                        snapshot.document.system.errors.append(&mut timeouts);
                         let report = Arc::new(build_report(
                             &snapshot,
                             &batch,
@@ -289,23 +294,14 @@ fn build_report(
     duration: Duration,
 ) -> Report {
     let facts = report_facts(snapshot, batch, changes, mode);
-    let document = Facts {
-        detector: mode.as_str().into(),
-        trigger: serde_json::to_value(&batch.cause).unwrap_or_default(),
-        transactions: serde_json::to_value(&facts.transactions).unwrap_or_default(),
-        tampers: serde_json::to_value(&facts.tampers).unwrap_or_default(),
-        scan_duration_ms: Some(millis(duration)),
-        generation: Some(id.generation),
-        changes: changes.clone(),
-        ..snapshot.facts()
-    };
-    let json = serde_json::to_vec(&report::claircore::index_report(&snapshot.input(&document)))
-        .unwrap_or_default();
+    let mut document = snapshot.document.clone();
+    document.system.changes = changes.clone();
+    document.system.scan_duration_ms = Some(millis(duration));
     Report {
         id,
-        content_hash: ContentHash(snapshot.content_hash),
+        content_hash: document.content_hash(),
         facts,
-        body: ReportBody::Full(Payload::json(json)),
+        body: ReportBody::Full(Payload::document(document.to_bytes())),
     }
 }
 

@@ -17,13 +17,11 @@ pub fn scan(args: &ScanArgs) -> Result<()> {
     let target = TargetSpec::resolve(&args.target, &FileConfig::default())?;
     let mut scanner = SystemScanner::new(target);
     let mut snapshot = scanner.scan_now().context("reading the rpm database")?;
+    // One-off output is deterministic: no scan time, packages in record order.
+    snapshot.document.system.scan_duration_ms = None;
     snapshot.scan.packages.sort_by_cached_key(|p| {
-        (
-            p.name.clone(),
-            report::evr(p),
-            p.arch.clone(),
-            report::hash::canonical(p),
-        )
+        let record = report::inventory::record(p, None);
+        (record.key(), record.canonical())
     });
     for problem in &snapshot.system.problems {
         log::warn!("{problem}");
@@ -42,7 +40,7 @@ pub fn scan(args: &ScanArgs) -> Result<()> {
             }
         }
         Format::Claircore => {
-            let doc = report::claircore::index_report(&snapshot.input(&facts));
+            let doc = report::claircore::render(&snapshot.document, &facts);
             serde_json::to_writer_pretty(&mut out, &doc)?;
             out.write_all(b"\n")?;
         }
@@ -50,6 +48,11 @@ pub fn scan(args: &ScanArgs) -> Result<()> {
             let bom = report::cyclonedx::bom(&snapshot.input(&facts));
             serde_json::to_writer_pretty(&mut out, &bom)?;
             out.write_all(b"\n")?;
+        }
+        // What a full report carries: a compressed document when that is smaller.
+        Format::Document => {
+            let payload = guestwatch_protocol::Payload::document(snapshot.document.to_bytes());
+            out.write_all(&payload.bytes)?;
         }
     }
     out.flush()?;

@@ -6,7 +6,6 @@
 use std::io::Write;
 
 use anyhow::{Context, Result};
-use report::ChangeSummary;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -86,7 +85,12 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
                 Ok(snapshot) => {
                     let changes = previous
                         .as_ref()
-                        .map(|p| ChangeSummary::between(&p.scan.packages, &snapshot.scan.packages))
+                        .map(|p| {
+                            report::changes::between(
+                                &p.document.packages,
+                                &snapshot.document.packages,
+                            )
+                        })
                         .unwrap_or_default();
                     let changed = previous
                         .as_ref()

@@ -9,4 +9,5 @@ pub mod session;
 pub mod state;
 pub mod stored;
 pub mod transport;
+pub mod wire;
 pub mod writer;

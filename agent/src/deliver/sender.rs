@@ -19,9 +19,7 @@ use std::{
     time::{Duration, Instant as StdInstant},
 };
 
-use guestwatch_protocol::{
-    AckStatus, AgentInfo, Hello, Payload, PayloadEncoding, Report, ReportId,
-};
+use guestwatch_protocol::{AckStatus, AgentInfo, Hello, Report, ReportId};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -57,23 +55,12 @@ impl Outbox {
 
     /// Offers `report`, superseding any report not acknowledged yet.
     pub fn offer(&self, report: Arc<Report>) {
-        let json_len = json_len(report.body.payload());
+        let json_len = super::wire::payload_len(report.body.payload());
         self.tx.send_replace(Some(Pending {
             report,
             json_len,
             scanned: StdInstant::now(),
         }));
-    }
-}
-
-/// The decompressed size of a payload, from the zstd frame header (the agent compressed it
-/// itself, with the size recorded) rather than by decompressing it.
-fn json_len(payload: &Payload) -> Option<u64> {
-    match payload.encoding {
-        PayloadEncoding::Json => u64::try_from(payload.bytes.len()).ok(),
-        PayloadEncoding::JsonZstd => zstd::zstd_safe::get_frame_content_size(&payload.bytes)
-            .ok()
-            .flatten(),
     }
 }
 

@@ -120,6 +120,17 @@ impl Session {
         json_len: Option<u64>,
         ack_timeout: Duration,
     ) -> Answer {
+        let Some(sent) = super::wire::for_version(report, self.conn.version()) else {
+            return Answer::Refused {
+                reason: NackReason::Rejected,
+                detail: "it has no form this relay's protocol version takes".into(),
+                sent: false,
+            };
+        };
+        let json_len = match &sent {
+            std::borrow::Cow::Borrowed(_) => json_len,
+            std::borrow::Cow::Owned(rendered) => super::wire::payload_len(rendered.body.payload()),
+        };
         if let Some(len) = json_len
             && len > u64::from(self.limits.max_report_payload)
         {
@@ -134,7 +145,7 @@ impl Session {
         }
         match self
             .conn
-            .write_message(&Message::Report(Box::new(report.clone())))
+            .write_message(&Message::Report(Box::new(sent.into_owned())))
             .await
         {
             Ok(()) => {}

@@ -74,6 +74,10 @@ pub struct Delivery {
     pub package_count: u64,
     #[serde(skip)]
     pub report: bytes::Bytes,
+    /// The compact document the report was rendered from (protocol version 2 agents), the base
+    /// a later delta is applied to.
+    #[serde(skip)]
+    pub document: Option<std::sync::Arc<guestwatch_protocol::inventory::Document>>,
 }
 
 impl Delivery {
@@ -336,6 +340,7 @@ pub(crate) mod tests {
             report: bytes::Bytes::from_static(
                 br#"{"packages":{"1":{"name":"bash"}},"success":true}"#,
             ),
+            document: None,
         }
     }
 

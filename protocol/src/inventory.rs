@@ -1,0 +1,639 @@
+//! The compact report: a system's package records and what else its report says, as protocol
+//! version 2 carries it (`PayloadEncoding::Document*`), and deltas against a base the relay
+//! has. The relay renders the claircore document from it, exactly as the agent would.
+//!
+//! The content hash is defined here, on these records, so that the relay (and any third
+//! party) can verify a reconstructed inventory: see [`content_hash`] and `docs/protocol.md`,
+//! "Content hash".
+
+use std::collections::BTreeMap;
+
+use bincode::{Decode, Encode};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::message::ContentHash;
+
+/// One installed package, as reports show it. Field names are rpm tag names in lower case;
+/// `epoch: None` (no EPOCH tag) differs from `Some(0)`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PackageRecord {
+    pub name: String,
+    pub epoch: Option<u32>,
+    pub version: String,
+    pub release: String,
+    pub arch: Option<String>,
+    /// The source package file name, e.g. `curl-7.76.0-6.cm2.src.rpm`.
+    pub sourcerpm: Option<String>,
+    pub license: Option<String>,
+    pub vendor: Option<String>,
+    pub size: Option<u64>,
+    /// Seconds since the Unix epoch.
+    pub installtime: Option<u64>,
+    /// Header+payload MD5, lower-case hex.
+    pub sigmd5: Option<String>,
+    pub modularitylabel: Option<String>,
+    /// The repository id dnf's history records it was installed from.
+    pub repository: Option<String>,
+}
+
+/// What identifies a record in an inventory (a name can be installed in several versions and
+/// for several arches at once).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Encode, Decode, Serialize)]
+pub struct RecordKey {
+    pub name: String,
+    pub epoch: Option<u32>,
+    pub version: String,
+    pub release: String,
+    pub arch: Option<String>,
+}
+
+impl PackageRecord {
+    pub fn key(&self) -> RecordKey {
+        RecordKey {
+            name: self.name.clone(),
+            epoch: self.epoch,
+            version: self.version.clone(),
+            release: self.release.clone(),
+            arch: self.arch.clone(),
+        }
+    }
+
+    /// The canonical line the content hash covers: every field in declaration order, each
+    /// written as its text (absent: empty) and terminated by a NUL byte.
+    pub fn canonical(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128);
+        let mut field = |text: &str| {
+            out.extend_from_slice(text.as_bytes());
+            out.push(0);
+        };
+        let num = |n: Option<u64>| n.map(|n| n.to_string()).unwrap_or_default();
+        let opt = |s: &Option<String>| s.clone().unwrap_or_default();
+        field(&self.name);
+        field(&num(self.epoch.map(u64::from)));
+        field(&self.version);
+        field(&self.release);
+        field(&opt(&self.arch));
+        field(&opt(&self.sourcerpm));
+        field(&opt(&self.license));
+        field(&opt(&self.vendor));
+        field(&num(self.size));
+        field(&num(self.installtime));
+        field(&opt(&self.sigmd5));
+        field(&opt(&self.modularitylabel));
+        field(&opt(&self.repository));
+        out
+    }
+}
+
+/// The content hash of a set of records: SHA-256 of the concatenated, sorted SHA-256 digests
+/// of their canonical lines. Independent of order; any field of any record changes it.
+pub fn content_hash(records: &[PackageRecord]) -> ContentHash {
+    let mut digests: Vec<[u8; 32]> = records
+        .iter()
+        .map(|r| Sha256::digest(r.canonical()).into())
+        .collect();
+    digests.sort_unstable();
+    let mut hasher = Sha256::new();
+    for digest in &digests {
+        hasher.update(digest);
+    }
+    ContentHash(hasher.finalize().into())
+}
+
+/// The distribution, with claircore's field names.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct Distribution {
+    /// `ID` (e.g. `rhel`).
+    pub did: String,
+    pub name: String,
+    pub version: String,
+    pub version_id: String,
+    pub version_code_name: String,
+    pub pretty_name: String,
+    /// `CPE_NAME`, else `etc/system-release-cpe`.
+    pub cpe: String,
+}
+
+/// One package whose record changed between two reports.
+#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct Change {
+    pub name: String,
+    pub arch: String,
+    /// `[epoch:]version-release` before and after.
+    pub from: String,
+    pub to: String,
+}
+
+/// What changed since the previous report, in rpm's version order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct ChangeSummary {
+    /// `name-[epoch:]version-release.arch` of packages that appeared.
+    pub added: Vec<String>,
+    /// The same for packages that disappeared.
+    pub removed: Vec<String>,
+    /// A newer version replaced an older one.
+    pub upgraded: Vec<Change>,
+    /// An older version replaced a newer one.
+    pub downgraded: Vec<Change>,
+    /// The same version with another record (digest, install time, any reported field).
+    pub reinstalled: Vec<Change>,
+}
+
+impl ChangeSummary {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.upgraded.is_empty()
+            && self.downgraded.is_empty()
+            && self.reinstalled.is_empty()
+    }
+
+    /// `+2 -1 ^1 v0 =0` (added, removed, upgraded, downgraded, reinstalled), for logs.
+    pub fn short(&self) -> String {
+        format!(
+            "+{} -{} ^{} v{} ={}",
+            self.added.len(),
+            self.removed.len(),
+            self.upgraded.len(),
+            self.downgraded.len(),
+            self.reinstalled.len()
+        )
+    }
+}
+
+/// What a report says besides its package records.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Encode, Decode, Serialize)]
+pub struct SystemFacts {
+    pub distribution: Option<Distribution>,
+    /// claircore's `package_db`: `<backend>:<directory relative to the root>`.
+    pub package_db: String,
+    /// `sqlite`, `bdb` or `ndb`.
+    pub backend: String,
+    /// The database file, relative to the root when a root was scanned.
+    pub database: String,
+    /// Imported signing keys (gpg-pubkey pseudo-packages), `name-version-release`.
+    pub gpg_pubkeys: Vec<String>,
+    /// Skipped entries and what could not be read of the system.
+    pub errors: Vec<String>,
+    /// The dnf history the repositories came from, relative to the root.
+    pub history: Option<String>,
+    pub scan_duration_ms: Option<u64>,
+    /// Changes since the agent's previous report.
+    pub changes: ChangeSummary,
+}
+
+/// A whole report in compact form.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Document {
+    /// Sorted by [`RecordKey`], unique.
+    pub packages: Vec<PackageRecord>,
+    pub system: SystemFacts,
+}
+
+/// A report as the difference from a base inventory: the base's records minus `removed`,
+/// with `changed` replacing the records of the same key, plus `added`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeltaDocument {
+    pub removed: Vec<RecordKey>,
+    pub changed: Vec<PackageRecord>,
+    pub added: Vec<PackageRecord>,
+    pub system: SystemFacts,
+}
+
+/// Why a compact payload could not be read or applied.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InventoryError {
+    #[error("the payload does not decode: {0}")]
+    Decode(String),
+    #[error("the payload's columns have different lengths")]
+    Columns,
+    #[error("record {0:?} appears twice")]
+    Duplicate(RecordKey),
+    #[error("the delta removes or changes {0:?}, which the base does not have")]
+    NotInBase(RecordKey),
+    #[error("the delta adds {0:?}, which the base has already")]
+    AlreadyInBase(RecordKey),
+}
+
+impl Document {
+    /// The records sorted and checked for duplicates.
+    pub fn new(mut packages: Vec<PackageRecord>, system: SystemFacts) -> Self {
+        packages.sort_by_cached_key(PackageRecord::key);
+        packages.dedup_by(|a, b| a.key() == b.key());
+        Self { packages, system }
+    }
+
+    pub fn content_hash(&self) -> ContentHash {
+        content_hash(&self.packages)
+    }
+
+    /// The delta that turns `base` (sorted, as a [`Document`] holds them) into this one.
+    pub fn delta_from(&self, base: &[PackageRecord]) -> DeltaDocument {
+        let old: BTreeMap<RecordKey, &PackageRecord> = base.iter().map(|r| (r.key(), r)).collect();
+        let new: BTreeMap<RecordKey, &PackageRecord> =
+            self.packages.iter().map(|r| (r.key(), r)).collect();
+        let mut delta = DeltaDocument {
+            system: self.system.clone(),
+            ..DeltaDocument::default()
+        };
+        for (key, record) in &new {
+            match old.get(key) {
+                None => delta.added.push((*record).clone()),
+                Some(was) if was != record => delta.changed.push((*record).clone()),
+                Some(_) => {}
+            }
+        }
+        delta.removed = old
+            .keys()
+            .filter(|k| !new.contains_key(*k))
+            .cloned()
+            .collect();
+        delta
+    }
+}
+
+impl DeltaDocument {
+    /// Applies the delta to `base` (sorted), strictly: removing or changing a record the base
+    /// lacks, or adding one it has, is an error (the base is not the one the delta was made
+    /// from).
+    pub fn apply(&self, base: &[PackageRecord]) -> Result<Document, InventoryError> {
+        let mut records: BTreeMap<RecordKey, PackageRecord> =
+            base.iter().map(|r| (r.key(), r.clone())).collect();
+        for key in &self.removed {
+            records
+                .remove(key)
+                .ok_or_else(|| InventoryError::NotInBase(key.clone()))?;
+        }
+        for record in &self.changed {
+            let slot = records
+                .get_mut(&record.key())
+                .ok_or_else(|| InventoryError::NotInBase(record.key()))?;
+            *slot = record.clone();
+        }
+        for record in &self.added {
+            let key = record.key();
+            if records.contains_key(&key) {
+                return Err(InventoryError::AlreadyInBase(key));
+            }
+            records.insert(key, record.clone());
+        }
+        Ok(Document {
+            packages: records.into_values().collect(),
+            system: self.system.clone(),
+        })
+    }
+
+    /// Records carried (for sizing and limits).
+    pub fn len(&self) -> usize {
+        self.removed.len() + self.changed.len() + self.added.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+// The wire form: records as columns (every name, then every epoch, …), which a compressor
+// packs far better than rows. `sourcerpm` drops a `-<version>-<release>.src.rpm` it shares
+// with its binary (marked by a trailing U+0001); install times are offsets from the smallest.
+
+const SAME_VERSION: char = '\u{1}';
+
+#[derive(Encode, Decode)]
+struct Columns {
+    name: Vec<String>,
+    epoch: Vec<Option<u32>>,
+    version: Vec<String>,
+    release: Vec<String>,
+    arch: Vec<Option<String>>,
+    sourcerpm: Vec<Option<String>>,
+    license: Vec<Option<String>>,
+    vendor: Vec<Option<String>>,
+    size: Vec<Option<u64>>,
+    installtime_base: u64,
+    installtime: Vec<Option<u64>>,
+    sigmd5: Vec<Option<String>>,
+    modularitylabel: Vec<Option<String>>,
+    repository: Vec<Option<String>>,
+}
+
+impl Columns {
+    fn of(records: &[PackageRecord]) -> Self {
+        let base = records
+            .iter()
+            .filter_map(|r| r.installtime)
+            .min()
+            .unwrap_or(0);
+        Self {
+            name: records.iter().map(|r| r.name.clone()).collect(),
+            epoch: records.iter().map(|r| r.epoch).collect(),
+            version: records.iter().map(|r| r.version.clone()).collect(),
+            release: records.iter().map(|r| r.release.clone()).collect(),
+            arch: records.iter().map(|r| r.arch.clone()).collect(),
+            sourcerpm: records
+                .iter()
+                .map(|r| {
+                    r.sourcerpm.as_ref().map(|s| {
+                        let tail = format!("-{}-{}.src.rpm", r.version, r.release);
+                        match s.strip_suffix(&tail) {
+                            Some(stem) if !stem.contains(SAME_VERSION) => {
+                                format!("{stem}{SAME_VERSION}")
+                            }
+                            _ => s.clone(),
+                        }
+                    })
+                })
+                .collect(),
+            license: records.iter().map(|r| r.license.clone()).collect(),
+            vendor: records.iter().map(|r| r.vendor.clone()).collect(),
+            size: records.iter().map(|r| r.size).collect(),
+            installtime_base: base,
+            installtime: records
+                .iter()
+                .map(|r| r.installtime.map(|t| t - base))
+                .collect(),
+            sigmd5: records.iter().map(|r| r.sigmd5.clone()).collect(),
+            modularitylabel: records.iter().map(|r| r.modularitylabel.clone()).collect(),
+            repository: records.iter().map(|r| r.repository.clone()).collect(),
+        }
+    }
+
+    fn records(self) -> Result<Vec<PackageRecord>, InventoryError> {
+        let n = self.name.len();
+        let lengths = [
+            self.epoch.len(),
+            self.version.len(),
+            self.release.len(),
+            self.arch.len(),
+            self.sourcerpm.len(),
+            self.license.len(),
+            self.vendor.len(),
+            self.size.len(),
+            self.installtime.len(),
+            self.sigmd5.len(),
+            self.modularitylabel.len(),
+            self.repository.len(),
+        ];
+        if lengths.iter().any(|l| *l != n) {
+            return Err(InventoryError::Columns);
+        }
+        let mut out = Vec::with_capacity(n);
+        let mut epoch = self.epoch.into_iter();
+        let mut version = self.version.into_iter();
+        let mut release = self.release.into_iter();
+        let mut arch = self.arch.into_iter();
+        let mut sourcerpm = self.sourcerpm.into_iter();
+        let mut license = self.license.into_iter();
+        let mut vendor = self.vendor.into_iter();
+        let mut size = self.size.into_iter();
+        let mut installtime = self.installtime.into_iter();
+        let mut sigmd5 = self.sigmd5.into_iter();
+        let mut modularitylabel = self.modularitylabel.into_iter();
+        let mut repository = self.repository.into_iter();
+        for name in self.name {
+            // The lengths were checked: every column has a value here.
+            let (Some(version), Some(release)) = (version.next(), release.next()) else {
+                return Err(InventoryError::Columns);
+            };
+            let source = sourcerpm
+                .next()
+                .flatten()
+                .map(|s| match s.strip_suffix(SAME_VERSION) {
+                    Some(stem) => format!("{stem}-{version}-{release}.src.rpm"),
+                    None => s,
+                });
+            out.push(PackageRecord {
+                name,
+                epoch: epoch.next().flatten(),
+                version,
+                release,
+                arch: arch.next().flatten(),
+                sourcerpm: source,
+                license: license.next().flatten(),
+                vendor: vendor.next().flatten(),
+                size: size.next().flatten(),
+                installtime: installtime
+                    .next()
+                    .flatten()
+                    .map(|t| t.saturating_add(self.installtime_base)),
+                sigmd5: sigmd5.next().flatten(),
+                modularitylabel: modularitylabel.next().flatten(),
+                repository: repository.next().flatten(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Encode, Decode)]
+struct WireDocument {
+    packages: Columns,
+    system: SystemFacts,
+}
+
+#[derive(Encode, Decode)]
+struct WireDelta {
+    removed: Vec<RecordKey>,
+    changed: Columns,
+    added: Columns,
+    system: SystemFacts,
+}
+
+fn check_unique(records: &[PackageRecord]) -> Result<(), InventoryError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for r in records {
+        if !seen.insert(r.key()) {
+            return Err(InventoryError::Duplicate(r.key()));
+        }
+    }
+    Ok(())
+}
+
+/// Decodes with bincode's allocation limit at the tier above 32 × the input (a string costs a
+/// byte of input and 24 of memory), so a small payload claiming huge columns allocates
+/// nothing like them.
+fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, InventoryError> {
+    fn with<T: Decode<()>, C: bincode::config::Config>(
+        bytes: &[u8],
+        cfg: C,
+    ) -> Result<(T, usize), InventoryError> {
+        bincode::decode_from_slice::<T, _>(bytes, cfg)
+            .map_err(|e| InventoryError::Decode(e.to_string()))
+    }
+    const KIB: usize = 1024;
+    let base = bincode::config::standard();
+    let (value, used) = match bytes.len() {
+        n if n <= 4 * KIB => with::<T, _>(bytes, base.with_limit::<{ 128 * KIB }>())?,
+        n if n <= 64 * KIB => with::<T, _>(bytes, base.with_limit::<{ 2048 * KIB }>())?,
+        n if n <= 1024 * KIB => with::<T, _>(bytes, base.with_limit::<{ 32 * 1024 * KIB }>())?,
+        _ => with::<T, _>(bytes, base.with_limit::<{ 512 * 1024 * KIB }>())?,
+    };
+    if used != bytes.len() {
+        return Err(InventoryError::Decode(format!(
+            "{} trailing bytes",
+            bytes.len() - used
+        )));
+    }
+    Ok(value)
+}
+
+fn encode<T: Encode>(value: &T) -> Vec<u8> {
+    bincode::encode_to_vec(value, bincode::config::standard()).unwrap_or_default()
+}
+
+impl Document {
+    /// The wire form (before compression).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(&WireDocument {
+            packages: Columns::of(&self.packages),
+            system: self.system.clone(),
+        })
+    }
+
+    /// Reads the wire form: records must be unique (they are sorted here).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, InventoryError> {
+        let wire: WireDocument = decode(bytes)?;
+        let mut packages = wire.packages.records()?;
+        check_unique(&packages)?;
+        packages.sort_by_cached_key(PackageRecord::key);
+        Ok(Self {
+            packages,
+            system: wire.system,
+        })
+    }
+}
+
+impl DeltaDocument {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(&WireDelta {
+            removed: self.removed.clone(),
+            changed: Columns::of(&self.changed),
+            added: Columns::of(&self.added),
+            system: self.system.clone(),
+        })
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, InventoryError> {
+        let wire: WireDelta = decode(bytes)?;
+        Ok(Self {
+            removed: wire.removed,
+            changed: wire.changed.records()?,
+            added: wire.added.records()?,
+            system: wire.system,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, version: &str) -> PackageRecord {
+        PackageRecord {
+            name: name.into(),
+            version: version.into(),
+            release: "1.el9".into(),
+            arch: Some("x86_64".into()),
+            sourcerpm: Some(format!("{name}-{version}-1.el9.src.rpm")),
+            license: Some("MIT".into()),
+            vendor: Some("Red Hat, Inc.".into()),
+            size: Some(12_345),
+            installtime: Some(1_700_000_000),
+            sigmd5: Some("00112233445566778899aabbccddeeff".into()),
+            ..Default::default()
+        }
+    }
+
+    fn doc(records: Vec<PackageRecord>) -> Document {
+        Document::new(records, SystemFacts::default())
+    }
+
+    #[test]
+    fn the_wire_form_round_trips() {
+        let mut odd = record("odd", "1");
+        odd.sourcerpm = Some("other-9-9.src.rpm".into());
+        odd.epoch = Some(0);
+        odd.installtime = None;
+        let d = doc(vec![record("bash", "5.1"), record("curl", "7.76"), odd]);
+        let back = Document::from_bytes(&d.to_bytes()).unwrap();
+        assert_eq!(back, d);
+        assert_eq!(back.content_hash(), d.content_hash());
+    }
+
+    #[test]
+    fn deltas_apply_exactly_and_refuse_a_wrong_base() {
+        let base = doc(vec![
+            record("bash", "5.1"),
+            record("curl", "7.76"),
+            record("vim", "9"),
+        ]);
+        let mut reinstalled = record("vim", "9");
+        reinstalled.installtime = Some(1_800_000_000);
+        let new = doc(vec![
+            record("bash", "5.1"),
+            record("curl", "7.80"),
+            reinstalled,
+            record("zsh", "5.9"),
+        ]);
+        let delta = new.delta_from(&base.packages);
+        assert_eq!(delta.removed.len(), 1, "old curl");
+        assert_eq!(delta.changed.len(), 1, "vim reinstalled");
+        assert_eq!(delta.added.len(), 2, "new curl, zsh");
+        let wire = DeltaDocument::from_bytes(&delta.to_bytes()).unwrap();
+        let applied = wire.apply(&base.packages).unwrap();
+        assert_eq!(applied.content_hash(), new.content_hash());
+        assert_eq!(applied.packages, new.packages);
+        // Against another base it fails, or gives another hash.
+        let other = doc(vec![record("bash", "5.1")]);
+        assert!(matches!(
+            wire.apply(&other.packages),
+            Err(InventoryError::NotInBase(_))
+        ));
+        let applied_twice = wire.apply(&new.packages);
+        assert!(applied_twice.is_err());
+    }
+
+    #[test]
+    fn the_hash_covers_every_field_and_not_the_order() {
+        let a = vec![record("a", "1"), record("b", "1")];
+        let b = vec![record("b", "1"), record("a", "1")];
+        assert_eq!(content_hash(&a), content_hash(&b));
+        let mut c = a.clone();
+        c[0].repository = Some("baseos".into());
+        assert_ne!(content_hash(&a), content_hash(&c));
+        let mut e = a.clone();
+        e[0].epoch = Some(0);
+        assert_ne!(
+            content_hash(&a),
+            content_hash(&e),
+            "no epoch differs from epoch 0"
+        );
+    }
+
+    #[test]
+    fn hostile_wire_forms_are_errors() {
+        let d = doc(vec![record("bash", "5.1"), record("curl", "7.76")]);
+        let bytes = d.to_bytes();
+        for cut in 0..bytes.len() {
+            assert!(Document::from_bytes(&bytes[..cut]).is_err());
+        }
+        // A duplicated record.
+        let dup = encode(&WireDocument {
+            packages: Columns::of(&[record("x", "1"), record("x", "1")]),
+            system: SystemFacts::default(),
+        });
+        assert!(matches!(
+            Document::from_bytes(&dup),
+            Err(InventoryError::Duplicate(_))
+        ));
+        // Columns of different lengths.
+        let mut cols = Columns::of(&[record("x", "1")]);
+        cols.version.clear();
+        let bad = encode(&WireDocument {
+            packages: cols,
+            system: SystemFacts::default(),
+        });
+        assert_eq!(Document::from_bytes(&bad), Err(InventoryError::Columns));
+    }
+}
