@@ -19,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(again.message.expect("valid"), message);
                     if let guestwatch_protocol::Message::Report(report) = &message {
                         let _ = report.body.payload().to_json(1 << 20);
+                        let _ = report.body.payload().to_document(1 << 20);
                         let _ = report.facts.check_limits();
                     }
                 }

@@ -59,29 +59,34 @@ impl PackageRecord {
         }
     }
 
-    /// The canonical line the content hash covers: every field in declaration order, each
-    /// written as its text (absent: empty) and terminated by a NUL byte.
+    /// The canonical form the content hash covers: every field in declaration order, each as
+    /// a 4-byte little-endian length and its UTF-8 text (numbers in decimal), an absent one as
+    /// the length `0xFFFF_FFFF` alone; so no two different records share a form.
     pub fn canonical(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(128);
-        let mut field = |text: &str| {
-            out.extend_from_slice(text.as_bytes());
-            out.push(0);
+        let mut out = Vec::with_capacity(160);
+        let mut field = |text: Option<&str>| match text {
+            Some(text) => {
+                // Records are bounded far below 4 GiB (guest limits); saturate regardless.
+                let len = u32::try_from(text.len()).unwrap_or(u32::MAX - 1);
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(text.as_bytes());
+            }
+            None => out.extend_from_slice(&u32::MAX.to_le_bytes()),
         };
-        let num = |n: Option<u64>| n.map(|n| n.to_string()).unwrap_or_default();
-        let opt = |s: &Option<String>| s.clone().unwrap_or_default();
-        field(&self.name);
-        field(&num(self.epoch.map(u64::from)));
-        field(&self.version);
-        field(&self.release);
-        field(&opt(&self.arch));
-        field(&opt(&self.sourcerpm));
-        field(&opt(&self.license));
-        field(&opt(&self.vendor));
-        field(&num(self.size));
-        field(&num(self.installtime));
-        field(&opt(&self.sigmd5));
-        field(&opt(&self.modularitylabel));
-        field(&opt(&self.repository));
+        let num = |n: Option<u64>| n.map(|n| n.to_string());
+        field(Some(&self.name));
+        field(num(self.epoch.map(u64::from)).as_deref());
+        field(Some(&self.version));
+        field(Some(&self.release));
+        field(self.arch.as_deref());
+        field(self.sourcerpm.as_deref());
+        field(self.license.as_deref());
+        field(self.vendor.as_deref());
+        field(num(self.size).as_deref());
+        field(num(self.installtime).as_deref());
+        field(self.sigmd5.as_deref());
+        field(self.modularitylabel.as_deref());
+        field(self.repository.as_deref());
         out
     }
 }
@@ -295,10 +300,43 @@ impl DeltaDocument {
 }
 
 // The wire form: records as columns (every name, then every epoch, …), which a compressor
-// packs far better than rows. `sourcerpm` drops a `-<version>-<release>.src.rpm` it shares
-// with its binary (marked by a trailing U+0001); install times are offsets from the smallest.
+// packs far better than rows. A `sourcerpm` is stored short when it is what it usually is:
+// `SAME_SOURCE` for `<name>-<version>-<release>.src.rpm`, `<stem>` + `SAME_VERSION` for
+// `<stem>-<version>-<release>.src.rpm`; any other value that could be read as one of those
+// is stored behind `LITERAL`. Install times are offsets from the smallest.
 
 const SAME_VERSION: char = '\u{1}';
+const SAME_SOURCE: &str = "\u{2}";
+const LITERAL: char = '\u{3}';
+
+fn short_sourcerpm(r: &PackageRecord, source: &str) -> String {
+    let tail = format!("-{}-{}.src.rpm", r.version, r.release);
+    match source.strip_suffix(&tail) {
+        Some(stem) if stem == r.name => SAME_SOURCE.to_owned(),
+        Some(stem) if !stem.contains([SAME_VERSION, LITERAL]) && !stem.starts_with(SAME_SOURCE) => {
+            format!("{stem}{SAME_VERSION}")
+        }
+        _ if source == SAME_SOURCE
+            || source.ends_with(SAME_VERSION)
+            || source.starts_with(LITERAL) =>
+        {
+            format!("{LITERAL}{source}")
+        }
+        _ => source.to_owned(),
+    }
+}
+
+fn full_sourcerpm(name: &str, version: &str, release: &str, short: String) -> String {
+    if let Some(literal) = short.strip_prefix(LITERAL) {
+        literal.to_owned()
+    } else if short == SAME_SOURCE {
+        format!("{name}-{version}-{release}.src.rpm")
+    } else if let Some(stem) = short.strip_suffix(SAME_VERSION) {
+        format!("{stem}-{version}-{release}.src.rpm")
+    } else {
+        short
+    }
+}
 
 #[derive(Encode, Decode)]
 struct Columns {
@@ -313,9 +351,38 @@ struct Columns {
     size: Vec<Option<u64>>,
     installtime_base: u64,
     installtime: Vec<Option<u64>>,
-    sigmd5: Vec<Option<String>>,
+    sigmd5: Vec<Option<HeaderDigest>>,
     modularitylabel: Vec<Option<String>>,
     repository: Vec<Option<String>>,
+}
+
+/// A header digest: 16 bytes when it is rpm's lowercase hex MD5 (half the size, and the one
+/// column no compressor shrinks), else the text as it was.
+#[derive(Encode, Decode)]
+enum HeaderDigest {
+    Md5([u8; 16]),
+    Text(String),
+}
+
+impl HeaderDigest {
+    fn of(text: &str) -> Self {
+        let lower_hex = text.len() == 32
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let mut bytes = [0u8; 16];
+        match lower_hex && hex::decode_to_slice(text, &mut bytes).is_ok() {
+            true => Self::Md5(bytes),
+            false => Self::Text(text.to_owned()),
+        }
+    }
+
+    fn into_text(self) -> String {
+        match self {
+            Self::Md5(bytes) => hex::encode(bytes),
+            Self::Text(text) => text,
+        }
+    }
 }
 
 impl Columns {
@@ -333,17 +400,7 @@ impl Columns {
             arch: records.iter().map(|r| r.arch.clone()).collect(),
             sourcerpm: records
                 .iter()
-                .map(|r| {
-                    r.sourcerpm.as_ref().map(|s| {
-                        let tail = format!("-{}-{}.src.rpm", r.version, r.release);
-                        match s.strip_suffix(&tail) {
-                            Some(stem) if !stem.contains(SAME_VERSION) => {
-                                format!("{stem}{SAME_VERSION}")
-                            }
-                            _ => s.clone(),
-                        }
-                    })
-                })
+                .map(|r| r.sourcerpm.as_deref().map(|s| short_sourcerpm(r, s)))
                 .collect(),
             license: records.iter().map(|r| r.license.clone()).collect(),
             vendor: records.iter().map(|r| r.vendor.clone()).collect(),
@@ -353,7 +410,10 @@ impl Columns {
                 .iter()
                 .map(|r| r.installtime.map(|t| t - base))
                 .collect(),
-            sigmd5: records.iter().map(|r| r.sigmd5.clone()).collect(),
+            sigmd5: records
+                .iter()
+                .map(|r| r.sigmd5.as_deref().map(HeaderDigest::of))
+                .collect(),
             modularitylabel: records.iter().map(|r| r.modularitylabel.clone()).collect(),
             repository: records.iter().map(|r| r.repository.clone()).collect(),
         }
@@ -399,10 +459,7 @@ impl Columns {
             let source = sourcerpm
                 .next()
                 .flatten()
-                .map(|s| match s.strip_suffix(SAME_VERSION) {
-                    Some(stem) => format!("{stem}-{version}-{release}.src.rpm"),
-                    None => s,
-                });
+                .map(|s| full_sourcerpm(&name, &version, &release, s));
             out.push(PackageRecord {
                 name,
                 epoch: epoch.next().flatten(),
@@ -417,7 +474,7 @@ impl Columns {
                     .next()
                     .flatten()
                     .map(|t| t.saturating_add(self.installtime_base)),
-                sigmd5: sigmd5.next().flatten(),
+                sigmd5: sigmd5.next().flatten().map(HeaderDigest::into_text),
                 modularitylabel: modularitylabel.next().flatten(),
                 repository: repository.next().flatten(),
             });
@@ -555,7 +612,28 @@ mod tests {
         odd.sourcerpm = Some("other-9-9.src.rpm".into());
         odd.epoch = Some(0);
         odd.installtime = None;
-        let d = doc(vec![record("bash", "5.1"), record("curl", "7.76"), odd]);
+        // Not lowercase hex MD5: kept as text, exactly.
+        odd.sigmd5 = Some("00112233445566778899AABBCCDDEEFF".into());
+        let mut short = record("short", "1");
+        short.sigmd5 = Some("abc".into());
+        let mut records = vec![record("bash", "5.1"), record("curl", "7.76"), odd, short];
+        // Source rpms that look like the short forms are carried as they are.
+        for (i, source) in [
+            "\u{2}",
+            "x\u{1}",
+            "\u{3}y",
+            "\u{2}-1-1.el9.src.rpm",
+            "a\u{1}b-1-1.el9.src.rpm",
+            "lib-1-1.el9.src.rpm",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut r = record(&format!("tricky{i}"), "1");
+            r.sourcerpm = Some(source.into());
+            records.push(r);
+        }
+        let d = doc(records);
         let back = Document::from_bytes(&d.to_bytes()).unwrap();
         assert_eq!(back, d);
         assert_eq!(back.content_hash(), d.content_hash());
@@ -608,6 +686,55 @@ mod tests {
             content_hash(&a),
             content_hash(&e),
             "no epoch differs from epoch 0"
+        );
+        let mut empty = a.clone();
+        empty[0].vendor = Some(String::new());
+        let mut absent = a.clone();
+        absent[0].vendor = None;
+        assert_ne!(
+            content_hash(&empty),
+            content_hash(&absent),
+            "empty is not absent"
+        );
+        let mut shifted = a.clone();
+        shifted[0].name = "a1".into();
+        shifted[0].version = String::new();
+        assert_ne!(
+            content_hash(&a),
+            content_hash(&shifted),
+            "field boundaries count"
+        );
+    }
+
+    /// The test vector docs/protocol.md gives third parties ("Content hash").
+    #[test]
+    fn the_documented_test_vector() {
+        let bash = PackageRecord {
+            name: "bash".into(),
+            version: "5.1.8".into(),
+            release: "9.el9".into(),
+            arch: Some("x86_64".into()),
+            sourcerpm: Some("bash-5.1.8-9.el9.src.rpm".into()),
+            license: Some("GPLv3+".into()),
+            vendor: Some("Red Hat, Inc.".into()),
+            size: Some(7_738_634),
+            installtime: Some(1_700_000_000),
+            sigmd5: Some("1db541afa1eaf0dc0dbfc6471df30ba0".into()),
+            ..PackageRecord::default()
+        };
+        let tzdata = PackageRecord {
+            name: "tzdata".into(),
+            version: "2024a".into(),
+            release: "1.el9".into(),
+            arch: Some("noarch".into()),
+            ..PackageRecord::default()
+        };
+        let canonical = tzdata.canonical();
+        assert_eq!(&canonical[..10], b"\x06\0\0\0tzdata");
+        assert_eq!(&canonical[10..14], &[0xff; 4], "no epoch");
+        assert_eq!(
+            content_hash(&[bash, tzdata]).to_hex(),
+            "750b6d1c4349efe0d9a4d3a95955c358e539c8c60da6720a05a76f0718df74c2"
         );
     }
 

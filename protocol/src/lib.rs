@@ -13,6 +13,7 @@
 
 mod codec;
 mod connection;
+pub mod dictionary;
 pub mod frame;
 pub mod inventory;
 mod limits;

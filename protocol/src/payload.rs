@@ -18,6 +18,8 @@ pub enum PayloadError {
     TooLarge { max: u32 },
     #[error("the payload is not valid zstd: {0}")]
     Corrupt(String),
+    #[error("the payload needs zstd dictionary {0}, which this build does not have")]
+    UnknownDictionary(u32),
     #[error("the payload is a {found:?}, not {wanted}")]
     WrongEncoding {
         found: PayloadEncoding,
@@ -44,9 +46,14 @@ impl Payload {
     }
 
     /// A compact document's bytes (`inventory::Document::to_bytes` or the delta's), zstd-
-    /// compressed when that makes them smaller.
+    /// compressed with the shipped [`crate::dictionary`] when that makes them smaller.
     pub fn document(bytes: Vec<u8>) -> Self {
-        if let Ok(compressed) = zstd::bulk::compress(&bytes, DOCUMENT_ZSTD_LEVEL)
+        let compressed = match crate::dictionary::encoder() {
+            Some(dict) => zstd::bulk::Compressor::with_prepared_dictionary(dict)
+                .and_then(|mut c| c.compress(&bytes)),
+            None => zstd::bulk::compress(&bytes, DOCUMENT_ZSTD_LEVEL),
+        };
+        if let Ok(compressed) = compressed
             && compressed.len() < bytes.len()
         {
             return Self {
@@ -101,8 +108,20 @@ impl Payload {
                 Ok(std::borrow::Cow::Borrowed(&self.bytes))
             }
             PayloadEncoding::JsonZstd | PayloadEncoding::DocumentZstd => {
-                let decoder = zstd::stream::read::Decoder::new(self.bytes.as_slice())
-                    .map_err(|e| PayloadError::Corrupt(e.to_string()))?;
+                let corrupt = |e: std::io::Error| PayloadError::Corrupt(e.to_string());
+                // The frame names the dictionary it was compressed with, if any.
+                let decoder = match zstd::zstd_safe::get_dict_id_from_frame(&self.bytes) {
+                    None => zstd::stream::read::Decoder::with_buffer(self.bytes.as_slice()),
+                    Some(id) => {
+                        let dict = crate::dictionary::decoder(id.get())
+                            .ok_or(PayloadError::UnknownDictionary(id.get()))?;
+                        zstd::stream::read::Decoder::with_prepared_dictionary(
+                            self.bytes.as_slice(),
+                            dict,
+                        )
+                    }
+                }
+                .map_err(corrupt)?;
                 let mut out =
                     Vec::with_capacity(self.bytes.len().saturating_mul(4).min(max as usize));
                 decoder

@@ -660,3 +660,126 @@ fn hello_and_facts_limits_refuse_oversized_guest_strings() {
     f.check_limits().unwrap();
     assert_eq!(f.transactions[0].cmdline.len(), 64);
 }
+
+#[test]
+fn documents_are_compressed_with_the_shipped_dictionary_and_name_it() {
+    use guestwatch_protocol::{
+        dictionary,
+        inventory::{Document, PackageRecord, SystemFacts},
+    };
+    let records = (0..40)
+        .map(|i| PackageRecord {
+            name: format!("lib{i}"),
+            version: "1.0".into(),
+            release: "1.el9".into(),
+            arch: Some("x86_64".into()),
+            license: Some("GPL-2.0-or-later".into()),
+            sigmd5: Some(format!("{i:032x}")),
+            ..PackageRecord::default()
+        })
+        .collect();
+    let bytes = Document::new(records, SystemFacts::default()).to_bytes();
+    let payload = Payload::document(bytes.clone());
+    assert_eq!(payload.encoding, PayloadEncoding::DocumentZstd);
+    assert_eq!(
+        zstd::zstd_safe::get_dict_id_from_frame(&payload.bytes).map(|id| id.get()),
+        Some(dictionary::ID),
+        "the frame names the dictionary"
+    );
+    assert_eq!(payload.to_document(1 << 20).unwrap().as_ref(), bytes);
+    // What it saves on real inventories: report's tests and `cargo xtask bench wire`.
+    let plain = zstd::bulk::compress(&bytes, 19).unwrap();
+
+    // Without a dictionary a frame still decodes; one naming a dictionary this build does
+    // not have is refused by name, not read as garbage.
+    let without = Payload {
+        encoding: PayloadEncoding::DocumentZstd,
+        bytes: plain,
+    };
+    assert_eq!(without.to_document(1 << 20).unwrap().as_ref(), bytes);
+    let mut other = dictionary::BYTES.to_vec();
+    dictionary::set_id(&mut other, dictionary::ID + 1).unwrap();
+    let foreign = Payload {
+        encoding: PayloadEncoding::DocumentZstd,
+        bytes: zstd::bulk::Compressor::with_dictionary(3, &other)
+            .unwrap()
+            .compress(&bytes)
+            .unwrap(),
+    };
+    assert!(matches!(
+        foreign.to_document(1 << 20),
+        Err(guestwatch_protocol::PayloadError::UnknownDictionary(id)) if id == dictionary::ID + 1
+    ));
+    assert!(dictionary::set_id(&mut [0u8; 16], 1).is_err());
+}
+
+/// Seeds for the `protocol_document` fuzz target: a first byte choosing the encoding, then a
+/// real document or delta, plain and compressed. `GUESTWATCH_WRITE_FUZZ_SEEDS=1` rewrites them.
+#[test]
+fn document_fuzz_seeds_decode() {
+    use guestwatch_protocol::inventory::{DeltaDocument, Document, PackageRecord, SystemFacts};
+    let record = |name: &str, version: &str| PackageRecord {
+        name: name.into(),
+        version: version.into(),
+        release: "1.el9".into(),
+        arch: Some("x86_64".into()),
+        sourcerpm: Some(format!("{name}-{version}-1.el9.src.rpm")),
+        license: Some("GPL-2.0-or-later".into()),
+        vendor: Some("Red Hat, Inc.".into()),
+        size: Some(1234),
+        installtime: Some(1_700_000_000),
+        sigmd5: Some("00112233445566778899aabbccddeeff".into()),
+        ..PackageRecord::default()
+    };
+    let base = Document::new(
+        vec![
+            record("bash", "5.1"),
+            record("curl", "7.76"),
+            record("vim", "9"),
+        ],
+        SystemFacts::default(),
+    );
+    let next = Document::new(
+        vec![
+            record("bash", "5.2"),
+            record("curl", "7.76"),
+            record("zsh", "5.9"),
+        ],
+        SystemFacts::default(),
+    );
+    let delta = next.delta_from(&base.packages);
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/protocol_document");
+    let seeds = [
+        ("document", 0u8, base.to_bytes()),
+        ("document_zstd", 1, Payload::document(base.to_bytes()).bytes),
+        ("delta", 0, delta.to_bytes()),
+        ("delta_zstd", 1, Payload::document(delta.to_bytes()).bytes),
+    ];
+    for (name, pick, bytes) in seeds {
+        let mut seed = vec![pick];
+        seed.extend_from_slice(&bytes);
+        if std::env::var_os("GUESTWATCH_WRITE_FUZZ_SEEDS").is_some() {
+            std::fs::write(dir.join(name), &seed).unwrap();
+        }
+        let stored = std::fs::read(dir.join(name)).unwrap();
+        assert_eq!(stored, seed, "{name} is stale: rewrite the seeds");
+        let payload = Payload {
+            encoding: if pick == 0 {
+                PayloadEncoding::Document
+            } else {
+                PayloadEncoding::DocumentZstd
+            },
+            bytes: stored[1..].to_vec(),
+        };
+        let plain = payload.to_document(1 << 20).unwrap();
+        if name.starts_with("delta") {
+            let applied = DeltaDocument::from_bytes(&plain)
+                .unwrap()
+                .apply(&base.packages);
+            assert_eq!(applied.unwrap().content_hash(), next.content_hash());
+        } else {
+            assert_eq!(Document::from_bytes(&plain).unwrap(), base);
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod dictionary;
 mod ebpf;
 mod fuzz;
 mod package;
@@ -42,6 +43,12 @@ enum Cmd {
         /// Benchmark names, e.g. `e2e`; none runs all.
         names: Vec<String>,
     },
+    /// Train the zstd dictionary for compact documents from go-rpmdb's package lists
+    /// (pkg/rpmdb_testcase_test.go of knqyf263/go-rpmdb); see docs/protocol.md.
+    TrainDict {
+        /// The go-rpmdb test-case file.
+        testcases: std::path::PathBuf,
+    },
     /// Run the cargo-fuzz targets in fuzz/ and print executions and crashes per target.
     Fuzz {
         /// Seconds per target.
@@ -76,6 +83,7 @@ fn main() {
         Cmd::Demo => demo::demo(),
         Cmd::PackageRpm => package::package_rpm().map(drop),
         Cmd::Bench { names } => bench::bench(&names),
+        Cmd::TrainDict { testcases } => dictionary::train(&testcases),
         Cmd::Fuzz { seconds, targets } => fuzz::fuzz(seconds, &targets),
         Cmd::VmTest {
             scenarios,
