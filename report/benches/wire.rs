@@ -153,7 +153,7 @@ fn measure(name: &str, base: &Document, changed: &Document) -> Row {
     let full_frame = frame_len(
         ReportBody::Full(Payload::document(changed.to_bytes())),
         changed.content_hash(),
-        dnf_facts(&changed, counts.clone()),
+        dnf_facts(&changed, counts),
     );
     let delta = changed.delta_from(&base.packages);
     let change_frame = frame_len(
