@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    hybrid,
+    guest_log, hybrid,
     identity::{IdentitySource, VmIdentity, valid_vm_name},
     listen::{Admitter, GuestStream, Incoming},
     metrics::Metrics,
@@ -358,7 +358,13 @@ async fn pull_vm(target: PullTarget, ctx: Arc<PullContext>, cancel: Cancellation
         let admission = match ctx.admitter.admit_dialed(vm) {
             Ok(admission) => admission,
             Err(why) => {
-                log::warn!("{vm}: dialed, but not admitted: {why}");
+                // Within the VM's log budget: a guest can make this happen.
+                guest_log!(
+                    ctx.shared.guest_log,
+                    vm,
+                    log::Level::Warn,
+                    "{vm}: dialed, but not admitted: {why}"
+                );
                 if sleep_or_cancel(backoff.next_delay(), &cancel).await {
                     return;
                 }
@@ -393,7 +399,13 @@ async fn pull_vm(target: PullTarget, ctx: Arc<PullContext>, cancel: Cancellation
             backoff.reset();
         }
         let delay = backoff.next_delay();
-        log::debug!("{vm}: session ended ({served:?}); redialing in {delay:.1?}");
+        // A guest ends its sessions at will: within its log budget.
+        guest_log!(
+            ctx.shared.guest_log,
+            vm,
+            log::Level::Debug,
+            "{vm}: session ended ({served:?}); redialing in {delay:.1?}"
+        );
         if sleep_or_cancel(delay, &cancel).await {
             return;
         }
