@@ -548,6 +548,29 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_configuration_parses_with_and_without_its_examples() {
+        let text = include_str!("../../packaging/config/relay.toml");
+        let file: FileConfig = toml::from_str(text).unwrap();
+        assert_eq!(file.vsock_port, Some(919));
+        let example = |rest: &str| {
+            rest.starts_with(|c: char| c.is_ascii_lowercase()) && rest.contains(" = ")
+                || rest.trim_start().starts_with('"')
+                || rest.trim() == "]"
+        };
+        let uncommented: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if example(rest) => rest,
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let all: FileConfig = toml::from_str(&uncommented).unwrap();
+        assert_eq!(all.pull_targets().unwrap().len(), 2);
+        assert!(all.pull_dir.is_some() && all.cid_map.is_some() && all.metrics.is_some());
+    }
+
+    #[test]
     fn pull_targets_from_flags_or_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("relay.toml");
