@@ -268,9 +268,8 @@ impl Puller {
                     false
                 }
             });
-        for name in &removed {
+        for _ in &removed {
             Metrics::reason(&self.ctx.metrics.vms_removed, "pull");
-            log::debug!("{name}: removed");
         }
         for target in targets {
             if self.running.contains_key(&target.name) {
@@ -304,10 +303,7 @@ impl Puller {
         }
         let tasks: Vec<_> = self.running.into_values().map(|r| r.task).collect();
         let aborts: Vec<_> = tasks.iter().map(JoinHandle::abort_handle).collect();
-        if tokio::time::timeout(grace, futures_join_all(tasks))
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, join_all(tasks)).await.is_err() {
             for abort in aborts {
                 abort.abort();
             }
@@ -315,7 +311,8 @@ impl Puller {
     }
 }
 
-async fn futures_join_all(tasks: Vec<JoinHandle<()>>) {
+/// Waits for every task, in turn.
+async fn join_all(tasks: Vec<JoinHandle<()>>) {
     for task in tasks {
         let _ = task.await;
     }

@@ -321,3 +321,54 @@ async fn a_vmm_answering_garbage_is_a_failed_dial() {
     assert!(deliveries(&d.join("sink")).is_empty());
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cid_map_reload_closes_the_names_it_drops_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let map = d.join("cids");
+    std::fs::write(&map, "3 web-1\n4 db-1\n").unwrap();
+    // A pulled VM beside the map: a reload of the map must not touch it.
+    let other = FakeAgent::start(d.join("other.sock"), 5, Duration::from_millis(200));
+    let metrics = free_port();
+    let mut s = settings(
+        d,
+        vec![target(
+            "other",
+            &format!("unix:{}", d.join("other.sock").display()),
+        )],
+    );
+    s.cid_map = Some(map.clone());
+    s.metrics = Some(metrics);
+    let relay = Relay::start(s);
+    until("the pulled VM's deliveries", WAIT, || {
+        Stats::get(&other.stats.acked) >= 2
+    })
+    .await;
+    // db-1 renamed, web-1 removed, CID 5 named: three names whose connections close.
+    let tmp = d.join(".cids.tmp");
+    std::fs::write(&tmp, "4 db-2\n5 cache-1\n").unwrap();
+    std::fs::rename(&tmp, &map).unwrap();
+    let removed = move || {
+        metric(
+            metrics,
+            "guestwatch_relay_vms_removed_total{reason=\"cid_map\"}",
+        )
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let n = tokio::task::spawn_blocking(removed).await.unwrap();
+        if n == 3.0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{n} removals counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A map that does not parse changes nothing.
+    std::fs::write(&map, "2 host\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(tokio::task::spawn_blocking(removed).await.unwrap(), 3.0);
+    assert_eq!(Stats::get(&other.stats.sessions), 1);
+    assert_eq!(Stats::get(&other.stats.closed), 0);
+    relay.shutdown().await;
+}
