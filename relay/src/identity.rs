@@ -80,18 +80,31 @@ pub struct CidMap {
 
 impl CidMap {
     pub fn load(path: &Path) -> Result<Self, MapError> {
+        Self::load_allowing_loopback(path, false)
+    }
+
+    /// Like [`CidMap::load`]; with `allow_loopback` (tests only, see
+    /// [`CidMap::allow_loopback`]) the map may name CID 1 too.
+    pub fn load_allowing_loopback(path: &Path, allow_loopback: bool) -> Result<Self, MapError> {
         let text = std::fs::read_to_string(path).map_err(|source| MapError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text).map_err(|(line, message)| MapError::Syntax {
-            path: path.to_path_buf(),
-            line,
-            message,
-        })
+        Self::parse_allowing(&text, allow_loopback)
+            .map(|map| map.allow_loopback(allow_loopback))
+            .map_err(|(line, message)| MapError::Syntax {
+                path: path.to_path_buf(),
+                line,
+                message,
+            })
     }
 
+    #[cfg(test)]
     fn parse(text: &str) -> Result<Self, (usize, String)> {
+        Self::parse_allowing(text, false)
+    }
+
+    fn parse_allowing(text: &str, allow_loopback: bool) -> Result<Self, (usize, String)> {
         let mut names = HashMap::new();
         let mut seen_names = HashMap::new();
         for (i, raw) in text.lines().enumerate() {
@@ -106,7 +119,7 @@ impl CidMap {
             let cid: u32 = cid
                 .parse()
                 .map_err(|_| (i + 1, format!("`{cid}` is not a CID")))?;
-            if cid <= 2 {
+            if cid <= 2 && !(cid == 1 && allow_loopback) {
                 return Err((i + 1, format!("CID {cid} is reserved, not a guest")));
             }
             if !valid_vm_name(name) {
@@ -220,6 +233,13 @@ mod tests {
         assert!(CidMap::parse("3 a\n4 a").is_err());
         assert!(CidMap::parse("3 ../x").is_err());
         assert!(CidMap::parse("three a").is_err());
+        // Naming CID 1 only with --allow-loopback-cid (in-guest tests).
+        assert!(CidMap::parse("1 local").is_err());
+        let local = CidMap::parse_allowing("1 local", true).unwrap();
+        assert_eq!(
+            local.allow_loopback(true).identify(1).unwrap().name,
+            "local"
+        );
     }
 
     #[test]

@@ -65,7 +65,8 @@ impl Sources {
     /// Reads every source; an error names the file and leaves the caller's state alone.
     pub fn load(&self) -> Result<Loaded, String> {
         let cids = match &self.cid_map {
-            Some(path) => CidMap::load(path).map_err(|e| e.to_string())?,
+            Some(path) => CidMap::load_allowing_loopback(path, self.allow_loopback_cid)
+                .map_err(|e| e.to_string())?,
             None => CidMap::default(),
         }
         .allow_loopback(self.allow_loopback_cid);
