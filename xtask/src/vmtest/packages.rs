@@ -20,6 +20,7 @@ const NAMES: &[&str] = &[
     "gw-vmtest-loopback",
     "gw-vmtest-pulled",
     "gw-vmtest-nobpf",
+    "gw-vmtest-renamed",
 ];
 
 pub struct TestPackage {

@@ -103,6 +103,13 @@ pub fn table() -> Vec<Scenario> {
             timeout: Duration::from_secs(120),
             host: || Box::new(GuestOnly),
         },
+        Scenario {
+            name: "cid-map-reload",
+            proves: "the relay reloads its CID map on change: the renamed CID's connection is closed and its next report arrives under the new name, no restart",
+            guest: include_str!("guest/scenarios/cid-map-reload.sh"),
+            timeout: Duration::from_secs(180),
+            host: || Box::new(GuestOnly),
+        },
     ]
 }
 
