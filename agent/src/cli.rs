@@ -15,7 +15,8 @@ use crate::detect::{DetectorChoice, process::AttributionMode};
     about = "guestwatch guest agent: kernel-level rpm change detection and package inventory",
     long_about = "guestwatch guest agent: sees every rpm/dnf transaction in the kernel (eBPF \
                   uprobes on librpm), falls back to inotify, scans the rpm database into an index \
-                  report and pushes it to guestwatch-relay on the host over VSOCK.\n\n\
+                  report and delivers it to guestwatch-relay on the host over VSOCK: pushed \
+                  (the agent dials, --relay) or pulled (the relay dials, --listen).\n\n\
                   Logging: GUESTWATCH_LOG=error|warn|info|debug|trace (default info), to stderr."
 )]
 pub struct Cli {
@@ -117,9 +118,14 @@ pub struct RunArgs {
     #[command(flatten)]
     pub detect: DetectArgs,
     /// Where the relay is: vsock:CID:PORT (AF_VSOCK) or unix:PATH (a hybrid-vsock host
-    /// socket, or tests). [default: vsock:2:919]
+    /// socket, or tests). [default: vsock:2:919, unless only --listen is given]
     #[arg(long, env = "GUESTWATCH_RELAY", value_name = "ADDR")]
     pub relay: Option<String>,
+    /// Pull mode: accept the relay's connection here instead of (or as well as) dialing it:
+    /// vsock:PORT (only the host, CID 2, is accepted) or unix:PATH (only its owner or root).
+    /// One session at a time; a newer connection replaces the old one.
+    #[arg(long, env = "GUESTWATCH_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
     /// State directory: installation epoch, generation counter, the pending report.
     /// [default: /var/lib/guestwatch]
     #[arg(long = "state", env = "GUESTWATCH_STATE_DIR", value_name = "DIR")]

@@ -6,6 +6,8 @@
 //! ```toml
 //! root = "/"
 //! relay = "vsock:2:919"
+//! # or, when the host dials the guest (pull mode), instead of or together with `relay`:
+//! # listen = "vsock:919"
 //! state = "/var/lib/guestwatch"
 //! metrics = "127.0.0.1:9917"
 //! detector = "auto"
@@ -59,6 +61,7 @@ pub struct FileConfig {
     pub root: Option<PathBuf>,
     pub dbpath: Option<PathBuf>,
     pub relay: Option<String>,
+    pub listen: Option<String>,
     pub state: Option<PathBuf>,
     pub metrics: Option<String>,
     pub detector: Option<String>,
@@ -258,12 +261,56 @@ impl std::fmt::Display for RelayAddr {
     }
 }
 
+/// Where the agent accepts the host's connection (pull mode: the relay dials the guest).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// AF_VSOCK on this port, any local CID; only the host (CID 2) is accepted.
+    Vsock { port: u32 },
+    /// A Unix socket (tests, and agents inventorying a root from outside the VM); only its
+    /// owner's uid (or root) is accepted.
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a socket path".into());
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        if let Some(port) = text.strip_prefix("vsock:") {
+            let port = port
+                .parse()
+                .map_err(|_| format!("bad port `{port}` (expected vsock:PORT)"))?;
+            return Ok(Self::Vsock { port });
+        }
+        Err(format!("`{text}`: expected vsock:PORT or unix:PATH"))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Vsock { port } => write!(f, "vsock:{port}"),
+            Self::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The default relay address, used when neither `relay` nor `listen` is configured.
+pub const DEFAULT_RELAY: &str = "vsock:2:919";
+
 /// Settings of `run`.
 #[derive(Clone, Debug)]
 pub struct RunSettings {
     pub target: TargetSpec,
     pub detect: DetectSettings,
-    pub relay: RelayAddr,
+    /// Dial the relay here (push); `None` when the agent only listens.
+    pub relay: Option<RelayAddr>,
+    /// Accept the host's connection here (pull); `None` when the agent only dials.
+    pub listen: Option<ListenAddr>,
     pub state: PathBuf,
     pub metrics: Option<SocketAddr>,
     pub connect_timeout: Duration,
@@ -276,15 +323,31 @@ pub struct RunSettings {
 impl RunSettings {
     pub fn resolve(args: &RunArgs) -> Result<Self, ConfigError> {
         let file = FileConfig::load(args.config.as_deref())?;
-        let relay_text = args
-            .relay
+        let listen = args
+            .listen
             .clone()
-            .or_else(|| file.relay.clone())
-            .unwrap_or_else(|| "vsock:2:919".into());
-        let relay = relay_text.parse().map_err(|message| ConfigError::Invalid {
-            key: "relay",
-            message,
-        })?;
+            .or_else(|| file.listen.clone())
+            .map(|text| {
+                text.parse().map_err(|message| ConfigError::Invalid {
+                    key: "listen",
+                    message,
+                })
+            })
+            .transpose()?;
+        // `--listen` alone means pull only; with neither, the agent dials the host's relay.
+        let relay_text = args.relay.clone().or_else(|| file.relay.clone());
+        let relay_text = match (&relay_text, &listen) {
+            (None, None) => Some(DEFAULT_RELAY.to_owned()),
+            _ => relay_text,
+        };
+        let relay = relay_text
+            .map(|text| {
+                text.parse().map_err(|message| ConfigError::Invalid {
+                    key: "relay",
+                    message,
+                })
+            })
+            .transpose()?;
         let metrics = match (args.metrics, &file.metrics) {
             (Some(addr), _) => Some(addr),
             (None, Some(text)) => Some(text.parse().map_err(|e| ConfigError::Invalid {
@@ -297,6 +360,7 @@ impl RunSettings {
             target: TargetSpec::resolve(&args.target, &file)?,
             detect: DetectSettings::resolve(&args.detect, &file)?,
             relay,
+            listen,
             state: args
                 .state
                 .clone()
@@ -366,6 +430,53 @@ mod tests {
     }
 
     #[test]
+    fn listen_addresses() {
+        assert_eq!("vsock:919".parse(), Ok(ListenAddr::Vsock { port: 919 }));
+        assert_eq!(
+            "unix:/run/gw.sock".parse(),
+            Ok(ListenAddr::Unix("/run/gw.sock".into()))
+        );
+        assert!("vsock:2:919".parse::<ListenAddr>().is_err());
+        assert!("vsock:".parse::<ListenAddr>().is_err());
+        assert!("unix:".parse::<ListenAddr>().is_err());
+        assert!("tcp:919".parse::<ListenAddr>().is_err());
+    }
+
+    #[test]
+    fn listen_alone_is_pull_only_and_both_can_be_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = |relay: Option<&str>, listen: Option<&str>| RunArgs {
+            target: Target {
+                dbpath: Some(dir.path().into()),
+                ..Target::default()
+            },
+            detect: DetectArgs::default(),
+            relay: relay.map(str::to_owned),
+            listen: listen.map(str::to_owned),
+            state: None,
+            metrics: None,
+            connect_timeout: None,
+            ack_timeout: None,
+            max_backoff: None,
+            machine_id_file: None,
+            config: None,
+        };
+        let push = RunSettings::resolve(&args(None, None)).unwrap();
+        assert_eq!(push.relay, Some(RelayAddr::Vsock { cid: 2, port: 919 }));
+        assert_eq!(push.listen, None);
+        let pull = RunSettings::resolve(&args(None, Some("vsock:919"))).unwrap();
+        assert_eq!(pull.relay, None);
+        assert_eq!(pull.listen, Some(ListenAddr::Vsock { port: 919 }));
+        let both = RunSettings::resolve(&args(Some("unix:/r.sock"), Some("unix:/l.sock"))).unwrap();
+        assert_eq!(both.relay, Some(RelayAddr::Unix("/r.sock".into())));
+        assert_eq!(both.listen, Some(ListenAddr::Unix("/l.sock".into())));
+        let err = RunSettings::resolve(&args(None, Some("vsock:2:919")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("listen"), "{err}");
+    }
+
+    #[test]
     fn flags_win_over_file_and_file_over_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.toml");
@@ -383,6 +494,7 @@ mod tests {
                 ..Default::default()
             },
             relay: None,
+            listen: None,
             state: None,
             metrics: None,
             connect_timeout: None,
@@ -393,7 +505,8 @@ mod tests {
         };
         let s = RunSettings::resolve(&args).unwrap();
         assert_eq!(s.target, TargetSpec::Root("/srv/vm".into()));
-        assert_eq!(s.relay, RelayAddr::Unix("/run/relay.sock".into()));
+        assert_eq!(s.relay, Some(RelayAddr::Unix("/run/relay.sock".into())));
+        assert_eq!(s.listen, None);
         assert_eq!(s.detect.schedule.quiet_period, Duration::from_millis(50));
         assert_eq!(s.detect.periodic, None);
         assert_eq!(s.detect.choice, DetectorChoice::Inotify);

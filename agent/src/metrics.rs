@@ -47,6 +47,10 @@ pub struct Metrics {
     pub relay_connected: Gauge,
     pub relay_connections: Counter,
     pub delivery_seconds: Histogram,
+    /// Pull mode: connections accepted from the host (before the handshake).
+    pub listen_accepted: Counter,
+    /// Pull mode: connections refused (`not_host`: another CID; `peer_uid`: another user).
+    pub listen_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -128,6 +132,18 @@ impl Metrics {
             "From the end of a scan to the relay's acknowledgement",
             delivery_seconds.clone(),
         );
+        let listen_accepted = Counter::default();
+        registry.register(
+            "listen_accepted",
+            "Pull mode: connections accepted from the host",
+            listen_accepted.clone(),
+        );
+        let listen_refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "listen_refused",
+            "Pull mode: connections refused (not_host: a CID other than 2; peer_uid: another user)",
+            listen_refused.clone(),
+        );
         Self {
             registry: Arc::new(Mutex::new(registry)),
             triggers,
@@ -143,7 +159,17 @@ impl Metrics {
             relay_connected,
             relay_connections,
             delivery_seconds,
+            listen_accepted,
+            listen_refused,
         }
+    }
+
+    pub fn listen_refused(&self, reason: &str) {
+        self.listen_refused
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn transaction_ignored(&self, reason: IgnoreReason) {
@@ -221,6 +247,7 @@ mod tests {
         m.set_mode(DetectorMode::Ebpf);
         m.scan("changed", 0.02);
         m.rejected("too_large");
+        m.listen_refused("not_host");
         let mut text = String::new();
         encode(&mut text, &m.registry.lock().unwrap()).unwrap();
         assert!(
@@ -245,6 +272,10 @@ mod tests {
         );
         assert!(
             text.contains("guestwatch_agent_reports_rejected_total{reason=\"too_large\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("guestwatch_agent_listen_refused_total{reason=\"not_host\"} 1"),
             "{text}"
         );
     }

@@ -45,7 +45,7 @@ impl Agent {
         let metrics = Metrics::new();
         let stop = CancellationToken::new();
         let config = SenderConfig {
-            relay: RelayAddr::Unix(relay.path.clone()),
+            relay: Some(RelayAddr::Unix(relay.path.clone())),
             connect_timeout: Duration::from_secs(5),
             ack_timeout: Duration::from_secs(5),
             max_backoff,
@@ -59,6 +59,7 @@ impl Agent {
             rx,
             metrics.clone(),
             stop.clone(),
+            None,
             None,
         ));
         Self {

@@ -7,7 +7,12 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::{deliver::DeliveryConfig, listen::ConnectionLimits, sink::SinkOptions};
+use crate::{
+    deliver::DeliveryConfig,
+    listen::ConnectionLimits,
+    pull::{PullConfig, PullTarget},
+    sink::SinkOptions,
+};
 
 /// Flags of `guestwatch-relay run`.
 #[derive(Args, Debug, Default)]
@@ -27,6 +32,32 @@ pub struct RunArgs {
     /// The host port guests connect to on hybrid sockets. [default: 919]
     #[arg(long, env = "GUESTWATCH_RELAY_PORT", value_name = "PORT")]
     pub port: Option<u32>,
+    /// Pull mode: dial VM NAME's agent (`guestwatch-agent run --listen`) at vsock:CID:PORT,
+    /// hybrid:UDS_PATH:PORT (the VMM's socket, `CONNECT PORT` handshake) or unix:PATH, and
+    /// hold a session with it. Repeatable; the environment variable takes a comma-separated
+    /// list; a `pull = [...]` list in the TOML file is reloaded when the file changes.
+    #[arg(
+        long,
+        env = "GUESTWATCH_RELAY_PULL",
+        value_name = "NAME=ADDR",
+        value_delimiter = ','
+    )]
+    pub pull: Vec<String>,
+    /// Pull mode: dial every hybrid-vsock socket `NAME.vsock` in this directory as VM NAME, on
+    /// guest port --pull-port; VMs come and go with their sockets.
+    #[arg(long, env = "GUESTWATCH_RELAY_PULL_DIR", value_name = "DIR")]
+    pub pull_dir: Option<PathBuf>,
+    /// The guest port dialed for --pull-dir VMs. [default: 919]
+    #[arg(long, env = "GUESTWATCH_RELAY_PULL_PORT", value_name = "PORT")]
+    pub pull_port: Option<u32>,
+    /// Cap of the per-VM redial backoff (a VM that is down is dialed at most this often once
+    /// its backoff has grown). [default: 30s]
+    #[arg(long, env = "GUESTWATCH_RELAY_PULL_MAX_BACKOFF", value_parser = parse_duration, value_name = "DURATION")]
+    pub pull_max_backoff: Option<Duration>,
+    /// A dial to a pulled VM (connect and the hybrid handshake) gives up after this long.
+    /// [default: 5s]
+    #[arg(long, env = "GUESTWATCH_RELAY_PULL_CONNECT_TIMEOUT", value_parser = parse_duration, value_name = "DURATION")]
+    pub pull_connect_timeout: Option<Duration>,
     /// Where reports go: dir:DIR, http(s)://URL or redis://HOST[:PORT][/DB].
     /// [default: dir:/var/lib/guestwatch-relay]
     #[arg(long, env = "GUESTWATCH_RELAY_SINK", value_name = "SINK")]
@@ -110,12 +141,17 @@ pub struct RunArgs {
 }
 
 /// The TOML file's keys.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub vsock_port: Option<u32>,
     pub hybrid: Option<Vec<String>>,
     pub port: Option<u32>,
+    pub pull: Option<Vec<String>>,
+    pub pull_dir: Option<PathBuf>,
+    pub pull_port: Option<u32>,
+    pub pull_max_backoff: Option<String>,
+    pub pull_connect_timeout: Option<String>,
     pub sink: Option<String>,
     pub metrics: Option<String>,
     pub cid_map: Option<PathBuf>,
@@ -153,6 +189,15 @@ pub struct Settings {
     pub vsock_port: Option<u32>,
     pub hybrid: Vec<HybridVm>,
     pub port: u32,
+    /// VMs dialed at start (from the flags, or else the file).
+    pub pull: Vec<PullTarget>,
+    /// The pull targets came from the file: a reload re-reads them there.
+    pub pull_from_file: bool,
+    pub pull_dir: Option<PathBuf>,
+    pub pull_port: u32,
+    pub pull_config: PullConfig,
+    /// The TOML file, for reloads.
+    pub config_file: Option<PathBuf>,
     pub sink: String,
     pub sink_options: SinkOptions,
     pub metrics: Option<SocketAddr>,
@@ -226,19 +271,68 @@ fn parse_hybrid(spec: &str) -> Result<HybridVm, ConfigError> {
     })
 }
 
+impl FileConfig {
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().lines().collect::<Vec<_>>().join(" "),
+        })
+    }
+
+    /// The pull targets the file lists.
+    pub fn pull_targets(&self) -> Result<Vec<PullTarget>, ConfigError> {
+        parse_pull(self.pull.as_deref().unwrap_or_default())
+    }
+}
+
+fn parse_pull(specs: &[String]) -> Result<Vec<PullTarget>, ConfigError> {
+    let targets = specs
+        .iter()
+        .map(|s| {
+            s.parse::<PullTarget>()
+                .map_err(|message| ConfigError::Invalid {
+                    key: "pull",
+                    message,
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut names = std::collections::HashSet::new();
+    for t in &targets {
+        if !names.insert(t.name.as_str()) {
+            return Err(ConfigError::Invalid {
+                key: "pull",
+                message: format!("VM `{}` is listed twice", t.name),
+            });
+        }
+    }
+    Ok(targets)
+}
+
+/// A pull target must not take the name of a VM that pushes through a hybrid socket: the two
+/// are different VMs and would share one VM's limits, cache and sink entries.
+pub fn check_pull_names(targets: &[PullTarget], hybrid: &[HybridVm]) -> Result<(), ConfigError> {
+    for t in targets {
+        if hybrid.iter().any(|h| h.name == t.name) {
+            return Err(ConfigError::Invalid {
+                key: "pull",
+                message: format!(
+                    "VM `{}` is both a --hybrid VM and a pull target: names must be unique",
+                    t.name
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl Settings {
     pub fn resolve(args: &RunArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-                    path: path.clone(),
-                    message: e.to_string().lines().collect::<Vec<_>>().join(" "),
-                })?
-            }
+            Some(path) => FileConfig::load(path)?,
             None => FileConfig::default(),
         };
         let hybrid_specs = if args.hybrid.is_empty() {
@@ -259,15 +353,42 @@ impl Settings {
                 });
             }
         }
+        let pull_from_file = args.pull.is_empty();
+        let pull = if pull_from_file {
+            file.pull_targets()?
+        } else {
+            parse_pull(&args.pull)?
+        };
+        check_pull_names(&pull, &hybrid)?;
+        let pull_dir = args.pull_dir.clone().or(file.pull_dir.clone());
         let vsock_port = args.vsock_port.or(file.vsock_port);
-        if vsock_port.is_none() && hybrid.is_empty() {
+        // A file that may list pull targets later (it is reloaded) counts as something to do.
+        let may_pull = !pull.is_empty()
+            || pull_dir.is_some()
+            || (pull_from_file && file.pull.is_some() && args.config.is_some());
+        if vsock_port.is_none() && hybrid.is_empty() && !may_pull {
             return Err(ConfigError::Invalid {
                 key: "listeners",
-                message:
-                    "nothing to listen on: give --vsock-port PORT and/or --hybrid NAME=UDS_PATH"
-                        .into(),
+                message: "nothing to do: give --vsock-port PORT, --hybrid NAME=UDS_PATH, \
+                          --pull NAME=ADDR and/or --pull-dir DIR"
+                    .into(),
             });
         }
+        let pull_defaults = PullConfig::default();
+        let pull_config = PullConfig {
+            connect_timeout: duration(
+                args.pull_connect_timeout,
+                &file.pull_connect_timeout,
+                "pull_connect_timeout",
+                pull_defaults.connect_timeout,
+            )?,
+            max_backoff: duration(
+                args.pull_max_backoff,
+                &file.pull_max_backoff,
+                "pull_max_backoff",
+                pull_defaults.max_backoff,
+            )?,
+        };
         let metrics = match (args.metrics, &file.metrics) {
             (Some(a), _) => Some(a),
             (None, Some(text)) => Some(text.parse().map_err(|e| ConfigError::Invalid {
@@ -304,6 +425,12 @@ impl Settings {
             vsock_port,
             hybrid,
             port: args.port.or(file.port).unwrap_or(919),
+            pull,
+            pull_from_file,
+            pull_dir,
+            pull_port: args.pull_port.or(file.pull_port).unwrap_or(919),
+            pull_config,
+            config_file: args.config.clone(),
             sink: args
                 .sink
                 .clone()
@@ -418,6 +545,84 @@ mod tests {
         assert!(parse_hybrid("vm1").is_err());
         assert!(parse_hybrid("../x=/run/x").is_err());
         assert!(parse_hybrid("vm1=").is_err());
+    }
+
+    #[test]
+    fn the_packaged_configuration_parses_with_and_without_its_examples() {
+        let text = include_str!("../../packaging/config/relay.toml");
+        let file: FileConfig = toml::from_str(text).unwrap();
+        assert_eq!(file.vsock_port, Some(919));
+        let example = |rest: &str| {
+            rest.starts_with(|c: char| c.is_ascii_lowercase()) && rest.contains(" = ")
+                || rest.trim_start().starts_with('"')
+                || rest.trim() == "]"
+        };
+        let uncommented: String = text
+            .lines()
+            .map(|line| match line.strip_prefix("# ") {
+                Some(rest) if example(rest) => rest,
+                _ => line,
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let all: FileConfig = toml::from_str(&uncommented).unwrap();
+        assert_eq!(all.pull_targets().unwrap().len(), 2);
+        assert!(all.pull_dir.is_some() && all.cid_map.is_some() && all.metrics.is_some());
+    }
+
+    #[test]
+    fn pull_targets_from_flags_or_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            "pull = [\"a=unix:/run/a.sock\", \"b=hybrid:/run/fc/b.vsock:919\"]\npull_max_backoff = \"10s\"\n",
+        )
+        .unwrap();
+        let from_file = Settings::resolve(&RunArgs {
+            config: Some(path.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(from_file.pull_from_file);
+        assert_eq!(from_file.pull.len(), 2);
+        assert_eq!(from_file.pull_config.max_backoff, Duration::from_secs(10));
+        assert_eq!(from_file.pull_port, 919);
+        let from_flags = Settings::resolve(&RunArgs {
+            config: Some(path),
+            pull: vec!["c=vsock:7:919".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(!from_flags.pull_from_file);
+        assert_eq!(from_flags.pull[0].name, "c");
+        // A pull-dir alone is something to do.
+        assert!(
+            Settings::resolve(&RunArgs {
+                pull_dir: Some(dir.path().into()),
+                ..Default::default()
+            })
+            .is_ok()
+        );
+        for bad in [
+            vec!["a=unix:/x".to_owned(), "a=unix:/y".to_owned()],
+            vec!["a=vsock:2:919".to_owned()],
+        ] {
+            assert!(
+                Settings::resolve(&RunArgs {
+                    pull: bad.clone(),
+                    ..Default::default()
+                })
+                .is_err(),
+                "{bad:?}"
+            );
+        }
+        let clash = Settings::resolve(&RunArgs {
+            pull: vec!["a=unix:/x".into()],
+            hybrid: vec!["a=/run/a.vsock".into()],
+            ..Default::default()
+        });
+        assert!(clash.unwrap_err().to_string().contains("unique"));
     }
 
     #[test]

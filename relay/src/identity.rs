@@ -3,8 +3,10 @@
 //! On AF_VSOCK the VM is the peer CID from `accept()` (CIDs 0–2 are the hypervisor, local and
 //! host addresses, never a guest, and are rejected), named through an optional CID map file.
 //! On hybrid vsock (Firecracker, Cloud Hypervisor) the VM is the Unix socket the connection
-//! arrived on, named on the command line (`--hybrid NAME=UDS_PATH`). What the guest says about
-//! itself in `Hello` is recorded as a claim and cross-checked, never used as the key.
+//! arrived on, named on the command line (`--hybrid NAME=UDS_PATH`). In pull mode the VM is
+//! the target the relay dialed, named by its configuration (`--pull NAME=ADDR`, or the socket's
+//! name in `--pull-dir`). What the guest says about itself in `Hello` is recorded as a claim
+//! and cross-checked, never used as the key.
 
 use std::{
     collections::HashMap,
@@ -21,6 +23,9 @@ pub enum IdentitySource {
     Vsock { cid: u32 },
     /// The hybrid-vsock Unix socket the connection arrived on.
     Hybrid { socket: PathBuf },
+    /// Pull mode: the relay dialed this address (`vsock:CID:PORT`, `hybrid:UDS_PATH:PORT`
+    /// or `unix:PATH`).
+    Dialed { address: String },
 }
 
 /// A guest's identity.
@@ -67,7 +72,7 @@ pub fn valid_vm_name(name: &str) -> bool {
 }
 
 /// CID → VM name, from a file of `CID NAME` lines (`#` starts a comment).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct CidMap {
     names: HashMap<u32, String>,
     allow_loopback: bool,
@@ -75,18 +80,31 @@ pub struct CidMap {
 
 impl CidMap {
     pub fn load(path: &Path) -> Result<Self, MapError> {
+        Self::load_allowing_loopback(path, false)
+    }
+
+    /// Like [`CidMap::load`]; with `allow_loopback` (tests only, see
+    /// [`CidMap::allow_loopback`]) the map may name CID 1 too.
+    pub fn load_allowing_loopback(path: &Path, allow_loopback: bool) -> Result<Self, MapError> {
         let text = std::fs::read_to_string(path).map_err(|source| MapError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text).map_err(|(line, message)| MapError::Syntax {
-            path: path.to_path_buf(),
-            line,
-            message,
-        })
+        Self::parse_allowing(&text, allow_loopback)
+            .map(|map| map.allow_loopback(allow_loopback))
+            .map_err(|(line, message)| MapError::Syntax {
+                path: path.to_path_buf(),
+                line,
+                message,
+            })
     }
 
+    #[cfg(test)]
     fn parse(text: &str) -> Result<Self, (usize, String)> {
+        Self::parse_allowing(text, false)
+    }
+
+    fn parse_allowing(text: &str, allow_loopback: bool) -> Result<Self, (usize, String)> {
         let mut names = HashMap::new();
         let mut seen_names = HashMap::new();
         for (i, raw) in text.lines().enumerate() {
@@ -101,7 +119,7 @@ impl CidMap {
             let cid: u32 = cid
                 .parse()
                 .map_err(|_| (i + 1, format!("`{cid}` is not a CID")))?;
-            if cid <= 2 {
+            if cid <= 2 && !(cid == 1 && allow_loopback) {
                 return Err((i + 1, format!("CID {cid} is reserved, not a guest")));
             }
             if !valid_vm_name(name) {
@@ -129,6 +147,38 @@ impl CidMap {
     pub fn allow_loopback(mut self, allow: bool) -> Self {
         self.allow_loopback = allow;
         self
+    }
+
+    /// The name a CID is configured with, if any.
+    pub fn name_of(&self, cid: u32) -> Option<&str> {
+        self.names.get(&cid).map(String::as_str)
+    }
+
+    /// The CID configured with `name`, if any.
+    pub fn cid_of(&self, name: &str) -> Option<u32> {
+        self.names
+            .iter()
+            .find_map(|(cid, n)| (n == name).then_some(*cid))
+    }
+
+    /// The VM names whose connections must close when `self` is replaced by `next`: a CID that
+    /// lost or changed its name (its guest comes back under the new one), and the `cid-N` of
+    /// a CID that is named now.
+    pub fn names_dropped_by(&self, next: &CidMap) -> Vec<String> {
+        let mut dropped: Vec<String> = self
+            .names
+            .iter()
+            .filter(|(cid, name)| next.names.get(cid) != Some(name))
+            .map(|(_, name)| name.clone())
+            .collect();
+        dropped.extend(
+            next.names
+                .keys()
+                .filter(|cid| !self.names.contains_key(cid))
+                .map(|cid| format!("cid-{cid}")),
+        );
+        dropped.sort();
+        dropped
     }
 
     /// The identity of an AF_VSOCK peer.
@@ -183,5 +233,23 @@ mod tests {
         assert!(CidMap::parse("3 a\n4 a").is_err());
         assert!(CidMap::parse("3 ../x").is_err());
         assert!(CidMap::parse("three a").is_err());
+        // Naming CID 1 only with --allow-loopback-cid (in-guest tests).
+        assert!(CidMap::parse("1 local").is_err());
+        let local = CidMap::parse_allowing("1 local", true).unwrap();
+        assert_eq!(
+            local.allow_loopback(true).identify(1).unwrap().name,
+            "local"
+        );
+    }
+
+    #[test]
+    fn names_a_new_map_drops() {
+        let old = CidMap::parse("3 web-1\n4 db-1\n5 cache-1\n").unwrap();
+        let new = CidMap::parse("3 web-1\n4 db-2\n6 queue-1\n").unwrap();
+        assert_eq!(old.names_dropped_by(&new), ["cache-1", "cid-6", "db-1"]);
+        assert!(old.names_dropped_by(&old.clone()).is_empty());
+        assert_eq!(new.cid_of("queue-1"), Some(6));
+        assert_eq!(new.name_of(4), Some("db-2"));
+        assert_eq!(new.name_of(5), None);
     }
 }

@@ -47,20 +47,41 @@ impl Default for ConnectionLimits {
 }
 
 /// Admission control: a connection holds a [`Admission`] for its lifetime.
+///
+/// Per-VM limits are keyed by the VM's name, whichever way its connections come (pushed or
+/// pulled), so one VM never gets two allowances and two VMs never share one. The total is a
+/// bound on what guests can open: connections the relay dials itself (pull mode) are bounded
+/// by its configuration instead and do not take from it, so pushing guests cannot starve
+/// pulled VMs of their sessions, nor pulled VMs the pushing guests.
 pub struct Admitter {
     limits: ConnectionLimits,
     total: Arc<Semaphore>,
-    per_vm: Mutex<HashMap<String, usize>>,
+    per_vm: Mutex<HashMap<String, VmSlot>>,
     metrics: Metrics,
     /// Refused connections are logged within the VM's log budget.
     guest_log: Arc<GuestLog>,
 }
 
+/// A VM's open connections, and the token that closes them all (the VM was removed from the
+/// configuration).
+struct VmSlot {
+    count: usize,
+    closing: CancellationToken,
+}
+
 /// Proof of admission; releases the slots when dropped.
 pub struct Admission {
-    _total: OwnedSemaphorePermit,
+    _total: Option<OwnedSemaphorePermit>,
     vm: String,
+    closing: CancellationToken,
     admitter: Arc<Admitter>,
+}
+
+impl Admission {
+    /// Resolves when the VM's connections are to close (see [`Admitter::close_vm`]).
+    pub async fn closed(&self) {
+        self.closing.cancelled().await;
+    }
 }
 
 impl Drop for Admission {
@@ -70,9 +91,12 @@ impl Drop for Admission {
             .per_vm
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = per_vm.get_mut(&self.vm) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
+        // A VM closed meanwhile has a new slot (or none): this connection is no longer in it.
+        if let Some(slot) = per_vm.get_mut(&self.vm)
+            && !self.closing.is_cancelled()
+        {
+            slot.count = slot.count.saturating_sub(1);
+            if slot.count == 0 {
                 per_vm.remove(&self.vm);
             }
         }
@@ -91,26 +115,69 @@ impl Admitter {
         })
     }
 
-    /// Admits a connection from `vm`, or says why not. Never waits: a guest over its limit is
-    /// refused at once so it cannot hold the relay's attention.
+    /// Admits a connection a guest opened from `vm`, or says why not. Never waits: a guest
+    /// over its limit is refused at once so it cannot hold the relay's attention.
     pub fn admit(self: &Arc<Self>, vm: &str) -> Result<Admission, &'static str> {
+        self.admit_counted(vm, true)
+    }
+
+    /// Admits a connection the relay dialed to `vm` (pull mode): the VM's own limit holds,
+    /// the total of guest-opened connections is not touched.
+    pub fn admit_dialed(self: &Arc<Self>, vm: &str) -> Result<Admission, &'static str> {
+        self.admit_counted(vm, false)
+    }
+
+    fn admit_counted(
+        self: &Arc<Self>,
+        vm: &str,
+        counts_in_total: bool,
+    ) -> Result<Admission, &'static str> {
         let mut per_vm = self.per_vm.lock().unwrap_or_else(|p| p.into_inner());
-        let count = per_vm.get(vm).copied().unwrap_or(0);
+        let count = per_vm.get(vm).map_or(0, |slot| slot.count);
         if count >= self.limits.per_vm {
             Metrics::reason(&self.metrics.connections_rejected, "per_vm_limit");
             return Err("too many connections from this VM");
         }
-        let Ok(permit) = self.total.clone().try_acquire_owned() else {
-            Metrics::reason(&self.metrics.connections_rejected, "total_limit");
-            return Err("too many connections in total");
+        let permit = if counts_in_total {
+            let Ok(permit) = self.total.clone().try_acquire_owned() else {
+                Metrics::reason(&self.metrics.connections_rejected, "total_limit");
+                return Err("too many connections in total");
+            };
+            Some(permit)
+        } else {
+            None
         };
-        per_vm.insert(vm.to_owned(), count + 1);
+        let slot = per_vm.entry(vm.to_owned()).or_insert_with(|| VmSlot {
+            count: 0,
+            closing: CancellationToken::new(),
+        });
+        slot.count += 1;
         self.metrics.connections.inc();
         Ok(Admission {
             _total: permit,
             vm: vm.to_owned(),
+            closing: slot.closing.clone(),
             admitter: self.clone(),
         })
+    }
+
+    /// Closes every connection of `vm` (each finishes the exchange in progress); returns how
+    /// many were open. Later connections of that name start afresh.
+    pub fn close_vm(&self, vm: &str) -> usize {
+        let mut per_vm = self.per_vm.lock().unwrap_or_else(|p| p.into_inner());
+        match per_vm.remove(vm) {
+            Some(slot) => {
+                slot.closing.cancel();
+                slot.count
+            }
+            None => 0,
+        }
+    }
+
+    /// Open connections of `vm`.
+    pub fn open_connections(&self, vm: &str) -> usize {
+        let per_vm = self.per_vm.lock().unwrap_or_else(|p| p.into_inner());
+        per_vm.get(vm).map_or(0, |slot| slot.count)
     }
 }
 
@@ -178,11 +245,12 @@ pub async fn serve_hybrid(
     }
 }
 
-/// Accepts AF_VSOCK connections on `port` until `stop`. Never used in tests on hosts whose
-/// VSOCK belongs to the infrastructure.
+/// Accepts AF_VSOCK connections on `port` until `stop`, naming peers through the current CID
+/// map (reloaded while the relay runs). Never used in tests on hosts whose VSOCK belongs to
+/// the infrastructure.
 pub async fn serve_vsock(
     listener: tokio_vsock::VsockListener,
-    cids: Arc<CidMap>,
+    cids: tokio::sync::watch::Receiver<Arc<CidMap>>,
     admitter: Arc<Admitter>,
     incoming: tokio::sync::mpsc::Sender<Incoming>,
     stop: CancellationToken,
@@ -200,7 +268,8 @@ pub async fn serve_vsock(
                 continue;
             }
         };
-        match cids.identify(peer.cid()) {
+        let identified = cids.borrow().identify(peer.cid());
+        match identified {
             Ok(identity) => {
                 admit_and_forward(identity, Box::new(stream), &admitter, &incoming).await
             }
@@ -275,6 +344,53 @@ mod tests {
         assert!(a.admit("z").is_err(), "total limit");
         drop(x1);
         assert!(a.admit("z").is_ok(), "a slot freed on drop");
+    }
+
+    #[test]
+    fn dialed_connections_count_per_vm_but_not_in_the_total() {
+        let a = Admitter::new(
+            ConnectionLimits {
+                total: 1,
+                per_vm: 2,
+            },
+            Metrics::new(),
+            Arc::new(GuestLog::default()),
+        );
+        let _pushed = a.admit("x").unwrap();
+        assert!(a.admit("y").is_err(), "the total is taken");
+        let _pulled_y = a.admit_dialed("y").expect("not bounded by the total");
+        let _pulled_x = a.admit_dialed("x").unwrap();
+        assert!(a.admit_dialed("x").is_err(), "x is at its own limit");
+        assert_eq!(a.open_connections("x"), 2);
+    }
+
+    #[tokio::test]
+    async fn closing_a_vm_closes_its_connections_only() {
+        let a = Admitter::new(
+            ConnectionLimits::default(),
+            Metrics::new(),
+            Arc::new(GuestLog::default()),
+        );
+        let x1 = a.admit("x").unwrap();
+        let x2 = a.admit_dialed("x").unwrap();
+        let y = a.admit("y").unwrap();
+        assert_eq!(a.close_vm("x"), 2);
+        tokio::time::timeout(Duration::from_secs(1), x1.closed())
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(1), x2.closed())
+            .await
+            .unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), y.closed())
+                .await
+                .is_err()
+        );
+        // A connection of the same name afterwards is a fresh one, not closed.
+        let x3 = a.admit("x").unwrap();
+        drop((x1, x2));
+        assert_eq!(a.open_connections("x"), 1);
+        assert!(!x3.closing.is_cancelled());
     }
 
     #[test]

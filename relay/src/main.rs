@@ -13,7 +13,8 @@ use guestwatch_relay::{
     version,
     about = "guestwatch host relay: receives guests' package reports over VSOCK, delivers them to a sink, acknowledges them",
     long_about = "guestwatch host relay: receives guests' index reports over AF_VSOCK and hybrid-vsock \
-                  Unix sockets, identifies each VM from the kernel, delivers reports to a sink \
+                  Unix sockets — guests dial it (push) or it dials them (pull, --pull, --pull-dir) — \
+                  identifies each VM from the kernel or the target it dialed, delivers reports to a sink \
                   (directory, HTTP(S), Redis Streams) and acknowledges a guest only once the sink has \
                   its report.\n\nLogging: GUESTWATCH_LOG=error|warn|info|debug|trace (default info), to stderr."
 )]

@@ -40,6 +40,11 @@ pub struct Metrics {
     pub e2e_latency_seconds: Histogram,
     pub reports_validating: Gauge,
     pub sink_bytes: Counter,
+    pub pull_targets: Gauge,
+    pub pull_sessions: Gauge,
+    pub pull_dials: Family<LookupResult, Counter>,
+    pub vms_removed: Family<Reason, Counter>,
+    pub reloads: Family<LookupResult, Counter>,
 }
 
 /// Counts a report as being validated while it lives (see [`Metrics::validating`]).
@@ -176,6 +181,36 @@ impl Metrics {
             "Bytes written to the sink (documents, delivery records, stream entries)",
             sink_bytes.clone(),
         );
+        let pull_targets = Gauge::default();
+        r.register(
+            "pull_targets",
+            "VMs the relay dials (pull mode: --pull, the TOML file's pull list, --pull-dir)",
+            pull_targets.clone(),
+        );
+        let pull_sessions = Gauge::default();
+        r.register(
+            "pull_sessions",
+            "Sessions the relay dialed that are open",
+            pull_sessions.clone(),
+        );
+        let pull_dials = Family::<LookupResult, Counter>::default();
+        r.register(
+            "pull_dials",
+            "Dials to pulled VMs by result (connected, failed)",
+            pull_dials.clone(),
+        );
+        let vms_removed = Family::<Reason, Counter>::default();
+        r.register(
+            "vms_removed",
+            "VMs removed from the configuration while the relay ran, their connections closed (cid_map, pull)",
+            vms_removed.clone(),
+        );
+        let reloads = Family::<LookupResult, Counter>::default();
+        r.register(
+            "reloads",
+            "Reloads of the CID map and pull targets by result (applied, unchanged, failed)",
+            reloads.clone(),
+        );
         Self {
             registry: Arc::new(Mutex::new(r)),
             cache_slots_used,
@@ -196,7 +231,20 @@ impl Metrics {
             e2e_latency_seconds,
             reports_validating,
             sink_bytes,
+            pull_targets,
+            pull_sessions,
+            pull_dials,
+            vms_removed,
+            reloads,
         }
+    }
+
+    pub fn result(family: &Family<LookupResult, Counter>, result: &str) {
+        family
+            .get_or_create(&LookupResult {
+                result: result.to_owned(),
+            })
+            .inc();
     }
 
     /// Marks one report as being validated until the guard is dropped.

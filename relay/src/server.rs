@@ -1,19 +1,24 @@
-//! The relay's top level: sink, delivery engine, listeners, metrics endpoint, retrier and
-//! sweeper, sessions, and a clean shutdown on SIGTERM/SIGINT.
+//! The relay's top level: sink, delivery engine, listeners, pulled VMs and the reloading of
+//! their configuration, metrics endpoint, retrier and sweeper, sessions, and a clean shutdown
+//! on SIGTERM/SIGINT.
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use tokio::{sync::mpsc, task::JoinSet};
+use tokio::{
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Settings,
     deliver::Deliverer,
     guestlog::GuestLog,
-    identity::CidMap,
     listen::{self, Admitter, Incoming},
     metrics::Metrics,
+    pull::{PullContext, Puller},
+    reload::{Reloader, Sources},
     session::{self, SessionConfig, Shared},
     sink::Sink,
 };
@@ -65,6 +70,22 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
     ));
     let guest_log = Arc::new(GuestLog::default());
     let admitter = Admitter::new(settings.limits.clone(), metrics.clone(), guest_log.clone());
+    // The CID map and the pull targets, read again when they change (reload.rs).
+    let sources = Sources {
+        config_file: settings.config_file.clone(),
+        pull_from_file: settings.pull_from_file,
+        fixed_pull: settings.pull.clone(),
+        pull_dir: settings.pull_dir.clone(),
+        pull_port: settings.pull_port,
+        cid_map: settings.cid_map.clone(),
+        allow_loopback_cid: settings.allow_loopback_cid,
+        hybrid: settings.hybrid.clone(),
+    };
+    let loaded = sources.load().map_err(anyhow::Error::msg)?;
+    for skipped in &loaded.skipped {
+        log::warn!("pull directory: skipping {skipped}");
+    }
+    let (cids_tx, cids) = watch::channel(Arc::new(loaded.cids.clone()));
     let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(64);
     let mut tasks = JoinSet::new();
     let mut sockets = Vec::new();
@@ -85,11 +106,6 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
         ));
     }
     if let Some(port) = settings.vsock_port {
-        let cids = match &settings.cid_map {
-            Some(path) => CidMap::load(path)?,
-            None => CidMap::default(),
-        }
-        .allow_loopback(settings.allow_loopback_cid);
         if settings.allow_loopback_cid {
             log::warn!("accepting vsock peers from CID 1 (vsock_loopback): for tests only");
         }
@@ -101,7 +117,7 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
         log::info!("listening on vsock port {port}");
         tasks.spawn(listen::serve_vsock(
             listener,
-            Arc::new(cids),
+            cids.clone(),
             admitter.clone(),
             incoming_tx.clone(),
             stop.clone(),
@@ -158,15 +174,56 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
         metrics: metrics.clone(),
         guest_log: guest_log.clone(),
     });
+
+    // Pulled VMs: one task per VM dials it and serves its session with the same code.
+    let mut puller = Puller::new(
+        Arc::new(PullContext {
+            admitter: admitter.clone(),
+            shared: shared.clone(),
+            session: session_config.clone(),
+            config: settings.pull_config.clone(),
+            metrics: metrics.clone(),
+        }),
+        stop.clone(),
+    );
+    puller.apply(&loaded.targets);
+    let pulled = loaded.targets.len();
+    tasks.spawn(
+        Reloader {
+            sources,
+            current: loaded,
+            cids: cids_tx,
+            admitter: admitter.clone(),
+            puller,
+            metrics: metrics.clone(),
+        }
+        .run(stop.clone(), SHUTDOWN_GRACE),
+    );
+    log::info!(
+        "relay ready: {} hybrid VM(s){}, {pulled} pull target(s){}",
+        settings.hybrid.len(),
+        settings
+            .vsock_port
+            .map(|p| format!(", vsock port {p}"))
+            .unwrap_or_default(),
+        settings
+            .pull_dir
+            .as_ref()
+            .map(|d| format!(" (watching {})", d.display()))
+            .unwrap_or_default()
+    );
+
     let mut sessions = JoinSet::new();
+    // With no listener (pull only) the channel closes at once; the relay runs until `stop`.
+    let mut accepting = true;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
-            next = incoming.recv() => match next {
+            next = incoming.recv(), if accepting => match next {
                 Some(conn) => {
                     sessions.spawn(session::serve(conn, shared.clone(), session_config.clone(), stop.clone()));
                 }
-                None => break,
+                None => accepting = false,
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
         }

@@ -47,6 +47,15 @@ pub struct Shared {
     pub guest_log: Arc<GuestLog>,
 }
 
+/// How a session went (the pull dialer paces its next dial by it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// The handshake completed.
+    pub welcomed: bool,
+    /// Reports acknowledged (delivered or duplicate).
+    pub acked: u64,
+}
+
 /// Errors tolerated on one connection before it is closed: protocol errors, the guest's own
 /// `Error` frames, messages out of place and reports refused for good.
 pub const MAX_ERRORS: u32 = 8;
@@ -98,18 +107,20 @@ fn error_reason(e: &ProtocolError) -> &'static str {
     }
 }
 
-/// Serves one connection until the guest leaves, a limit is hit, or `stop`.
+/// Serves one connection until the guest leaves, a limit is hit, `stop`, or its VM is removed
+/// from the configuration; says how it went.
 pub async fn serve(
     conn: Incoming,
     shared: Arc<Shared>,
     config: SessionConfig,
     stop: CancellationToken,
-) {
+) -> Served {
     let Incoming {
         stream,
         identity,
-        admission: _admission,
+        admission,
     } = conn;
+    let mut served = Served::default();
     let mut conn = Connection::new(
         stream,
         Limits {
@@ -117,8 +128,9 @@ pub async fn serve(
         },
     );
     let Some(hello) = handshake(&mut conn, &identity, &shared, &config).await else {
-        return;
+        return served;
     };
+    served.welcomed = true;
     conn.set_max_frame(config.max_frame);
     let claims = claims_of(&hello);
     let vm = identity.name.as_str();
@@ -136,12 +148,21 @@ pub async fn serve(
     let mut errors = 0u32;
     loop {
         let read = tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => return served,
+            () = admission.closed() => {
+                guest_log!(
+                    shared.guest_log,
+                    vm,
+                    Level::Info,
+                    "{vm}: closing: the VM was removed from the configuration"
+                );
+                return served;
+            }
             read = conn.read_message_within(config.idle_timeout, config.read_timeout) => read,
         };
         let message = match read {
             Ok(Ok(Some(message))) => message,
-            Ok(Ok(None)) => return,
+            Ok(Ok(None)) => return served,
             Ok(Err(timeout)) => {
                 let reason = match timeout {
                     Timeout::Idle(_) => "idle_timeout",
@@ -154,7 +175,7 @@ pub async fn serve(
                     Level::Debug,
                     "{vm}: closing: {timeout}"
                 );
-                return;
+                return served;
             }
             Err(e) => {
                 reject(&shared.metrics, error_reason(&e));
@@ -174,7 +195,7 @@ pub async fn serve(
                         "{vm}: closing after protocol error {errors}: {}",
                         for_log(&e.to_string())
                     );
-                    return;
+                    return served;
                 }
                 guest_log!(
                     shared.guest_log,
@@ -192,6 +213,9 @@ pub async fn serve(
                     answer_report(*report, &identity, &claims, conn.version(), &shared).await;
                 if refused {
                     errors += 1;
+                }
+                if matches!(answer, Message::Ack(_)) {
+                    served.acked += 1;
                 }
                 answer
             }
@@ -211,7 +235,7 @@ pub async fn serve(
                     for_log(&e.message)
                 );
                 if errors > MAX_ERRORS {
-                    return;
+                    return served;
                 }
                 continue;
             }
@@ -233,7 +257,7 @@ pub async fn serve(
                     "{vm}: closing after {errors} errors"
                 );
             }
-            return;
+            return served;
         }
     }
 }

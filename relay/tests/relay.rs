@@ -53,6 +53,12 @@ fn settings(dir: &Path, vms: &[&str], tweak: impl FnOnce(&mut Settings)) -> Sett
             })
             .collect(),
         port: 919,
+        pull: Vec::new(),
+        pull_from_file: false,
+        pull_dir: None,
+        pull_port: 919,
+        pull_config: Default::default(),
+        config_file: None,
         sink: format!("dir:{}", dir.join("sink").display()),
         sink_options: SinkOptions::defaults(),
         metrics: None,

@@ -12,6 +12,8 @@ use std::{
 
 pub use guestwatch_testkit::{self as testkit, PackageSpec, RedisServer, RpmDb, build_packages};
 
+use std::collections::BTreeMap;
+
 /// The workspace's target directory, where the binaries are.
 fn bin_dir() -> PathBuf {
     // tests/<exe> lives in target/<profile>/deps.
@@ -133,11 +135,14 @@ impl Drop for Process {
     }
 }
 
-/// A relay with a `dir:` (or other) sink and hybrid sockets for the named VMs.
+/// A relay with a `dir:` (or other) sink and hybrid sockets for the named VMs, and VMs it
+/// dials (pull mode).
 pub struct Relay {
     pub dir: PathBuf,
     pub sink: String,
     vms: Vec<String>,
+    /// `NAME=ADDR` of every pulled VM.
+    pulls: Vec<String>,
     extra: Vec<String>,
     pub process: Process,
 }
@@ -145,24 +150,52 @@ pub struct Relay {
 impl Relay {
     /// Starts a relay in `dir` for `vms`, with the dir sink at `dir/sink` unless `sink` is given.
     pub fn start(dir: &Path, vms: &[&str], sink: Option<&str>, extra: &[&str]) -> Self {
+        Self::start_with(dir, vms, &[], sink, extra)
+    }
+
+    /// Starts a relay that dials `pulls` (`(NAME, ADDR)`, e.g. `("vm1", "unix:/…")`), with hybrid
+    /// listeners for `vms`.
+    pub fn start_with(
+        dir: &Path,
+        vms: &[&str],
+        pulls: &[(&str, String)],
+        sink: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
         let sink = sink
             .map(str::to_owned)
             .unwrap_or_else(|| format!("dir:{}", dir.join("sink").display()));
         let vms: Vec<String> = vms.iter().map(|s| (*s).to_owned()).collect();
+        let pulls: Vec<String> = pulls
+            .iter()
+            .map(|(name, addr)| format!("{name}={addr}"))
+            .collect();
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        let process = Self::spawn(dir, &vms, &sink, &extra);
+        // A relay started in this directory before wrote the same log.
+        let ready_before = std::fs::read_to_string(dir.join("relay.log"))
+            .unwrap_or_default()
+            .matches("relay ready")
+            .count();
+        let process = Self::spawn(dir, &vms, &pulls, &sink, &extra);
         let relay = Self {
             dir: dir.to_path_buf(),
             sink,
             vms,
+            pulls,
             extra,
             process,
         };
-        relay.wait_listening();
+        relay.wait_listening(ready_before);
         relay
     }
 
-    fn spawn(dir: &Path, vms: &[String], sink: &str, extra: &[String]) -> Process {
+    fn spawn(
+        dir: &Path,
+        vms: &[String],
+        pulls: &[String],
+        sink: &str,
+        extra: &[String],
+    ) -> Process {
         let mut cmd = Command::new(binary("guestwatch-relay"));
         cmd.arg("run")
             .arg("--sink")
@@ -174,11 +207,22 @@ impl Relay {
                 dir.join(format!("{vm}.vsock")).display()
             ));
         }
+        for pull in pulls {
+            cmd.arg("--pull").arg(pull);
+        }
         cmd.args(extra);
         Process::spawn(&mut cmd, dir.join("relay.log"))
     }
 
-    fn wait_listening(&self) {
+    /// How many times the relay said it is ready (its log is kept across restarts).
+    fn times_ready(&self) -> usize {
+        self.process.log().matches("relay ready").count()
+    }
+
+    fn wait_listening(&self, ready_before: usize) {
+        wait_for("the relay to be ready", Duration::from_secs(20), || {
+            (self.times_ready() > ready_before).then_some(())
+        });
         for vm in &self.vms {
             let socket = self.socket(vm);
             wait_for(
@@ -196,8 +240,9 @@ impl Relay {
 
     pub fn restart(&mut self) {
         self.process.kill();
-        self.process = Self::spawn(&self.dir, &self.vms, &self.sink, &self.extra);
-        self.wait_listening();
+        let ready_before = self.times_ready();
+        self.process = Self::spawn(&self.dir, &self.vms, &self.pulls, &self.sink, &self.extra);
+        self.wait_listening(ready_before);
     }
 
     pub fn sink_dir(&self) -> PathBuf {
@@ -251,12 +296,22 @@ pub fn package_versions(report: &serde_json::Value) -> std::collections::BTreeMa
         .unwrap_or_default()
 }
 
-/// An agent process on a database, delivering to a relay socket.
+/// How an agent reaches its relay.
+#[derive(Clone, Debug)]
+enum Endpoint {
+    /// `--relay unix:PATH` (push).
+    Relay(PathBuf),
+    /// `--listen unix:PATH` (pull: the relay dials it).
+    Listen(PathBuf),
+}
+
+/// An agent process on a database, delivering to a relay socket or waiting for the relay on
+/// its own.
 pub struct Agent {
     pub state: PathBuf,
     /// `--dbpath DIR` or `--root DIR`.
     target: [std::ffi::OsString; 2],
-    relay: PathBuf,
+    endpoint: Endpoint,
     extra: Vec<String>,
     log: PathBuf,
     pub process: Process,
@@ -274,7 +329,24 @@ impl Agent {
             work,
             name,
             ["--dbpath".into(), dbpath.into()],
-            relay_socket,
+            Endpoint::Relay(relay_socket.to_path_buf()),
+            extra,
+        )
+    }
+
+    /// A pull-mode agent on a database: listens on `socket` for the relay (`--listen`).
+    pub fn start_listening(
+        work: &Path,
+        name: &str,
+        dbpath: &Path,
+        socket: &Path,
+        extra: &[&str],
+    ) -> Self {
+        Self::start_on(
+            work,
+            name,
+            ["--dbpath".into(), dbpath.into()],
+            Endpoint::Listen(socket.to_path_buf()),
             extra,
         )
     }
@@ -292,7 +364,7 @@ impl Agent {
             work,
             name,
             ["--root".into(), root.into()],
-            relay_socket,
+            Endpoint::Relay(relay_socket.to_path_buf()),
             extra,
         )
     }
@@ -301,17 +373,17 @@ impl Agent {
         work: &Path,
         name: &str,
         target: [std::ffi::OsString; 2],
-        relay_socket: &Path,
+        endpoint: Endpoint,
         extra: &[&str],
     ) -> Self {
         let state = work.join(format!("{name}-state"));
         let log = work.join(format!("{name}.log"));
         let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
-        let process = Self::spawn(&state, &target, relay_socket, &extra, &log);
+        let process = Self::spawn(&state, &target, &endpoint, &extra, &log);
         Self {
             state,
             target,
-            relay: relay_socket.to_path_buf(),
+            endpoint,
             extra,
             log,
             process,
@@ -321,18 +393,17 @@ impl Agent {
     fn spawn(
         state: &Path,
         target: &[std::ffi::OsString; 2],
-        relay: &Path,
+        endpoint: &Endpoint,
         extra: &[String],
         log: &Path,
     ) -> Process {
         let mut cmd = Command::new(binary("guestwatch-agent"));
-        cmd.arg("run")
-            .args(target)
-            .arg("--relay")
-            .arg(format!("unix:{}", relay.display()))
-            .arg("--state")
-            .arg(state)
-            .args(extra);
+        cmd.arg("run").args(target);
+        match endpoint {
+            Endpoint::Relay(path) => cmd.arg("--relay").arg(format!("unix:{}", path.display())),
+            Endpoint::Listen(path) => cmd.arg("--listen").arg(format!("unix:{}", path.display())),
+        };
+        cmd.arg("--state").arg(state).args(extra);
         Process::spawn(&mut cmd, log.to_path_buf())
     }
 
@@ -341,9 +412,90 @@ impl Agent {
         self.process = Self::spawn(
             &self.state,
             &self.target,
-            &self.relay,
+            &self.endpoint,
             &self.extra,
             &self.log,
+        );
+    }
+}
+
+// Steps and checks the end-to-end tests share.
+
+/// How long a delivery may take in the end-to-end tests.
+pub const DELIVERY: Duration = Duration::from_secs(30);
+
+/// Skips (saying why) when rpm is missing, except in CI where it must be there.
+pub fn prerequisites() -> bool {
+    if testkit::have_rpm_tools() {
+        return true;
+    }
+    assert!(!testkit::in_ci(), "CI must have rpm and rpmbuild");
+    eprintln!("SKIPPED: rpm/rpmbuild are not installed");
+    false
+}
+
+/// A database with `n` generated packages.
+pub fn base_db(work: &Path, n: usize) -> RpmDb {
+    let db = RpmDb::at(work.join("rpmdb")).unwrap();
+    let rpms = build_packages(&testkit::generated_specs("base", n), &work.join("rpms")).unwrap();
+    db.install(&rpms).unwrap();
+    db
+}
+
+pub fn pkg(work: &Path, name: &str, version: &str) -> Vec<PathBuf> {
+    build_packages(&[PackageSpec::new(name, version, "1")], &work.join("rpms")).unwrap()
+}
+
+/// `name -> version-release` of the database, as rpm sees it.
+pub fn db_state(db: &RpmDb) -> BTreeMap<String, String> {
+    db.query("%{NAME} %|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\n")
+        .unwrap()
+        .into_iter()
+        .filter_map(|l| l.split_once(' ').map(|(n, v)| (n.to_owned(), v.to_owned())))
+        .collect()
+}
+
+/// Waits until the VM's latest report equals the database and its delivery is logged (the
+/// dir sink replaces `latest.json` before it appends to `deliveries.jsonl`).
+pub fn wait_synced(relay: &Relay, vm: &str, db: &RpmDb, what: &str) -> serde_json::Value {
+    let want = db_state(db);
+    wait_for(what, DELIVERY, || {
+        let latest = relay.latest(vm)?;
+        let id = latest["delivery"]["report_id"].as_str()?.to_owned();
+        (package_versions(&latest["report"]) == want
+            && relay
+                .deliveries()
+                .iter()
+                .any(|d| d["report_id"] == id.as_str()))
+        .then_some(latest)
+    })
+}
+
+/// A file of the agent's state directory, trimmed.
+pub fn state_file(agent: &Agent, name: &str) -> Option<String> {
+    std::fs::read_to_string(agent.state.join(name))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// No report was delivered twice as new: report ids are unique and consecutive deliveries of
+/// a VM differ in content.
+pub fn assert_no_double_delivery(relay: &Relay) {
+    let deliveries = relay.deliveries();
+    let mut ids = std::collections::HashSet::new();
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for d in &deliveries {
+        let vm = d["vm"].as_str().unwrap().to_owned();
+        let id = d["report_id"].as_str().unwrap().to_owned();
+        assert!(
+            ids.insert((vm.clone(), id.clone())),
+            "report {id} of {vm} delivered twice"
+        );
+        let hash = d["content_hash"].as_str().unwrap().to_owned();
+        assert_ne!(
+            last.insert(vm.clone(), hash.clone()),
+            Some(hash),
+            "{vm}: same content delivered twice as new"
         );
     }
 }

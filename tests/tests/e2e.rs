@@ -1,90 +1,12 @@
 //! End to end: the real agent and relay binaries, real rpm transactions, real sinks. Each test
 //! asserts the exact final state at the sink and that nothing was lost or delivered twice.
 
-use std::{collections::BTreeMap, path::Path, time::Duration};
+use std::time::Duration;
 
 use guestwatch_tests::{
-    Agent, PackageSpec, RedisServer, Relay, RpmDb, build_packages, package_versions, testkit,
-    wait_for,
+    Agent, DELIVERY, RedisServer, Relay, assert_no_double_delivery, base_db, package_versions, pkg,
+    prerequisites, state_file, testkit, wait_for, wait_synced,
 };
-
-const DELIVERY: Duration = Duration::from_secs(30);
-
-/// Skips (saying why) when rpm is missing, except in CI where it must be there.
-fn prerequisites() -> bool {
-    if testkit::have_rpm_tools() {
-        return true;
-    }
-    assert!(!testkit::in_ci(), "CI must have rpm and rpmbuild");
-    eprintln!("SKIPPED: rpm/rpmbuild are not installed");
-    false
-}
-
-/// A database with `n` generated packages.
-fn base_db(work: &Path, n: usize) -> RpmDb {
-    let db = RpmDb::at(work.join("rpmdb")).unwrap();
-    let rpms = build_packages(&testkit::generated_specs("base", n), &work.join("rpms")).unwrap();
-    db.install(&rpms).unwrap();
-    db
-}
-
-fn pkg(work: &Path, name: &str, version: &str) -> Vec<std::path::PathBuf> {
-    build_packages(&[PackageSpec::new(name, version, "1")], &work.join("rpms")).unwrap()
-}
-
-/// `name -> version-release` of the database, as rpm sees it.
-fn db_state(db: &RpmDb) -> BTreeMap<String, String> {
-    db.query("%{NAME} %|EPOCH?{%{EPOCH}:}:{}|%{VERSION}-%{RELEASE}\n")
-        .unwrap()
-        .into_iter()
-        .filter_map(|l| l.split_once(' ').map(|(n, v)| (n.to_owned(), v.to_owned())))
-        .collect()
-}
-
-/// Waits until the VM's latest report equals the database and its delivery is logged (the
-/// dir sink replaces `latest.json` before it appends to `deliveries.jsonl`).
-fn wait_synced(relay: &Relay, vm: &str, db: &RpmDb, what: &str) -> serde_json::Value {
-    let want = db_state(db);
-    wait_for(what, DELIVERY, || {
-        let latest = relay.latest(vm)?;
-        let id = latest["delivery"]["report_id"].as_str()?.to_owned();
-        (package_versions(&latest["report"]) == want
-            && relay
-                .deliveries()
-                .iter()
-                .any(|d| d["report_id"] == id.as_str()))
-        .then_some(latest)
-    })
-}
-
-/// A file of the agent's state directory, trimmed.
-fn state_file(agent: &Agent, name: &str) -> Option<String> {
-    std::fs::read_to_string(agent.state.join(name))
-        .ok()
-        .map(|s| s.trim().to_owned())
-}
-
-/// No report was delivered twice as new: report ids are unique and consecutive deliveries of
-/// a VM differ in content.
-fn assert_no_double_delivery(relay: &Relay) {
-    let deliveries = relay.deliveries();
-    let mut ids = std::collections::HashSet::new();
-    let mut last: BTreeMap<String, String> = BTreeMap::new();
-    for d in &deliveries {
-        let vm = d["vm"].as_str().unwrap().to_owned();
-        let id = d["report_id"].as_str().unwrap().to_owned();
-        assert!(
-            ids.insert((vm.clone(), id.clone())),
-            "report {id} of {vm} delivered twice"
-        );
-        let hash = d["content_hash"].as_str().unwrap().to_owned();
-        assert_ne!(
-            last.insert(vm.clone(), hash.clone()),
-            Some(hash),
-            "{vm}: same content delivered twice as new"
-        );
-    }
-}
 
 #[test]
 fn first_report_install_upgrade_remove() {

@@ -1,6 +1,7 @@
 //! `cargo xtask …`: guestwatch's developer commands.
 
 mod bench;
+mod build;
 mod demo;
 mod dictionary;
 mod ebpf;
@@ -30,7 +31,10 @@ enum Cmd {
     /// Install what the build and tests need: Debian packages, nightly rust-src, bpf-linker.
     /// Idempotent; safe to run every time.
     Setup,
-    /// Build the BPF programs for bpfel-unknown-none and check the object has BTF.
+    /// Build the BPF object, then guestwatch-agent (with the object embedded) and
+    /// guestwatch-relay in release mode; says what it built and where.
+    Build,
+    /// Build only the BPF programs for bpfel-unknown-none and check the object has BTF.
     BuildEbpf,
     /// Run every check CI runs: setup, build-ebpf, fmt, clippy -D warnings, all tests, vm-test.
     Test,
@@ -78,6 +82,7 @@ fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Cmd::Setup => setup::setup(),
+        Cmd::Build => build::build(),
         Cmd::BuildEbpf => ebpf::build_ebpf().map(drop),
         Cmd::Test => test::test(),
         Cmd::Demo => demo::demo(),

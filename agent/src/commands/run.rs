@@ -16,6 +16,7 @@ use crate::{
     cli::RunArgs,
     config::{RunSettings, TargetSpec},
     deliver::{
+        listen::{self, Handoff},
         sender::{self, Outbox, SenderConfig},
         state::StateDir,
         writer::StateWriter,
@@ -104,11 +105,38 @@ pub async fn run(args: &RunArgs) -> Result<()> {
             .map(|r| vec![("epoch_reason".to_owned(), r.as_str().to_owned())])
             .unwrap_or_default(),
     };
+    let ways: Vec<String> = settings
+        .relay
+        .iter()
+        .map(|relay| format!("to {relay}"))
+        .chain(
+            settings
+                .listen
+                .iter()
+                .map(|listen| format!("to the relay connecting on {listen}")),
+        )
+        .collect();
     log::info!(
-        "delivering to {} (state in {}, epoch {epoch:016x})",
-        settings.relay,
+        "delivering {} (state in {}, epoch {epoch:016x})",
+        ways.join(" and "),
         settings.state.display()
     );
+    // Pull mode: the relay's connections are accepted here and handed to the sender.
+    let (accepted, listening) = match settings.listen.clone() {
+        Some(addr) => {
+            let handoff = Handoff::new();
+            let task = tokio::spawn(listen::run(
+                addr,
+                sender::hello(&sender_config),
+                settings.ack_timeout,
+                handoff.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+            (Some(handoff), Some(task))
+        }
+        None => (None, None),
+    };
     let sending = tokio::spawn(sender::run(
         sender_config,
         writer.clone(),
@@ -116,6 +144,7 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         metrics.clone(),
         stop.clone(),
         resumed.rejected,
+        accepted,
     ));
 
     let (trigger_tx, trigger_rx) = mpsc::channel(1024);
@@ -249,6 +278,10 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     pipeline.await.context("the scan pipeline crashed")?;
     stop.cancel();
     sending.await.context("the sender crashed")?;
+    if let Some(listening) = listening {
+        // It removes its Unix socket on the way out.
+        listening.await.context("the listener crashed")?;
+    }
     log::info!("stopped");
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! Delivering reports to the relay: the state directory and its writer thread, resuming after
-//! a restart, the relay session, the sender's policy, retry pacing.
+//! a restart, the relay session (dialed, or accepted in pull mode), the sender's policy, retry
+//! pacing.
 
 pub mod backoff;
+pub mod listen;
 pub mod machine;
 pub mod resume;
 pub mod sender;

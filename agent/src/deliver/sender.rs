@@ -1,5 +1,10 @@
 //! The sender: keeps the newest unacknowledged report and delivers it to the relay.
 //!
+//! - The relay session is dialed (push, `--relay`) or accepted from the relay (pull,
+//!   `--listen`, handed over by `listen.rs`), or both; everything after the handshake is the
+//!   same code. A newer accepted session replaces the current one (also mid-exchange: the
+//!   relay only dials again when its end is gone). Without `--relay`, the sender waits for the
+//!   host to connect; with a session, a report goes out the moment it is built.
 //! - Reports arrive through an [`Outbox`]; a newer one supersedes an older unacknowledged one.
 //!   The producer persists a report before offering it, so a crash or a reboot resends it; an
 //!   acknowledgement is recorded in the state directory, which then forgets the report.
@@ -25,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     backoff::Backoff,
+    listen::Handoff,
     session::{Answer, RelayLimits, Session},
     state::{Acked, Rejected},
     writer::StateWriter,
@@ -67,7 +73,8 @@ impl Outbox {
 /// Sender settings.
 #[derive(Clone, Debug)]
 pub struct SenderConfig {
-    pub relay: RelayAddr,
+    /// Dial the relay here (push); `None` when sessions only come from the relay (pull).
+    pub relay: Option<RelayAddr>,
     pub connect_timeout: Duration,
     pub ack_timeout: Duration,
     pub max_backoff: Duration,
@@ -85,8 +92,19 @@ struct Refusal {
     limits: RelayLimits,
 }
 
+/// The Hello this agent says, on every session, dialed or accepted.
+pub fn hello(config: &SenderConfig) -> Hello {
+    Hello {
+        versions: Vec::new(),
+        epoch: config.epoch,
+        agent: config.agent.clone(),
+        extensions: config.extensions.clone(),
+    }
+}
+
 /// Delivers reports until `stop`. A write in progress is finished before returning.
-/// `rejected` is the pending report's refusal as the previous run recorded it.
+/// `rejected` is the pending report's refusal as the previous run recorded it; `accepted`
+/// brings the sessions the relay opened (pull mode).
 pub async fn run(
     config: SenderConfig,
     writer: StateWriter,
@@ -94,6 +112,7 @@ pub async fn run(
     metrics: Metrics,
     stop: CancellationToken,
     rejected: Option<Rejected>,
+    accepted: Option<Arc<Handoff>>,
 ) {
     let refused = rejected.map(|r| {
         log::info!(
@@ -116,13 +135,9 @@ pub async fn run(
     });
     let mut sender = Sender {
         backoff: Backoff::new(Duration::from_millis(200), config.max_backoff),
-        hello: Hello {
-            versions: Vec::new(),
-            epoch: config.epoch,
-            agent: config.agent.clone(),
-            extensions: config.extensions.clone(),
-        },
+        hello: hello(&config),
         config,
+        accepted,
         writer,
         metrics,
         session: None,
@@ -138,7 +153,7 @@ pub async fn run(
             }
             continue;
         }
-        if sleep_until_or_stop(sender.not_before, &stop).await {
+        if !sender.wait_until(sender.not_before, &stop).await {
             return;
         }
         // The newest report after the wait (a newer one may have arrived meanwhile).
@@ -146,8 +161,12 @@ pub async fn run(
             continue;
         };
         if sender.session.is_none() {
-            // Connected, or paced after a failure: start over with the newest report.
-            sender.connect().await;
+            if sender.config.relay.is_some() {
+                // Connected, or paced after a failure: start over with the newest report.
+                sender.connect().await;
+            } else if !sender.await_session(&mut outbox, &stop).await {
+                return;
+            }
             continue;
         }
         if sender.gave_up_on(&pending) {
@@ -165,6 +184,8 @@ pub async fn run(
 
 struct Sender {
     config: SenderConfig,
+    /// Sessions the relay opened (pull mode).
+    accepted: Option<Arc<Handoff>>,
     hello: Hello,
     writer: StateWriter,
     metrics: Metrics,
@@ -191,7 +212,59 @@ impl Sender {
         current
     }
 
-    /// Waits for a newer report, keeping an open connection alive; false on `stop`.
+    /// A session the relay opened, when one arrives (never, in push-only mode).
+    async fn next_accepted(handoff: Option<Arc<Handoff>>) -> Session {
+        match handoff {
+            Some(handoff) => handoff.take().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Makes a session the relay opened the current one.
+    fn adopt(&mut self, session: Session) {
+        if self.session.is_some() {
+            log::info!("the relay connected again; the newer session replaces the old one");
+        } else {
+            log::info!(
+                "the relay connected (frames up to {} bytes)",
+                session.limits.max_frame
+            );
+        }
+        self.metrics.relay_connections.inc();
+        self.metrics.relay_connected.set(1);
+        self.session = Some(session);
+    }
+
+    /// Waits until `at`, adopting sessions the relay opens meanwhile; false on `stop`.
+    async fn wait_until(&mut self, at: Instant, stop: &CancellationToken) -> bool {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return false,
+                () = tokio::time::sleep_until(at) => return true,
+                session = Self::next_accepted(self.accepted.clone()) => self.adopt(session),
+            }
+        }
+    }
+
+    /// Pull only, no session: waits for the relay to connect or for a newer report; false
+    /// on `stop`.
+    async fn await_session(
+        &mut self,
+        outbox: &mut watch::Receiver<Option<Pending>>,
+        stop: &CancellationToken,
+    ) -> bool {
+        tokio::select! {
+            () = stop.cancelled() => false,
+            changed = outbox.changed() => changed.is_ok(),
+            session = Self::next_accepted(self.accepted.clone()) => {
+                self.adopt(session);
+                true
+            }
+        }
+    }
+
+    /// Waits for a newer report, keeping an open connection alive and adopting sessions the
+    /// relay opens; false on `stop`.
     async fn idle(
         &mut self,
         outbox: &mut watch::Receiver<Option<Pending>>,
@@ -201,6 +274,10 @@ impl Sender {
         tokio::select! {
             () = stop.cancelled() => false,
             changed = outbox.changed() => changed.is_ok(),
+            session = Self::next_accepted(self.accepted.clone()) => {
+                self.adopt(session);
+                true
+            }
             () = sleep_opt(ping_every) => {
                 if let Some(session) = &mut self.session
                     && !session.ping(self.config.ack_timeout).await
@@ -213,8 +290,11 @@ impl Sender {
     }
 
     async fn connect(&mut self) {
+        let Some(relay) = self.config.relay.clone() else {
+            return;
+        };
         let opened = Session::open(
-            &self.config.relay,
+            &relay,
             self.config.connect_timeout,
             self.config.ack_timeout,
             &self.hello,
@@ -223,8 +303,7 @@ impl Sender {
         match opened {
             Ok(session) => {
                 log::info!(
-                    "connected to the relay at {} (frames up to {} bytes)",
-                    self.config.relay,
+                    "connected to the relay at {relay} (frames up to {} bytes)",
                     session.limits.max_frame
                 );
                 self.connect_failures = 0;
@@ -236,10 +315,7 @@ impl Sender {
                 self.connect_failures = self.connect_failures.saturating_add(1);
                 let delay = self.pace();
                 if self.connect_failures == 1 || self.connect_failures.is_multiple_of(20) {
-                    log::warn!(
-                        "relay {} unreachable ({e}); retrying in {delay:.1?}",
-                        self.config.relay
-                    );
+                    log::warn!("relay {relay} unreachable ({e}); retrying in {delay:.1?}");
                 }
             }
         }
@@ -274,10 +350,16 @@ impl Sender {
         let id = pending.report.id;
         let limits = session.limits;
         // The exchange is not cancelled by `stop`: a write in progress completes, and the
-        // answer is awaited for at most the ack timeout.
-        let answer = session
-            .exchange(&pending.report, pending.json_len, self.config.ack_timeout)
-            .await;
+        // answer is awaited for at most the ack timeout. A newer session the relay opened
+        // ends it: the relay dials again only when its end of this one is gone.
+        let mut newer = None;
+        let answer = tokio::select! {
+            answer = session.exchange(&pending.report, pending.json_len, self.config.ack_timeout) => answer,
+            session = Self::next_accepted(self.accepted.clone()) => {
+                newer = Some(session);
+                Answer::Broken("the relay connected again".into())
+            }
+        };
         if !matches!(answer, Answer::Refused { sent: false, .. }) {
             self.metrics.reports_sent.inc();
         }
@@ -332,6 +414,10 @@ impl Sender {
                 self.lost(&why);
             }
         }
+        // Paced like any unanswered transmission, then sent on the newer session.
+        if let Some(session) = newer {
+            self.adopt(session);
+        }
     }
 
     /// The connection is gone: the next one waits for the backoff.
@@ -347,14 +433,6 @@ impl Sender {
         let delay = self.backoff.next_delay();
         self.not_before = Instant::now() + delay;
         delay
-    }
-}
-
-/// True if `stop` was cancelled first.
-async fn sleep_until_or_stop(at: Instant, stop: &CancellationToken) -> bool {
-    tokio::select! {
-        () = stop.cancelled() => true,
-        () = tokio::time::sleep_until(at) => false,
     }
 }
 

@@ -1,5 +1,6 @@
-//! One connection to the relay: the handshake, keep-alive pings, and one report's exchange,
-//! each answer classified for the sender's policy (`sender.rs`).
+//! One connection to the relay, dialed (push) or accepted (pull): the handshake, keep-alive
+//! pings, and one report's exchange, each answer classified for the sender's policy
+//! (`sender.rs`).
 
 use std::time::Duration;
 
@@ -49,7 +50,7 @@ pub enum Answer {
 }
 
 impl Session {
-    /// Connects, says `hello`, and reads the relay's `Welcome`.
+    /// Connects (push), says `hello`, and reads the relay's `Welcome`.
     pub async fn open(
         relay: &RelayAddr,
         connect_timeout: Duration,
@@ -59,6 +60,16 @@ impl Session {
         let stream = transport::connect(relay, connect_timeout)
             .await
             .map_err(|e| e.to_string())?;
+        Self::handshake(stream, answer_timeout, hello).await
+    }
+
+    /// Says `hello` on a stream to the relay — dialed by the agent, or accepted from the relay
+    /// in pull mode (the roles in the protocol are the same either way) — and reads `Welcome`.
+    pub async fn handshake(
+        stream: Box<dyn RelayStream>,
+        answer_timeout: Duration,
+        hello: &Hello,
+    ) -> Result<Self, String> {
         let mut conn = Connection::new(stream, Limits::default());
         let hello = Message::Hello(Hello {
             versions: SUPPORTED_VERSIONS.to_vec(),

@@ -1,6 +1,7 @@
 //! A protocol-level stand-in for the relay, for the faults the real relay cannot produce on
 //! demand: a terminal `Nack` or a version-1 `Error` for a well-formed report, other limits on
-//! the next connection, connections that take a report and close.
+//! the next connection, connections that take a report and close. It listens (push mode) or
+//! dials an agent's `--listen` socket (pull mode) and serves both the same way.
 #![allow(dead_code)]
 
 use std::{
@@ -20,6 +21,8 @@ pub enum Reply {
     Answer(Message),
     /// Close the connection without answering.
     Close,
+    /// Keep the connection open and never answer.
+    Silence,
 }
 
 type Answer = dyn Fn(&Report) -> Reply + Send + Sync;
@@ -39,6 +42,8 @@ pub struct FakeRelay {
     answer: Arc<Mutex<Arc<Answer>>>,
     /// Bumped to make every open connection close.
     hang_up: watch::Sender<u64>,
+    /// Connections made so far (accepted or dialed).
+    number: Arc<Mutex<usize>>,
 }
 
 impl FakeRelay {
@@ -51,27 +56,70 @@ impl FakeRelay {
     ) -> Self {
         let path = dir.join("relay.sock");
         let listener = UnixListener::bind(&path).expect("binding the fake relay");
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        let limits = Arc::new(Mutex::new((max_frame, 64 << 20)));
-        let answer: Arc<Mutex<Arc<Answer>>> = Arc::new(Mutex::new(Arc::new(answer)));
-        let (hang_up, _) = watch::channel(0u64);
-        let relay = Self {
-            path,
-            seen: seen.clone(),
-            limits: limits.clone(),
-            answer: answer.clone(),
-            hang_up: hang_up.clone(),
-        };
+        let relay = Self::dialing(max_frame, answer);
+        let relay = Self { path, ..relay };
+        let accepting = relay.clone_handles();
         tokio::spawn(async move {
-            let mut number = 0;
             while let Ok((stream, _)) = listener.accept().await {
-                let (seen, limits, answer) = (seen.clone(), limits.clone(), answer.clone());
-                let hang_up = hang_up.subscribe();
-                tokio::spawn(serve(stream, number, seen, limits, answer, hang_up));
-                number += 1;
+                accepting.serve(stream);
             }
         });
         relay
+    }
+
+    /// A fake relay that only dials (pull mode): see [`FakeRelay::dial`].
+    pub fn dialing(
+        max_frame: u32,
+        answer: impl Fn(&Report) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let (hang_up, _) = watch::channel(0u64);
+        Self {
+            path: PathBuf::new(),
+            seen: Arc::new(Mutex::new(Seen::default())),
+            limits: Arc::new(Mutex::new((max_frame, 64 << 20))),
+            answer: Arc::new(Mutex::new(Arc::new(answer))),
+            hang_up,
+            number: Arc::new(Mutex::new(0)),
+        }
+    }
+
+    /// Connects to an agent listening on `socket` and serves the connection; false if the
+    /// connection failed.
+    pub async fn dial(&self, socket: &Path) -> bool {
+        match tokio::net::UnixStream::connect(socket).await {
+            Ok(stream) => {
+                self.clone_handles().serve(stream);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn clone_handles(&self) -> Self {
+        Self {
+            path: self.path.clone(),
+            seen: self.seen.clone(),
+            limits: self.limits.clone(),
+            answer: self.answer.clone(),
+            hang_up: self.hang_up.clone(),
+            number: self.number.clone(),
+        }
+    }
+
+    fn serve(&self, stream: tokio::net::UnixStream) {
+        let number = {
+            let mut n = self.number.lock().unwrap();
+            *n += 1;
+            *n - 1
+        };
+        tokio::spawn(serve(
+            stream,
+            number,
+            self.seen.clone(),
+            self.limits.clone(),
+            self.answer.clone(),
+            self.hang_up.subscribe(),
+        ));
     }
 
     /// Limits announced to connections from now on.
@@ -90,6 +138,11 @@ impl FakeRelay {
 
     pub fn connections(&self) -> usize {
         self.seen.lock().unwrap().hellos.len()
+    }
+
+    /// (connection number, report id) of every report received.
+    pub fn reports_by_connection(&self) -> Vec<(usize, ReportId)> {
+        self.seen.lock().unwrap().reports.clone()
     }
 
     pub fn reports(&self) -> Vec<ReportId> {
@@ -162,6 +215,7 @@ async fn serve(
                 }
             }
             Reply::Close => return,
+            Reply::Silence => {}
         }
     }
 }

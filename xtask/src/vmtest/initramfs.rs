@@ -16,7 +16,7 @@ use super::{
     fetch::Kernel,
     hostfiles,
     kmod::Module,
-    machine::{GUEST_CID, RELAY_PORT},
+    machine::{GUEST_CID, PULL_PORT, RELAY_PORT},
     packages::TestPackage,
     scenarios::{LOOPBACK_PORT, LOOPBACK_RELAY_PORT, PROBE_PORT, Scenario},
 };
@@ -50,6 +50,9 @@ pub fn build(contents: &Contents, out: &Path) -> Result<u64> {
     }
     hostfiles::add_tree(&mut fs, Path::new("/usr/lib/rpm"))?;
     hostfiles::add_program(&mut fs, "socat", "socat")?;
+    // util-linux setpriv (busybox's cannot change the bounding set): the agent without its
+    // BPF capabilities, in `bpf-refused`.
+    hostfiles::add_program(&mut fs, "setpriv", "util-linux")?;
 
     // Debian's layout is merged-usr: keep /bin and /sbin working for scripts if the copied
     // files did not already bring those links in.
@@ -158,6 +161,7 @@ fn config(contents: &Contents) -> String {
     let _ = writeln!(s, "GW_KEEP={}", u8::from(contents.keep));
     let _ = writeln!(s, "GW_GUEST_CID={GUEST_CID}");
     let _ = writeln!(s, "GW_RELAY_PORT={RELAY_PORT}");
+    let _ = writeln!(s, "GW_PULL_PORT={PULL_PORT}");
     let _ = writeln!(s, "GW_PROBE_PORT={PROBE_PORT}");
     let _ = writeln!(s, "GW_LOOPBACK_PORT={LOOPBACK_PORT}");
     let _ = writeln!(s, "GW_LOOPBACK_RELAY_PORT={LOOPBACK_RELAY_PORT}");

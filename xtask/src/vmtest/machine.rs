@@ -23,6 +23,8 @@ use crate::{setup, util::note};
 pub const GUEST_CID: u32 = 3;
 /// The host port the guest's agent connects to (the relay's default hybrid port).
 pub const RELAY_PORT: u32 = 919;
+/// The guest port the agent listens on in pull mode (the host relay dials it).
+pub const PULL_PORT: u32 = 919;
 /// What the host relay calls the guest.
 pub const VM_NAME: &str = "vm1";
 

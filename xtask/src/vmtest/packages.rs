@@ -18,6 +18,9 @@ const NAMES: &[&str] = &[
     "gw-vmtest-new-3",
     "gw-vmtest-while-down",
     "gw-vmtest-loopback",
+    "gw-vmtest-pulled",
+    "gw-vmtest-nobpf",
+    "gw-vmtest-renamed",
 ];
 
 pub struct TestPackage {

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use super::{
-    machine::{Control, RELAY_PORT, VM_NAME},
+    machine::{Control, PULL_PORT, RELAY_PORT, VM_NAME},
     relay::HostRelay,
 };
 
@@ -83,10 +83,31 @@ pub fn table() -> Vec<Scenario> {
             host: || Box::new(RelayRestart::default()),
         },
         Scenario {
+            name: "pull-hybrid",
+            proves: "pull mode: the host relay dials the guest's agent through vhost-device-vsock (CONNECT/OK), a guest change reaches the host sink, CID 1 is refused",
+            guest: include_str!("guest/scenarios/pull-hybrid.sh"),
+            timeout: Duration::from_secs(180),
+            host: || Box::new(PullHybrid::default()),
+        },
+        Scenario {
+            name: "bpf-refused",
+            proves: "without CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN the kernel refuses the BPF programs; the agent falls back to inotify, says why once, and delivers a change",
+            guest: include_str!("guest/scenarios/bpf-refused.sh"),
+            timeout: Duration::from_secs(180),
+            host: || Box::new(BpfRefused::default()),
+        },
+        Scenario {
             name: "loopback-relay",
             proves: "the relay's own AF_VSOCK listener works, agent and relay both in the guest",
             guest: include_str!("guest/scenarios/loopback-relay.sh"),
             timeout: Duration::from_secs(120),
+            host: || Box::new(GuestOnly),
+        },
+        Scenario {
+            name: "cid-map-reload",
+            proves: "the relay reloads its CID map on change: the renamed CID's connection is closed and its next report arrives under the new name, no restart",
+            guest: include_str!("guest/scenarios/cid-map-reload.sh"),
+            timeout: Duration::from_secs(180),
             host: || Box::new(GuestOnly),
         },
     ]
@@ -122,6 +143,18 @@ impl HostEnv {
         let mut path = self.uds.clone().into_os_string();
         path.push(format!("_{port}"));
         PathBuf::from(path)
+    }
+
+    /// Starts a host relay that dials the guest's agent (pull mode) through
+    /// vhost-device-vsock's `--uds-path`, with a `dir:` sink in `sink`.
+    pub fn start_pull_relay(&self, sink: &Path) -> Result<HostRelay> {
+        HostRelay::start_pull(
+            &self.relay_binary,
+            &self.uds,
+            PULL_PORT,
+            sink,
+            &self.scratch,
+        )
     }
 
     /// Starts the host relay on the hybrid socket layout, with a `dir:` sink in `sink`.
@@ -426,6 +459,104 @@ impl HostSide for RelayRestart {
                     ms(restarted.elapsed())
                 ));
                 env.release("delivered-after-restart")
+            }
+            _ => bail!("unexpected signal '{word}'"),
+        }
+    }
+
+    fn verdict(&mut self, _env: &mut HostEnv) -> Result<Vec<String>> {
+        Ok(std::mem::take(&mut self.details))
+    }
+
+    fn end(&mut self, _env: &mut HostEnv) {
+        self.relay = None;
+    }
+}
+
+#[derive(Default)]
+struct PullHybrid {
+    relay: Option<HostRelay>,
+    details: Vec<String>,
+}
+
+impl HostSide for PullHybrid {
+    fn signal(&mut self, word: &str, env: &mut HostEnv) -> Result<()> {
+        let sink = env.scratch.join("sink");
+        match word {
+            "agent-listening" => {
+                let started = env.line_at;
+                self.relay = Some(env.start_pull_relay(&sink)?);
+                wait_for_sink(&sink, "gw-vmtest-base", Duration::from_secs(90))?;
+                self.details.push(format!(
+                    "host dialed the guest: first report at the host sink {} after the agent listened",
+                    ms(started.elapsed())
+                ));
+                env.release("first-delivered")
+            }
+            "installing" => {
+                let changed = env.line_at;
+                let report = wait_for_sink(&sink, "gw-vmtest-pulled", Duration::from_secs(60))?;
+                let took = changed.elapsed();
+                let compact: String = report.chars().filter(|c| !c.is_whitespace()).collect();
+                if !compact.contains("\"source\":\"dialed\"") {
+                    bail!(
+                        "the delivered report's identity is not the dialed target: {}",
+                        sink.display()
+                    );
+                }
+                self.details.push(format!(
+                    "guest change → host sink over the pulled session: {}",
+                    ms(took)
+                ));
+                env.release("delivered")
+            }
+            _ => bail!("unexpected signal '{word}'"),
+        }
+    }
+
+    fn verdict(&mut self, _env: &mut HostEnv) -> Result<Vec<String>> {
+        Ok(std::mem::take(&mut self.details))
+    }
+
+    fn end(&mut self, _env: &mut HostEnv) {
+        self.relay = None;
+    }
+}
+
+#[derive(Default)]
+struct BpfRefused {
+    relay: Option<HostRelay>,
+    details: Vec<String>,
+}
+
+impl HostSide for BpfRefused {
+    fn begin(&mut self, env: &mut HostEnv) -> Result<()> {
+        self.relay = Some(env.start_relay(&env.scratch.join("sink"))?);
+        Ok(())
+    }
+
+    fn signal(&mut self, word: &str, env: &mut HostEnv) -> Result<()> {
+        let sink = env.scratch.join("sink");
+        match word {
+            "agent-started" => {
+                wait_for_sink(&sink, "gw-vmtest-base", Duration::from_secs(90))?;
+                env.release("first-delivered")
+            }
+            "installing" => {
+                let changed = env.line_at;
+                let report = wait_for_sink(&sink, "gw-vmtest-nobpf", Duration::from_secs(60))?;
+                let compact: String = report.chars().filter(|c| !c.is_whitespace()).collect();
+                if !compact.contains("\"kind\":\"inotify\"") {
+                    bail!(
+                        "the change was not delivered as an inotify trigger ({}/vms/{VM_NAME}/latest.json)",
+                        sink.display()
+                    );
+                }
+                self.details.push(format!(
+                    "inotify change → host sink {}",
+                    ms(changed.elapsed())
+                ));
+                env.release("delivered")
             }
             _ => bail!("unexpected signal '{word}'"),
         }
