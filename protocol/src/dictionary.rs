@@ -39,12 +39,16 @@ pub fn set_id(dict: &mut [u8], id: u32) -> Result<(), NotADictionary> {
     }
 }
 
-/// The prepared dictionary for compressing documents (at their level).
-pub(crate) fn encoder() -> Option<&'static EncoderDictionary<'static>> {
-    static PREPARED: OnceLock<EncoderDictionary<'static>> = OnceLock::new();
-    (!BYTES.is_empty()).then(|| {
-        PREPARED.get_or_init(|| EncoderDictionary::copy(BYTES, crate::DOCUMENT_ZSTD_LEVEL))
-    })
+/// The prepared dictionary for compressing documents at `level`: one of the levels documents
+/// are compressed at (`payload.rs`), each prepared once.
+pub(crate) fn encoder(level: i32) -> Option<&'static EncoderDictionary<'static>> {
+    static PREPARED: [OnceLock<EncoderDictionary<'static>>; 3] =
+        [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let slot = crate::payload::DOCUMENT_LEVELS
+        .iter()
+        .position(|l| *l == level)?;
+    (!BYTES.is_empty())
+        .then(|| PREPARED[slot].get_or_init(|| EncoderDictionary::copy(BYTES, level)))
 }
 
 /// The prepared dictionary a frame naming `id` needs, if this build has it.

@@ -31,7 +31,10 @@ pub use message::{
     MessageType, Nack, NackReason, Payload, PayloadEncoding, Report, ReportBody, ReportFacts,
     ReportId, Welcome,
 };
-pub use payload::{COMPRESSION_THRESHOLD, DOCUMENT_ZSTD_LEVEL, PayloadError};
+pub use payload::{
+    COMPRESSION_THRESHOLD, DOCUMENT_BEST_UP_TO, DOCUMENT_ZSTD_LEVEL, DOCUMENT_ZSTD_LEVEL_FAST,
+    DOCUMENT_ZSTD_LEVEL_LARGE, PayloadError,
+};
 pub use trigger::{Ancestor, Attribution, Evidence, Timestamp, Trigger, TriggerKind};
 
 /// The protocol version this build prefers (the highest it speaks).

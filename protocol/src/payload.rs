@@ -8,8 +8,19 @@ use crate::message::{Payload, PayloadEncoding};
 pub const COMPRESSION_THRESHOLD: usize = 64 * 1024;
 
 /// zstd level for compact documents: they are small, and every byte crosses the wire and
-/// lands in sinks, so the slow end of the scale pays (measured by `cargo xtask bench wire`).
+/// lands in sinks, so the slow end of the scale pays (measured by `cargo xtask bench wire`)...
 pub const DOCUMENT_ZSTD_LEVEL: i32 = 19;
+/// ...up to this size (about 600 packages); beyond it level 19 costs tens of milliseconds a
+/// report, so a large inventory is compressed at [`DOCUMENT_ZSTD_LEVEL_LARGE`].
+pub const DOCUMENT_BEST_UP_TO: usize = 64 * 1024;
+pub const DOCUMENT_ZSTD_LEVEL_LARGE: i32 = 9;
+/// For documents stored rather than sent (the relay's copy of each VM's inventory).
+pub const DOCUMENT_ZSTD_LEVEL_FAST: i32 = 3;
+pub(crate) const DOCUMENT_LEVELS: [i32; 3] = [
+    DOCUMENT_ZSTD_LEVEL,
+    DOCUMENT_ZSTD_LEVEL_LARGE,
+    DOCUMENT_ZSTD_LEVEL_FAST,
+];
 
 /// Why a payload could not be turned back into its bytes.
 #[derive(Debug, thiserror::Error)]
@@ -46,12 +57,27 @@ impl Payload {
     }
 
     /// A compact document's bytes (`inventory::Document::to_bytes` or the delta's), zstd-
-    /// compressed with the shipped [`crate::dictionary`] when that makes them smaller.
+    /// compressed with the shipped [`crate::dictionary`] when that makes them smaller: for the
+    /// wire, as small as is quick.
     pub fn document(bytes: Vec<u8>) -> Self {
-        let compressed = match crate::dictionary::encoder() {
+        let level = if bytes.len() <= DOCUMENT_BEST_UP_TO {
+            DOCUMENT_ZSTD_LEVEL
+        } else {
+            DOCUMENT_ZSTD_LEVEL_LARGE
+        };
+        Self::document_at(bytes, level)
+    }
+
+    /// The same, compressed quickly (a copy kept, not sent).
+    pub fn document_fast(bytes: Vec<u8>) -> Self {
+        Self::document_at(bytes, DOCUMENT_ZSTD_LEVEL_FAST)
+    }
+
+    fn document_at(bytes: Vec<u8>, level: i32) -> Self {
+        let compressed = match crate::dictionary::encoder(level) {
             Some(dict) => zstd::bulk::Compressor::with_prepared_dictionary(dict)
                 .and_then(|mut c| c.compress(&bytes)),
-            None => zstd::bulk::compress(&bytes, DOCUMENT_ZSTD_LEVEL),
+            None => zstd::bulk::compress(&bytes, level),
         };
         if let Ok(compressed) = compressed
             && compressed.len() < bytes.len()

@@ -11,7 +11,7 @@ use crate::{
     deliver::DeliveryConfig,
     listen::ConnectionLimits,
     pull::{PullConfig, PullTarget},
-    sink::SinkOptions,
+    sink::{HttpBody, SinkOptions},
 };
 
 /// Flags of `guestwatch-relay run`.
@@ -117,6 +117,23 @@ pub struct RunArgs {
     /// /healthz answers 503 once sink writes have been failing this long. [default: 60s]
     #[arg(long, env = "GUESTWATCH_RELAY_SINK_UNHEALTHY_AFTER", value_parser = parse_duration, value_name = "DURATION")]
     pub sink_unhealthy_after: Option<Duration>,
+    /// Memory for VMs' latest inventories (the bases of delta reports), in bytes; beyond it
+    /// the least recently used are read back from the sink when needed. [default: 268435456]
+    #[arg(
+        long,
+        env = "GUESTWATCH_RELAY_INVENTORY_CACHE_BYTES",
+        value_name = "BYTES"
+    )]
+    pub inventory_cache_bytes: Option<usize>,
+    /// HTTP sink: what a POST carries: the change event and the full report (both), the full
+    /// report alone (full), or the change event alone (change). [default: both]
+    #[arg(
+        long,
+        env = "GUESTWATCH_RELAY_HTTP_BODY",
+        value_enum,
+        value_name = "BODY"
+    )]
+    pub http_body: Option<HttpBody>,
     /// HTTP sink: file holding a bearer token.
     #[arg(long, env = "GUESTWATCH_RELAY_HTTP_TOKEN_FILE", value_name = "FILE")]
     pub http_token_file: Option<PathBuf>,
@@ -168,6 +185,8 @@ pub struct FileConfig {
     pub idle_timeout: Option<String>,
     pub sink_timeout: Option<String>,
     pub sink_unhealthy_after: Option<String>,
+    pub inventory_cache_bytes: Option<usize>,
+    pub http_body: Option<HttpBody>,
     pub http_token_file: Option<PathBuf>,
     pub http_ca_file: Option<PathBuf>,
     pub redis_stream: Option<String>,
@@ -460,6 +479,10 @@ impl Settings {
                     .clone()
                     .or(file.redis_prefix.clone())
                     .unwrap_or(defaults.redis_prefix),
+                http_body: args
+                    .http_body
+                    .or(file.http_body)
+                    .unwrap_or(defaults.http_body),
             },
             metrics,
             cid_map: args.cid_map.clone().or(file.cid_map.clone()),
@@ -495,6 +518,10 @@ impl Settings {
                     "sink_unhealthy_after",
                     delivery_defaults.sink_unhealthy_after,
                 )?,
+                inventory_cache_bytes: args
+                    .inventory_cache_bytes
+                    .or(file.inventory_cache_bytes)
+                    .unwrap_or(delivery_defaults.inventory_cache_bytes),
                 ..delivery_defaults
             },
             limits: ConnectionLimits {

@@ -13,6 +13,9 @@
 //! - Writes for one VM are serialised; different VMs never wait for each other. A VM has at
 //!   most one report being decompressed and checked at a time (and `max_inflight` in all).
 //! - The sink's health: failing for longer than `sink_unhealthy_after` makes `/healthz` say so.
+//! - Each VM's latest inventory (`inventory.rs`): the base of its next delta report, and the
+//!   "before" of the change event every write computes — under the VM's lock, against what
+//!   the sink holds at that moment, so events chain exactly however reports were superseded.
 
 use std::{
     collections::HashMap,
@@ -23,10 +26,13 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
+use guestwatch_protocol::{DEFAULT_MAX_REPORT_PAYLOAD, inventory::Document};
+
 use crate::{
     cache::{Cache, Departure, PutOutcome},
+    inventory::{Inventories, Latest},
     metrics::Metrics,
-    sink::{Delivery, Sink, SinkError},
+    sink::{Delivery, Sink, SinkError, event::Changes},
 };
 
 /// Tuning of delivery.
@@ -51,6 +57,9 @@ pub struct DeliveryConfig {
     pub max_sink_bytes_per_minute: u64,
     /// The relay reports itself unhealthy once sink writes have been failing this long.
     pub sink_unhealthy_after: Duration,
+    /// Memory for VMs' latest inventories (estimated bytes; beyond it they are read back from
+    /// the sink when needed).
+    pub inventory_cache_bytes: usize,
 }
 
 impl Default for DeliveryConfig {
@@ -65,6 +74,7 @@ impl Default for DeliveryConfig {
             max_inflight: 32,
             max_sink_bytes_per_minute: 64 * 1024 * 1024,
             sink_unhealthy_after: Duration::from_secs(60),
+            inventory_cache_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -229,6 +239,7 @@ pub struct Deliverer {
     wake: Notify,
     inflight: tokio::sync::Semaphore,
     health: Mutex<SinkHealth>,
+    inventories: Mutex<Inventories>,
 }
 
 /// Permission to decompress, check and deliver one report (see [`Deliverer::slot`]).
@@ -255,12 +266,13 @@ impl Deliverer {
         Self {
             sink,
             cache: Mutex::new(Cache::new(config.cache_slots, config.cache_ttl)),
-            config,
             vms: Mutex::new(HashMap::new()),
             metrics,
             wake: Notify::new(),
             inflight,
             health: Mutex::new(SinkHealth::default()),
+            inventories: Mutex::new(Inventories::new(config.inventory_cache_bytes)),
+            config,
         }
     }
 
@@ -320,6 +332,60 @@ impl Deliverer {
             lock: Arc::new(tokio::sync::Mutex::new(())),
         });
         f(state)
+    }
+
+    fn inventories<R>(&self, f: impl FnOnce(&mut Inventories) -> R) -> R {
+        let mut inventories = self.inventories.lock().unwrap_or_else(|p| p.into_inner());
+        let r = f(&mut inventories);
+        self.metrics.inventories_held.set(inventories.len() as i64);
+        self.metrics.inventory_bytes.set(inventories.used() as i64);
+        r
+    }
+
+    /// The VM's latest inventory in the sink: from memory, else read back from the sink (once
+    /// per VM after a start, or after it was evicted). `None`: the sink has none (or cannot
+    /// give it back: an HTTP sink, a report from a version-1 agent, a damaged copy).
+    pub async fn latest_inventory(&self, vm: &str) -> Option<Latest> {
+        if let Some(latest) = self.inventories(|i| i.get(vm)) {
+            return Some(latest);
+        }
+        let stored = match self.sink.latest_inventory(vm).await {
+            Ok(stored) => stored?,
+            Err(e) => {
+                log::warn!("reading the latest inventory of {vm} from the sink: {e}");
+                return None;
+            }
+        };
+        let decoded = tokio::task::spawn_blocking(move || {
+            let bytes = stored
+                .payload
+                .to_document(DEFAULT_MAX_REPORT_PAYLOAD)
+                .ok()?;
+            let document = Document::from_bytes(&bytes).ok()?;
+            // The copy must be what its label says, or it is no base at all.
+            (document.content_hash() == stored.content_hash).then(|| Latest {
+                report_id: stored.report_id,
+                content_hash: stored.content_hash,
+                document: Arc::new(document),
+            })
+        })
+        .await
+        .ok()
+        .flatten();
+        self.metrics
+            .inventory_reads
+            .get_or_create(&crate::metrics::LookupResult {
+                result: if decoded.is_some() {
+                    "read"
+                } else {
+                    "unusable"
+                }
+                .to_owned(),
+            })
+            .inc();
+        let latest = decoded?;
+        self.inventories(|i| i.put(vm, latest.clone()));
+        Some(latest)
     }
 
     fn cache<R>(&self, f: impl FnOnce(&mut Cache<Arc<Delivery>>) -> R) -> R {
@@ -501,17 +567,34 @@ impl Deliverer {
         delay
     }
 
+    /// What `delivery` changes in the VM's inventory (caller holds the VM's lock).
+    async fn changes_of(&self, delivery: &Delivery) -> Changes {
+        if delivery.document.is_none() {
+            return Changes::default();
+        }
+        let before = self.latest_inventory(&delivery.vm).await;
+        let for_task = delivery.clone();
+        // Proportional to the inventories when the report came whole: off the async workers.
+        tokio::task::spawn_blocking(move || Changes::compute(before.as_ref(), &for_task))
+            .await
+            .unwrap_or_default()
+    }
+
     /// Writes to the sink (caller holds the VM's lock).
     async fn write(&self, delivery: &Delivery) -> Result<(), SinkError> {
         let started = Instant::now();
-        let written = tokio::time::timeout(self.config.sink_timeout, self.sink.deliver(delivery))
-            .await
-            .unwrap_or_else(|_| {
-                Err(SinkError::Http(format!(
-                    "sink timed out after {:?}",
-                    self.config.sink_timeout
-                )))
-            });
+        let changes = self.changes_of(delivery).await;
+        let written = tokio::time::timeout(
+            self.config.sink_timeout,
+            self.sink.deliver(delivery, &changes),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(SinkError::Http(format!(
+                "sink timed out after {:?}",
+                self.config.sink_timeout
+            )))
+        });
         let bytes = written?;
         self.sink_result(None);
         self.metrics.sink_bytes.inc_by(bytes);
@@ -527,6 +610,20 @@ impl Deliverer {
         let key = content_key(&delivery.content_hash);
         if let Some(d) = self.cache(|c| c.confirm(&delivery.vm, &key, Instant::now())) {
             self.departed(&d);
+        }
+        match (
+            &delivery.document,
+            guestwatch_protocol::ContentHash::from_hex(&delivery.content_hash),
+        ) {
+            (Some(document), Some(content_hash)) => {
+                let latest = Latest {
+                    report_id: delivery.report_id.clone(),
+                    content_hash,
+                    document: document.clone(),
+                };
+                self.inventories(|i| i.put(&delivery.vm, latest));
+            }
+            _ => self.inventories(|i| i.forget(&delivery.vm)),
         }
         self.with_vm(&delivery.vm, |s| {
             s.in_sink = Some(delivery.content_hash.clone());
@@ -804,7 +901,9 @@ mod tests {
     async fn bytes_of_one(vm: &str) -> u64 {
         let dir = tempfile::tempdir().unwrap();
         let sink = DirSink::open(dir.path().to_path_buf()).await.unwrap();
-        sink.deliver(&delivery(vm, 1, &hash(1))).await.unwrap()
+        sink.deliver(&delivery(vm, 1, &hash(1)), &Default::default())
+            .await
+            .unwrap()
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ pub mod escape;
 pub mod guestlog;
 pub mod hybrid;
 pub mod identity;
+pub mod inventory;
 pub mod listen;
 pub mod metrics;
 pub mod pull;

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub cache_lifetime_seconds: Histogram,
     pub cache_lookups: Family<LookupResult, Counter>,
     pub cache_evictions: Family<Reason, Counter>,
+    pub inventories_held: Gauge,
+    pub inventory_bytes: Gauge,
+    pub inventory_reads: Family<LookupResult, Counter>,
+    pub reports_delta: Family<LookupResult, Counter>,
     pub reports_received: Counter,
     pub reports_delivered: Counter,
     pub reports_duplicate: Counter,
@@ -110,6 +114,30 @@ impl Metrics {
             "cache_lookups",
             "Cache lookups on report arrival by result",
             cache_lookups.clone(),
+        );
+        let inventories_held = Gauge::default();
+        r.register(
+            "inventories_held",
+            "VMs whose latest inventory is held in memory (delta bases, change-event befores)",
+            inventories_held.clone(),
+        );
+        let inventory_bytes = Gauge::default();
+        r.register(
+            "inventory_bytes",
+            "Estimated memory of the inventories held (--inventory-cache-bytes bounds it)",
+            inventory_bytes.clone(),
+        );
+        let inventory_reads = Family::<LookupResult, Counter>::default();
+        r.register(
+            "inventory_reads",
+            "Latest inventories read back from the sink by result (read, unusable)",
+            inventory_reads.clone(),
+        );
+        let reports_delta = Family::<LookupResult, Counter>::default();
+        r.register(
+            "reports_delta",
+            "Delta reports by result (applied, need_full)",
+            reports_delta.clone(),
         );
         let cache_evictions = Family::<Reason, Counter>::default();
         r.register(
@@ -219,6 +247,10 @@ impl Metrics {
             cache_lifetime_seconds,
             cache_lookups,
             cache_evictions,
+            inventories_held,
+            inventory_bytes,
+            inventory_reads,
+            reports_delta,
             reports_received,
             reports_delivered,
             reports_duplicate,
@@ -257,6 +289,14 @@ impl Metrics {
         family
             .get_or_create(&Reason {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn lookup(family: &Family<LookupResult, Counter>, result: &str) {
+        family
+            .get_or_create(&LookupResult {
+                result: result.to_owned(),
             })
             .inc();
     }

@@ -13,9 +13,9 @@ use std::{
 };
 
 use guestwatch_protocol::{
-    Ack, AckStatus, Connection, DEFAULT_MAX_REPORT_PAYLOAD, ErrorCode, Hello, Limits, Message,
-    Nack, NackReason, ProtocolError, Report, ReportBody, ReportId, SUPPORTED_VERSIONS, Timeout,
-    Welcome, guest,
+    Ack, AckStatus, Connection, ContentHash, DEFAULT_MAX_REPORT_PAYLOAD, ErrorCode, Hello, Limits,
+    Message, Nack, NackReason, Payload, ProtocolError, Report, ReportBody, ReportFacts, ReportId,
+    SUPPORTED_VERSIONS, Timeout, Welcome, guest, inventory::Document,
 };
 use log::Level;
 use tokio_util::sync::CancellationToken;
@@ -26,9 +26,10 @@ use crate::{
     guest_log,
     guestlog::GuestLog,
     identity::VmIdentity,
+    inventory::Latest,
     listen::{GuestStream, Incoming},
     metrics::Metrics,
-    sink::{Claims, Delivery},
+    sink::{Claims, Delivery, DeltaInfo},
     validate::{self, Refusal},
 };
 
@@ -65,6 +66,8 @@ pub const MAX_ERRORS: u32 = 8;
 pub const HANDSHAKE_MAX_FRAME: u32 = 256 * 1024;
 /// `retry_after_ms` of a terminal `Nack` to a version-1 agent, which retries every `Nack`.
 pub const V1_TERMINAL_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// The `Welcome` feature saying this relay applies delta reports.
+pub const FEATURE_DELTA: &str = "delta";
 /// Writing an answer to a guest that does not read gives up after this long.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -372,7 +375,12 @@ async fn handshake(
         version,
         max_frame: config.max_frame,
         max_report_payload: DEFAULT_MAX_REPORT_PAYLOAD,
-        features: vec!["zstd".into()],
+        // `delta`: delta reports are applied here (version 2).
+        features: if version >= 2 {
+            vec!["zstd".into(), FEATURE_DELTA.into()]
+        } else {
+            vec!["zstd".into()]
+        },
         ping_interval_secs: (config.idle_timeout.as_secs() / 4).clamp(1, u64::from(u32::MAX))
             as u32,
         relay_version: env!("CARGO_PKG_VERSION").into(),
@@ -448,36 +456,39 @@ async fn check_and_deliver(
         facts,
         body,
     } = report;
-    let payload = match body {
-        ReportBody::Full(payload) => payload,
-        ReportBody::Delta { .. } => {
-            return Err(Refusal {
-                reason: NackReason::NeedFull,
-                detail: "this relay takes full reports only".into(),
-                label: "delta_unsupported",
-            });
-        }
-    };
     validate::check_facts(&facts)?;
     let deliverer = &shared.deliverer;
+    let vm = identity.name.as_str();
     // One report per VM and `max_inflight` in all are decompressed and delivered at once.
-    let _slot = deliverer.slot(&identity.name).await;
-    let (json, document) = {
+    let _slot = deliverer.slot(vm).await;
+    let base = match &body {
+        ReportBody::Full(_) => None,
+        ReportBody::Delta { base_hash, .. } => {
+            let need_full = |detail: String| {
+                Metrics::lookup(&shared.metrics.reports_delta, "need_full");
+                Refusal {
+                    reason: NackReason::NeedFull,
+                    detail,
+                    label: "delta_base",
+                }
+            };
+            match deliverer.latest_inventory(vm).await {
+                Some(latest) if latest.content_hash == *base_hash => Some(latest),
+                Some(latest) => {
+                    return Err(need_full(format!(
+                        "the delta's base is not this VM's latest inventory here (report {})",
+                        latest.report_id
+                    )));
+                }
+                None => return Err(need_full("this relay holds no inventory of this VM".into())),
+            }
+        }
+    };
+    let validated = {
         let _validating = shared.metrics.validating();
         let checked_facts = facts.clone();
         tokio::task::spawn_blocking(move || {
-            if payload.is_document() {
-                validate::payload_document(
-                    &payload,
-                    &content_hash,
-                    &checked_facts,
-                    id.generation,
-                    DEFAULT_MAX_REPORT_PAYLOAD,
-                )
-                .map(|(json, doc)| (json, Some(std::sync::Arc::new(doc))))
-            } else {
-                validate::payload_json(payload, DEFAULT_MAX_REPORT_PAYLOAD).map(|j| (j, None))
-            }
+            validated(body, base, &content_hash, &checked_facts, id)
         })
         .await
         .unwrap_or_else(|e| {
@@ -486,8 +497,22 @@ async fn check_and_deliver(
                 detail: format!("validation failed: {e}"),
                 label: "bad_payload",
             })
-        })?
+        })
     };
+    if let Err(refusal) = &validated
+        && refusal.reason == NackReason::NeedFull
+    {
+        Metrics::lookup(&shared.metrics.reports_delta, "need_full");
+    }
+    let Validated {
+        json,
+        document,
+        inventory,
+        delta,
+    } = validated?;
+    if delta.is_some() {
+        Metrics::lookup(&shared.metrics.reports_delta, "applied");
+    }
     let delivery = Delivery {
         vm: identity.name.clone(),
         identity: identity.source.clone(),
@@ -504,6 +529,8 @@ async fn check_and_deliver(
         package_count: u64::from(facts.package_count),
         report: bytes::Bytes::from(json),
         document,
+        inventory,
+        delta,
     };
     Ok(match deliverer.submit(delivery).await {
         Outcome::Delivered => Message::Ack(Ack {
@@ -524,6 +551,69 @@ async fn check_and_deliver(
             }
         },
     })
+}
+
+/// A report's payload once checked: the JSON for the sink, and for a compact report its
+/// document, the document as the sink stores it, and what a delta touched.
+struct Validated {
+    json: Vec<u8>,
+    document: Option<Arc<Document>>,
+    inventory: Option<Payload>,
+    delta: Option<DeltaInfo>,
+}
+
+/// Decompresses, decodes, applies (a delta, to `base`), checks and renders. Blocking.
+fn validated(
+    body: ReportBody,
+    base: Option<Latest>,
+    content_hash: &ContentHash,
+    facts: &ReportFacts,
+    id: ReportId,
+) -> Result<Validated, Refusal> {
+    let max = DEFAULT_MAX_REPORT_PAYLOAD;
+    match (body, base) {
+        (ReportBody::Full(payload), _) if payload.is_document() => {
+            let (json, doc) =
+                validate::payload_document(&payload, content_hash, facts, id.generation, max)?;
+            Ok(Validated {
+                json,
+                document: Some(Arc::new(doc)),
+                // Stored as it came: already compressed.
+                inventory: Some(payload),
+                delta: None,
+            })
+        }
+        (ReportBody::Full(payload), _) => Ok(Validated {
+            json: validate::payload_json(payload, max)?,
+            document: None,
+            inventory: None,
+            delta: None,
+        }),
+        (ReportBody::Delta { payload, .. }, Some(base)) => {
+            let (json, doc, touched) = validate::payload_delta(
+                &payload,
+                &base.document,
+                content_hash,
+                facts,
+                id.generation,
+                max,
+            )?;
+            Ok(Validated {
+                json,
+                inventory: Some(Payload::document_fast(doc.to_bytes())),
+                document: Some(Arc::new(doc)),
+                delta: Some(DeltaInfo {
+                    base_hash: base.content_hash,
+                    touched: Arc::new(touched),
+                }),
+            })
+        }
+        (ReportBody::Delta { .. }, None) => Err(Refusal {
+            reason: NackReason::NeedFull,
+            detail: "no base".into(),
+            label: "delta_base",
+        }),
+    }
 }
 
 fn nack(id: ReportId, reason: NackReason, detail: &str, retry_after: Duration) -> Message {

@@ -5,14 +5,20 @@
 //!   it is not valid zstd;
 //! - the payload is one JSON object (the sinks splice it into their documents as is) → else
 //!   `Malformed`; or a compact document that decodes, whose records have the content hash the
-//!   report claims → else `Malformed`; the relay then renders its claircore JSON.
+//!   report claims → else `Malformed`; the relay then renders its claircore JSON;
+//! - a delta report: its base is the VM's latest inventory (same content hash) → else
+//!   `NeedFull`; the delta decodes → else `Malformed`; it applies to the base and gives the
+//!   content hash the report claims → else `NeedFull` (the guest sends the whole report, which
+//!   is then checked as any other).
 //!
 //! [`payload_json`] is CPU work proportional to the payload (up to 64 MiB): callers run it on
 //! the blocking pool, never on an async worker.
 
+use std::collections::BTreeSet;
+
 use guestwatch_protocol::{
     ContentHash, NackReason, Payload, PayloadEncoding, PayloadError, ReportFacts,
-    inventory::Document,
+    inventory::{DeltaDocument, Document, PackageRecord},
 };
 
 /// Why a report is refused: the `Nack` reason, a detail for the guest, a metric label.
@@ -115,6 +121,76 @@ pub fn payload_document(
     rendered(doc, claimed, facts, generation)
 }
 
+/// What a delta report becomes: the rendered JSON, the reconstructed document, and the
+/// (name, arch) groups the delta touched.
+pub type Applied = (Vec<u8>, Document, BTreeSet<(String, String)>);
+
+/// A compact delta report against `base` (the VM's latest inventory, whose hash the report
+/// named): decoded, applied, the result's hash checked against the claim, rendered. Blocking.
+pub fn payload_delta(
+    payload: &Payload,
+    base: &Document,
+    claimed: &ContentHash,
+    facts: &ReportFacts,
+    generation: u64,
+    max: u32,
+) -> Result<Applied, Refusal> {
+    let bytes = match payload.to_document(max) {
+        Ok(bytes) => bytes,
+        Err(PayloadError::TooLarge { max }) => return Err(too_large(max)),
+        Err(e) => {
+            return Err(Refusal::new(
+                NackReason::Malformed,
+                "bad_payload",
+                e.to_string(),
+            ));
+        }
+    };
+    let delta = DeltaDocument::from_bytes(&bytes)
+        .map_err(|e| Refusal::new(NackReason::Malformed, "bad_document", e.to_string()))?;
+    let group = |r: &PackageRecord| {
+        (
+            r.name.clone(),
+            r.arch
+                .clone()
+                .unwrap_or_else(|| report::changes::NO_ARCH.to_owned()),
+        )
+    };
+    let mut touched: BTreeSet<(String, String)> = delta
+        .changed
+        .iter()
+        .chain(&delta.added)
+        .map(group)
+        .collect();
+    for key in &delta.removed {
+        touched.insert((
+            key.name.clone(),
+            key.arch
+                .clone()
+                .unwrap_or_else(|| report::changes::NO_ARCH.to_owned()),
+        ));
+    }
+    let doc = delta.apply(&base.packages).map_err(|e| {
+        Refusal::new(
+            NackReason::NeedFull,
+            "delta_mismatch",
+            format!("the delta does not apply to the relay's base: {e}"),
+        )
+    })?;
+    let actual = doc.content_hash();
+    if actual != *claimed {
+        return Err(Refusal::new(
+            NackReason::NeedFull,
+            "delta_mismatch",
+            format!(
+                "the delta applied to the relay's base gives {actual}, not the claimed {claimed}"
+            ),
+        ));
+    }
+    let json = render(&doc, facts, generation)?;
+    Ok((json, doc, touched))
+}
+
 /// The claircore JSON of `doc`, once its records are shown to have the claimed hash.
 pub fn rendered(
     doc: Document,
@@ -130,10 +206,14 @@ pub fn rendered(
             format!("the records' content hash is {actual}, not the claimed {claimed}"),
         ));
     }
-    let json_facts = report::Facts::of_report(&doc, facts, generation);
-    let json = serde_json::to_vec(&report::claircore::render(&doc, &json_facts))
-        .map_err(|e| Refusal::new(NackReason::Malformed, "bad_document", e.to_string()))?;
+    let json = render(&doc, facts, generation)?;
     Ok((json, doc))
+}
+
+fn render(doc: &Document, facts: &ReportFacts, generation: u64) -> Result<Vec<u8>, Refusal> {
+    let json_facts = report::Facts::of_report(doc, facts, generation);
+    serde_json::to_vec(&report::claircore::render(doc, &json_facts))
+        .map_err(|e| Refusal::new(NackReason::Malformed, "bad_document", e.to_string()))
 }
 
 fn too_large(max: u32) -> Refusal {

@@ -37,6 +37,8 @@ fn delivery(vm: &str, generation: u64, hash: &str) -> Delivery {
         package_count: 1,
         report: bytes::Bytes::from_static(br#"{"packages":{},"success":true}"#),
         document: None,
+        inventory: None,
+        delta: None,
     }
 }
 
@@ -126,7 +128,9 @@ async fn https_sink_posts_with_token_and_idempotency_key_and_reports_outages() {
     // Without our CA the server's certificate is refused.
     let untrusting = Sink::open(&url, &SinkOptions::defaults()).await.unwrap();
     assert!(matches!(
-        untrusting.deliver(&delivery("vm1", 1, "aa")).await,
+        untrusting
+            .deliver(&delivery("vm1", 1, "aa"), &Default::default())
+            .await,
         Err(SinkError::Http(_))
     ));
 
@@ -136,10 +140,17 @@ async fn https_sink_posts_with_token_and_idempotency_key_and_reports_outages() {
         ..SinkOptions::defaults()
     };
     let sink = Sink::open(&url, &options).await.unwrap();
-    let written = sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
-    sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
+    let written = sink
+        .deliver(&delivery("vm1", 1, "aa"), &Default::default())
+        .await
+        .unwrap();
+    sink.deliver(&delivery("vm1", 1, "aa"), &Default::default())
+        .await
+        .unwrap();
     // A clone of vm1's image, with the same epoch and so the same report id.
-    sink.deliver(&delivery("vm1-clone", 1, "aa")).await.unwrap();
+    sink.deliver(&delivery("vm1-clone", 1, "aa"), &Default::default())
+        .await
+        .unwrap();
     {
         let seen = seen.lock().unwrap();
         assert_eq!(seen.len(), 3);
@@ -163,14 +174,19 @@ async fn https_sink_posts_with_token_and_idempotency_key_and_reports_outages() {
         assert_eq!(seen[0].2["delivery"]["vm"], "vm1");
     }
     *status.lock().unwrap() = 503;
-    match sink.deliver(&delivery("vm1", 2, "bb")).await {
+    match sink
+        .deliver(&delivery("vm1", 2, "bb"), &Default::default())
+        .await
+    {
         Err(e @ SinkError::HttpStatus { status: 503, .. }) => {
             assert_eq!(e.retry_after(), Some(Duration::from_secs(7)))
         }
         other => panic!("unexpected {other:?}"),
     }
     *status.lock().unwrap() = 200;
-    sink.deliver(&delivery("vm1", 2, "bb")).await.unwrap();
+    sink.deliver(&delivery("vm1", 2, "bb"), &Default::default())
+        .await
+        .unwrap();
     assert_eq!(seen.lock().unwrap().len(), 4);
 }
 
@@ -197,8 +213,15 @@ async fn redis_sink_streams_keeps_latest_and_survives_an_outage() {
     };
     let sink = Sink::open(&redis.url(), &options).await.unwrap();
     assert_eq!(sink.latest_hash("vm1").await.unwrap(), None);
-    assert!(sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap() > 0);
-    sink.deliver(&delivery("vm2", 1, "cc")).await.unwrap();
+    assert!(
+        sink.deliver(&delivery("vm1", 1, "aa"), &Default::default())
+            .await
+            .unwrap()
+            > 0
+    );
+    sink.deliver(&delivery("vm2", 1, "cc"), &Default::default())
+        .await
+        .unwrap();
     let entries = redis.command("XRANGE gw:test - +").unwrap();
     assert!(
         entries.contains("vm1/00000000000000aa-1") && entries.contains("vm2/00000000000000aa-1"),
@@ -218,13 +241,18 @@ async fn redis_sink_streams_keeps_latest_and_survives_an_outage() {
     // Redis goes away: deliveries fail (and the relay will retry); then it comes back empty.
     redis.stop();
     assert!(matches!(
-        sink.deliver(&delivery("vm1", 2, "bb")).await,
+        sink.deliver(&delivery("vm1", 2, "bb"), &Default::default())
+            .await,
         Err(SinkError::Redis(_))
     ));
     redis.restart().unwrap();
     let mut delivered = false;
     for _ in 0..50 {
-        if sink.deliver(&delivery("vm1", 2, "bb")).await.is_ok() {
+        if sink
+            .deliver(&delivery("vm1", 2, "bb"), &Default::default())
+            .await
+            .is_ok()
+        {
             delivered = true;
             break;
         }

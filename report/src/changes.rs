@@ -19,24 +19,89 @@ pub fn compare_evr(a: &PackageRecord, b: &PackageRecord) -> Ordering {
     )
 }
 
+/// A change's class, in rpm's version order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeClass {
+    Added,
+    Removed,
+    Upgraded,
+    Downgraded,
+    Reinstalled,
+}
+
+impl ChangeClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Added => "added",
+            Self::Removed => "removed",
+            Self::Upgraded => "upgraded",
+            Self::Downgraded => "downgraded",
+            Self::Reinstalled => "reinstalled",
+        }
+    }
+}
+
+/// One package's change: `from` and `to` are `[epoch:]version-release` (none for an addition's
+/// `from` and a removal's `to`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PackageChange {
+    pub class: ChangeClass,
+    pub name: String,
+    pub arch: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
 /// Compares two package sets. Packages are matched by name and arch (the same name can be
 /// installed for several arches); a name with several versions installed at once (kernels)
 /// is compared as a set of versions: one out and one in is an upgrade, a downgrade or (same
 /// version by rpm's order) a reinstall; anything else is additions and removals. A version
 /// present before and after whose record differs is a reinstall.
 pub fn between(old: &[PackageRecord], new: &[PackageRecord]) -> ChangeSummary {
+    summarize(&classify(old, new))
+}
+
+/// [`between`] as one entry per package change, in name and arch order.
+pub fn classify(old: &[PackageRecord], new: &[PackageRecord]) -> Vec<PackageChange> {
+    classify_groups(old.iter(), new.iter())
+}
+
+/// [`classify`] of only the packages whose name and arch are in `touched` (what a delta
+/// names): the same answer for those groups, at the cost of the groups alone.
+pub fn classify_touched(
+    old: &[PackageRecord],
+    new: &[PackageRecord],
+    touched: &BTreeSet<(String, String)>,
+) -> Vec<PackageChange> {
+    let within = |p: &&PackageRecord| {
+        touched.contains(&(
+            p.name.clone(),
+            p.arch.clone().unwrap_or_else(|| NO_ARCH.to_owned()),
+        ))
+    };
+    classify_groups(old.iter().filter(within), new.iter().filter(within))
+}
+
+/// How a record without an arch is grouped and named.
+pub const NO_ARCH: &str = "(none)";
+
+fn classify_groups<'a>(
+    old: impl Iterator<Item = &'a PackageRecord>,
+    new: impl Iterator<Item = &'a PackageRecord>,
+) -> Vec<PackageChange> {
     type Index<'a> = BTreeMap<(&'a str, &'a str), BTreeMap<String, &'a PackageRecord>>;
-    fn index(packages: &[PackageRecord]) -> Index<'_> {
-        let mut map: Index<'_> = BTreeMap::new();
+    fn index<'a>(packages: impl Iterator<Item = &'a PackageRecord>) -> Index<'a> {
+        let mut map: Index<'a> = BTreeMap::new();
         for p in packages {
-            map.entry((p.name.as_str(), p.arch.as_deref().unwrap_or("(none)")))
+            map.entry((p.name.as_str(), p.arch.as_deref().unwrap_or(NO_ARCH)))
                 .or_default()
                 .insert(evr(p), p);
         }
         map
     }
     let (old, new) = (index(old), index(new));
-    let mut summary = ChangeSummary::default();
+    let mut out = Vec::new();
     let empty = BTreeMap::new();
     let keys: BTreeSet<&(&str, &str)> = old.keys().chain(new.keys()).collect();
     for key in keys {
@@ -44,17 +109,20 @@ pub fn between(old: &[PackageRecord], new: &[PackageRecord]) -> ChangeSummary {
             old.get(key).unwrap_or(&empty),
             new.get(key).unwrap_or(&empty),
         );
-        let change = |from: &str, to: &str| Change {
-            name: key.0.to_owned(),
-            arch: key.1.to_owned(),
-            from: from.to_owned(),
-            to: to.to_owned(),
+        let mut change = |class, from: Option<&String>, to: Option<&String>| {
+            out.push(PackageChange {
+                class,
+                name: key.0.to_owned(),
+                arch: key.1.to_owned(),
+                from: from.cloned(),
+                to: to.cloned(),
+            });
         };
         for (version, was) in before {
             if let Some(is) = after.get(version)
                 && was != is
             {
-                summary.reinstalled.push(change(version, version));
+                change(ChangeClass::Reinstalled, Some(version), Some(version));
             }
         }
         let gone: Vec<(&String, &&PackageRecord)> = before
@@ -66,17 +134,44 @@ pub fn between(old: &[PackageRecord], new: &[PackageRecord]) -> ChangeSummary {
             .filter(|(v, _)| !before.contains_key(*v))
             .collect();
         if let ([(from, was)], [(to, is)]) = (gone.as_slice(), came.as_slice()) {
-            let list = match compare_evr(is, was) {
-                Ordering::Greater => &mut summary.upgraded,
-                Ordering::Less => &mut summary.downgraded,
-                Ordering::Equal => &mut summary.reinstalled,
+            let class = match compare_evr(is, was) {
+                Ordering::Greater => ChangeClass::Upgraded,
+                Ordering::Less => ChangeClass::Downgraded,
+                Ordering::Equal => ChangeClass::Reinstalled,
             };
-            list.push(change(from, to));
+            change(class, Some(from), Some(to));
             continue;
         }
-        let nevra = |v: &String| format!("{}-{v}.{}", key.0, key.1);
-        summary.removed.extend(gone.iter().map(|(v, _)| nevra(v)));
-        summary.added.extend(came.iter().map(|(v, _)| nevra(v)));
+        for (version, _) in gone {
+            change(ChangeClass::Removed, Some(version), None);
+        }
+        for (version, _) in came {
+            change(ChangeClass::Added, None, Some(version));
+        }
+    }
+    out
+}
+
+/// The summary of `changes` (reports' `changes`).
+pub fn summarize(changes: &[PackageChange]) -> ChangeSummary {
+    let mut summary = ChangeSummary::default();
+    for c in changes {
+        let nevra = |v: &Option<String>| {
+            format!("{}-{}.{}", c.name, v.as_deref().unwrap_or_default(), c.arch)
+        };
+        let change = || Change {
+            name: c.name.clone(),
+            arch: c.arch.clone(),
+            from: c.from.clone().unwrap_or_default(),
+            to: c.to.clone().unwrap_or_default(),
+        };
+        match c.class {
+            ChangeClass::Added => summary.added.push(nevra(&c.to)),
+            ChangeClass::Removed => summary.removed.push(nevra(&c.from)),
+            ChangeClass::Upgraded => summary.upgraded.push(change()),
+            ChangeClass::Downgraded => summary.downgraded.push(change()),
+            ChangeClass::Reinstalled => summary.reinstalled.push(change()),
+        }
     }
     summary
 }
@@ -122,6 +217,47 @@ mod tests {
         assert_eq!(s.added, vec!["vim-9-1.x86_64"]);
         assert_eq!(s.short(), "+1 -1 ^1 v0 =0");
         assert!(between(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn the_touched_groups_alone_give_the_same_changes() {
+        let old = vec![
+            p("bash", "5.1", "x86_64"),
+            p("glibc", "2.34", "x86_64"),
+            p("glibc", "2.34", "i686"),
+            p("kernel", "6.1", "x86_64"),
+            p("vim", "9", "x86_64"),
+        ];
+        let mut new = old.clone();
+        new[0].version = "5.0".into();
+        new[3].version = "6.2".into();
+        new.push(p("kernel", "6.3", "x86_64"));
+        new.retain(|r| r.name != "vim");
+        new.push(p("zsh", "5.9", "noarch"));
+        let all = classify(&old, &new);
+        let touched = ["bash", "kernel", "vim", "zsh"]
+            .iter()
+            .map(|n| {
+                let arch = if *n == "zsh" { "noarch" } else { "x86_64" };
+                (n.to_string(), arch.to_string())
+            })
+            .collect();
+        assert_eq!(classify_touched(&old, &new, &touched), all);
+        let classes: Vec<ChangeClass> = all.iter().map(|c| c.class).collect();
+        assert_eq!(
+            classes,
+            [
+                ChangeClass::Downgraded,
+                ChangeClass::Removed,
+                ChangeClass::Added,
+                ChangeClass::Added,
+                ChangeClass::Removed,
+                ChangeClass::Added
+            ]
+        );
+        assert_eq!(all[0].from.as_deref(), Some("5.1-1"));
+        assert_eq!(all[4].to, None);
+        assert_eq!(summarize(&all), between(&old, &new));
     }
 
     #[test]

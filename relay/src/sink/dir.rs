@@ -1,5 +1,13 @@
-//! The directory sink: `DIR/vms/<vm>/latest.json` (atomic, fsynced) and `DIR/deliveries.jsonl`
-//! (one line per delivery, appended and fsynced before the guest is acknowledged).
+//! The directory sink: per VM `DIR/vms/<vm>/latest.json` (the latest report, atomic, fsynced)
+//! with `latest.id` (its report id and content hash) and `latest.document` (its compact
+//! inventory, the base of the next delta after a relay restart); and two logs, one line per
+//! delivery each, appended and fsynced before the guest is acknowledged: `DIR/deliveries.jsonl`
+//! (the delivery record) and `DIR/changes.jsonl` (the change event, see `event.rs`).
+//!
+//! Order: the log lines first, then the VM's latest files. A relay stopped between the two has
+//! logged a delivery whose `latest.json` is the previous one; the guest was not acknowledged,
+//! sends again, and the delivery is logged again (the same idempotency key): the logs are
+//! at-least-once, never missing a delivery the sink's latest files show.
 //!
 //! Durability: a file's data is fsynced before it is renamed into place, and a directory is
 //! fsynced whenever an entry in it is created or replaced (a new VM directory, `latest.json`,
@@ -23,14 +31,21 @@ use std::{
 
 use tokio::sync::oneshot;
 
-use super::{Delivery, DeliveryRecord, ENVELOPE_TAIL, SinkError, envelope_head};
+use super::{
+    Delivery, DeliveryRecord, ENVELOPE_TAIL, SinkError, StoredInventory, envelope_head,
+    event::{ChangeEvent, Changes},
+};
 
-type Append = (Vec<u8>, oneshot::Sender<Result<(), SinkError>>);
+/// A delivery's two log lines (deliveries, changes) and who waits for them.
+type Append = (Vec<u8>, Vec<u8>, oneshot::Sender<Result<(), SinkError>>);
 
 pub struct DirSink {
     root: PathBuf,
     log: mpsc::Sender<Append>,
 }
+
+/// The first line of `latest.document`: a tag, then the report id and content hash.
+const DOCUMENT_TAG: &str = "guestwatch-inventory-1";
 
 fn io(path: &Path) -> impl FnOnce(io::Error) -> SinkError + '_ {
     move |source| SinkError::Io {
@@ -42,11 +57,12 @@ fn io(path: &Path) -> impl FnOnce(io::Error) -> SinkError + '_ {
 impl DirSink {
     pub async fn open(root: PathBuf) -> Result<Self, SinkError> {
         let vms = root.join("vms");
-        let path = root.join("deliveries.jsonl");
-        let (log, path) = tokio::task::spawn_blocking(move || -> Result<_, SinkError> {
+        let deliveries = root.join("deliveries.jsonl");
+        let changes = root.join("changes.jsonl");
+        let logs = tokio::task::spawn_blocking(move || -> Result<_, SinkError> {
             create_dir_synced(&vms).map_err(io(&vms))?;
-            let log = AppendLog::open(path.clone()).map_err(io(&path))?;
-            Ok((log, path))
+            let open = |path: PathBuf| AppendLog::open(path.clone()).map_err(io(&path));
+            Ok([open(deliveries)?, open(changes)?])
         })
         .await
         .map_err(|e| SinkError::Io {
@@ -56,7 +72,7 @@ impl DirSink {
         let (sender, lines) = mpsc::channel::<Append>();
         std::thread::Builder::new()
             .name("dir-sink-log".into())
-            .spawn(move || group_commit(log, path, lines))
+            .spawn(move || group_commit(logs, lines))
             .map_err(io(&root))?;
         Ok(Self { root, log: sender })
     }
@@ -65,35 +81,55 @@ impl DirSink {
         &self.root
     }
 
-    pub async fn deliver(&self, delivery: &Delivery) -> Result<u64, SinkError> {
+    pub async fn deliver(&self, delivery: &Delivery, changes: &Changes) -> Result<u64, SinkError> {
         let delivered_at = SystemTime::now();
+        let log_error = |name: &str, e: serde_json::Error| SinkError::Io {
+            path: self.root.join(name),
+            source: io::Error::other(e),
+        };
+        let mut line = serde_json::to_vec(&DeliveryRecord::new(delivery, delivered_at))
+            .map_err(|e| log_error("deliveries.jsonl", e))?;
+        line.push(b'\n');
+        let mut event = ChangeEvent::new(delivery, changes, delivered_at)
+            .to_json()
+            .map_err(|e| log_error("changes.jsonl", e))?;
+        event.push(b'\n');
+        let logged = (line.len() + event.len()) as u64;
         let root = self.root.clone();
+        let log = self.log.clone();
         let to_write = delivery.clone();
         // Blocking file I/O with fsync: keep it off the async workers.
-        let latest_bytes =
-            tokio::task::spawn_blocking(move || write_latest(&root, &to_write, delivered_at))
-                .await
-                .map_err(|e| SinkError::Io {
-                    path: self.root.clone(),
-                    source: io::Error::other(e),
-                })??;
-        let mut line =
-            serde_json::to_vec(&DeliveryRecord::new(delivery, delivered_at)).map_err(|e| {
-                SinkError::Io {
-                    path: self.root.join("deliveries.jsonl"),
-                    source: io::Error::other(e),
-                }
-            })?;
-        line.push(b'\n');
-        let line_bytes = line.len() as u64;
-        let (done, committed) = oneshot::channel();
-        let closed = || SinkError::Io {
-            path: self.root.join("deliveries.jsonl"),
-            source: io::Error::other("the delivery log writer stopped"),
+        let latest_bytes = tokio::task::spawn_blocking(move || {
+            let vm_dir = root.join("vms").join(&to_write.vm);
+            create_dir_synced(&vm_dir).map_err(io(&vm_dir))?;
+            // The log lines first (see the module's docs).
+            let closed = || SinkError::Io {
+                path: root.join("deliveries.jsonl"),
+                source: io::Error::other("the delivery log writer stopped"),
+            };
+            let (done, committed) = oneshot::channel();
+            log.send((line, event, done)).map_err(|_| closed())?;
+            committed.blocking_recv().map_err(|_| closed())??;
+            write_latest(&vm_dir, &to_write, delivered_at)
+        })
+        .await
+        .map_err(|e| SinkError::Io {
+            path: self.root.clone(),
+            source: io::Error::other(e),
+        })??;
+        Ok(latest_bytes + logged)
+    }
+
+    /// The VM's latest compact inventory, if the sink holds one.
+    pub async fn latest_inventory(&self, vm: &str) -> Result<Option<StoredInventory>, SinkError> {
+        let path = self.root.join("vms").join(vm).join("latest.document");
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&path)(e)),
         };
-        self.log.send((line, done)).map_err(|_| closed())?;
-        committed.await.map_err(|_| closed())??;
-        Ok(latest_bytes + line_bytes)
+        // A damaged file is no inventory: the guest is asked for a full report.
+        Ok(parse_document_file(&bytes))
     }
 
     /// The content hash recorded with the VM's latest report.
@@ -107,8 +143,9 @@ impl DirSink {
     }
 }
 
-/// The delivery log: appends that land whole or not at all.
+/// A log: appends that land whole or not at all.
 struct AppendLog {
+    path: PathBuf,
     file: File,
     /// The length of the log's whole lines.
     len: u64,
@@ -126,6 +163,7 @@ impl AppendLog {
         }
         let len = file.metadata()?.len();
         Ok(Self {
+            path,
             file,
             len,
             torn: false,
@@ -164,20 +202,27 @@ impl AppendLog {
     }
 }
 
-/// Appends every waiting line, fsyncs once, answers them all; until the sink is dropped.
-fn group_commit(mut log: AppendLog, path: PathBuf, lines: mpsc::Receiver<Append>) {
+/// Appends every waiting delivery's lines to both logs, fsyncing each log once, answers them
+/// all; until the sink is dropped.
+fn group_commit(mut logs: [AppendLog; 2], lines: mpsc::Receiver<Append>) {
     while let Ok(first) = lines.recv() {
         let mut batch = vec![first];
         batch.extend(lines.try_iter());
-        let mut bytes = Vec::with_capacity(batch.iter().map(|(l, _)| l.len()).sum());
-        for (line, _) in &batch {
-            bytes.extend_from_slice(line);
+        let mut result = Ok(());
+        for (i, log) in logs.iter_mut().enumerate() {
+            let mut bytes = Vec::new();
+            for (deliveries, changes, _) in &batch {
+                bytes.extend_from_slice(if i == 0 { deliveries } else { changes });
+            }
+            if let Err(e) = log.append(&bytes) {
+                result = Err((log.path.clone(), e));
+                break;
+            }
         }
-        let result = log.append(&bytes);
-        for (_, done) in batch {
+        for (_, _, done) in batch {
             let answer = match &result {
                 Ok(()) => Ok(()),
-                Err(e) => Err(SinkError::Io {
+                Err((path, e)) => Err(SinkError::Io {
                     path: path.clone(),
                     source: io::Error::new(e.kind(), e.to_string()),
                 }),
@@ -185,6 +230,35 @@ fn group_commit(mut log: AppendLog, path: PathBuf, lines: mpsc::Receiver<Append>
             let _ = done.send(answer);
         }
     }
+}
+
+/// Reads `latest.document`: the tag line, then the compact document payload.
+fn parse_document_file(bytes: &[u8]) -> Option<StoredInventory> {
+    let newline = bytes.iter().position(|b| *b == b'\n')?;
+    let head = std::str::from_utf8(&bytes[..newline]).ok()?;
+    let mut fields = head.split(' ');
+    let (Some(DOCUMENT_TAG), Some(report_id), Some(hash), Some(encoding), None) = (
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+        fields.next(),
+    ) else {
+        return None;
+    };
+    let encoding = match encoding {
+        "zstd" => guestwatch_protocol::PayloadEncoding::DocumentZstd,
+        "plain" => guestwatch_protocol::PayloadEncoding::Document,
+        _ => return None,
+    };
+    Some(StoredInventory {
+        report_id: report_id.to_owned(),
+        content_hash: guestwatch_protocol::ContentHash::from_hex(hash)?,
+        payload: guestwatch_protocol::Payload {
+            encoding,
+            bytes: bytes[newline + 1..].to_vec(),
+        },
+    })
 }
 
 fn parent_of(path: &Path) -> &Path {
@@ -215,14 +289,13 @@ fn create_dir_synced(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// Writes the VM's `latest.json` and `latest.id`; returns the bytes written.
+/// Writes the VM's `latest.json`, `latest.id` and `latest.document` into `vm_dir`; returns the
+/// bytes written.
 fn write_latest(
-    root: &Path,
+    vm_dir: &Path,
     delivery: &Delivery,
     delivered_at: SystemTime,
 ) -> Result<u64, SinkError> {
-    let vm_dir = root.join("vms").join(&delivery.vm);
-    create_dir_synced(&vm_dir).map_err(io(&vm_dir))?;
     let latest = vm_dir.join("latest.json");
     let head = envelope_head(delivery, delivered_at).map_err(|e| SinkError::Io {
         path: latest.clone(),
@@ -234,7 +307,33 @@ fn write_latest(
     // without parsing latest.json) never describes a latest.json that is not there.
     let id = format!("{} {}\n", delivery.report_id, delivery.content_hash);
     let id: [&[u8]; 1] = [id.as_bytes()];
-    let files: [(PathBuf, &[&[u8]]); 2] = [(latest, &body), (vm_dir.join("latest.id"), &id)];
+    let document_path = vm_dir.join("latest.document");
+    let document_head = delivery.inventory.as_ref().map(|p| {
+        let encoding = if p.encoding == guestwatch_protocol::PayloadEncoding::DocumentZstd {
+            "zstd"
+        } else {
+            "plain"
+        };
+        format!(
+            "{DOCUMENT_TAG} {} {} {encoding}\n",
+            delivery.report_id, delivery.content_hash
+        )
+    });
+    let document: Option<[&[u8]; 2]> = document_head
+        .as_ref()
+        .zip(delivery.inventory.as_ref())
+        .map(|(head, p)| [head.as_bytes(), p.bytes.as_slice()]);
+    let mut files: Vec<(PathBuf, &[&[u8]])> =
+        vec![(latest, &body), (vm_dir.join("latest.id"), &id)];
+    match &document {
+        Some(parts) => files.push((document_path, parts)),
+        // An inventory of an earlier report must not pass for this one's.
+        None => match std::fs::remove_file(&document_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&document_path)(e)),
+        },
+    }
     let tmp = |path: &Path| {
         let mut name = path.as_os_str().to_owned();
         name.push(".tmp");
@@ -249,7 +348,7 @@ fn write_latest(
     for (path, _) in &files {
         std::fs::rename(tmp(path), path).map_err(io(path))?;
     }
-    sync_dir(&vm_dir).map_err(io(&vm_dir))?;
+    sync_dir(vm_dir).map_err(io(vm_dir))?;
     Ok(files
         .iter()
         .flat_map(|(_, parts)| parts.iter())
@@ -276,9 +375,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sink = DirSink::open(dir.path().to_path_buf()).await.unwrap();
         assert_eq!(sink.latest_hash("vm1").await.unwrap(), None);
-        sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
-        sink.deliver(&delivery("vm1", 2, "bb")).await.unwrap();
-        sink.deliver(&delivery("vm2", 1, "cc")).await.unwrap();
+        sink.deliver(&delivery("vm1", 1, "aa"), &Default::default())
+            .await
+            .unwrap();
+        sink.deliver(&delivery("vm1", 2, "bb"), &Default::default())
+            .await
+            .unwrap();
+        sink.deliver(&delivery("vm2", 1, "cc"), &Default::default())
+            .await
+            .unwrap();
 
         let latest: serde_json::Value =
             serde_json::from_slice(&std::fs::read(dir.path().join("vms/vm1/latest.json")).unwrap())
@@ -368,8 +473,12 @@ mod tests {
 
     async fn fsize_child(dir: &Path) {
         let sink = DirSink::open(dir.to_path_buf()).await.unwrap();
-        sink.deliver(&with_detail(1, "aa")).await.unwrap();
-        sink.deliver(&with_detail(2, "bb")).await.unwrap();
+        sink.deliver(&with_detail(1, "aa"), &Default::default())
+            .await
+            .unwrap();
+        sink.deliver(&with_detail(2, "bb"), &Default::default())
+            .await
+            .unwrap();
         let log = dir.join("deliveries.jsonl");
         let before = std::fs::metadata(&log).unwrap().len();
         // Room for latest.json (about one line) but not for the whole next line in the log.
@@ -388,7 +497,9 @@ mod tests {
                 rlim_max: rl.rlim_max,
             };
             assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lowered), 0);
-            let failed = sink.deliver(&with_detail(3, "cc")).await;
+            let failed = sink
+                .deliver(&with_detail(3, "cc"), &Default::default())
+                .await;
             assert!(failed.is_err(), "{failed:?}");
             assert_eq!(
                 std::fs::metadata(&log).unwrap().len(),
@@ -397,7 +508,9 @@ mod tests {
             );
             assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &rl), 0);
         }
-        sink.deliver(&with_detail(4, "dd")).await.unwrap();
+        sink.deliver(&with_detail(4, "dd"), &Default::default())
+            .await
+            .unwrap();
         println!("child: cut back and delivered");
     }
 
@@ -406,12 +519,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("a/b/sink");
         let sink = DirSink::open(root.clone()).await.unwrap();
-        sink.deliver(&delivery("vm1", 1, "aa")).await.unwrap();
+        sink.deliver(&delivery("vm1", 1, "aa"), &Default::default())
+            .await
+            .unwrap();
         assert!(root.join("vms/vm1/latest.json").is_file());
         assert!(root.join("deliveries.jsonl").is_file());
         // A VM directory that cannot be created is an error, not a panic.
         std::fs::write(root.join("vms/vm2"), b"in the way").unwrap();
-        assert!(sink.deliver(&delivery("vm2", 1, "bb")).await.is_err());
+        assert!(
+            sink.deliver(&delivery("vm2", 1, "bb"), &Default::default())
+                .await
+                .is_err()
+        );
         assert_eq!(log_lines(&root).len(), 1);
     }
 }

@@ -1,4 +1,7 @@
-//! The HTTP(S) sink: `POST` of `{"delivery": …, "report": …}` to a URL; any 2xx is acceptance.
+//! The HTTP(S) sink: one `POST` per delivery to a URL, any 2xx is acceptance. The body
+//! (`--http-body`) is the change event with the full report, `{"change": …, "delivery": …,
+//! "report": …}` (`both`, the default), the full report alone, `{"delivery": …, "report": …}`
+//! (`full`), or the change event alone (`change`).
 //! TLS is rustls (system roots plus an optional CA file), with an optional bearer token;
 //! `Idempotency-Key` is `<vm>/<report id>`, so a retransmission the endpoint already stored is
 //! harmless and two clones sharing an epoch never collide.
@@ -10,12 +13,16 @@ use std::{
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 
-use super::{Delivery, SinkError, SinkOptions, envelope};
+use super::{
+    Delivery, HttpBody, SinkError, SinkOptions, envelope,
+    event::{ChangeEvent, Changes},
+};
 
 pub struct HttpSink {
     client: reqwest::Client,
     url: String,
     token: Option<String>,
+    body: HttpBody,
 }
 
 impl HttpSink {
@@ -61,6 +68,7 @@ impl HttpSink {
             client,
             url: url.to_owned(),
             token: options.bearer_token.clone(),
+            body: options.http_body,
         })
     }
 
@@ -68,9 +76,10 @@ impl HttpSink {
         &self.url
     }
 
-    pub async fn deliver(&self, delivery: &Delivery) -> Result<u64, SinkError> {
-        let body =
-            envelope(delivery, SystemTime::now()).map_err(|e| SinkError::Http(e.to_string()))?;
+    pub async fn deliver(&self, delivery: &Delivery, changes: &Changes) -> Result<u64, SinkError> {
+        let body = self
+            .body_of(delivery, changes, SystemTime::now())
+            .map_err(|e| SinkError::Http(e.to_string()))?;
         let bytes = body.len() as u64;
         let mut request = self
             .client
@@ -105,6 +114,32 @@ impl HttpSink {
 }
 
 /// `Retry-After` in seconds (the HTTP-date form is rare for APIs and ignored).
+impl HttpSink {
+    fn body_of(
+        &self,
+        delivery: &Delivery,
+        changes: &Changes,
+        delivered_at: SystemTime,
+    ) -> Result<Vec<u8>, serde_json::Error> {
+        let event = || ChangeEvent::new(delivery, changes, delivered_at).to_json();
+        Ok(match self.body {
+            HttpBody::Full => envelope(delivery, delivered_at)?,
+            HttpBody::Change => event()?,
+            HttpBody::Both => {
+                // `{"change":…,` then the envelope without its opening brace.
+                let full = envelope(delivery, delivered_at)?;
+                let event = event()?;
+                let mut body = Vec::with_capacity(full.len() + event.len() + 12);
+                body.extend_from_slice(b"{\"change\":");
+                body.extend_from_slice(&event);
+                body.push(b',');
+                body.extend_from_slice(full.get(1..).unwrap_or_default());
+                body
+            }
+        })
+    }
+}
+
 fn parse_retry_after(value: &str) -> Option<Duration> {
     value
         .trim()

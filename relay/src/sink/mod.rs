@@ -1,15 +1,21 @@
 //! Sinks: where delivered reports go. The relay acknowledges a guest only after its sink has
-//! durably accepted the report.
+//! durably accepted the report. Every delivery gives the sink the full report and its change
+//! event (`event.rs`); each sink keeps one latest inventory per VM.
 //!
-//! - `dir:DIR` — `DIR/vms/<vm>/latest.json` written atomically with fsync, one line per
-//!   delivery appended to `DIR/deliveries.jsonl` (the embedded default);
-//! - `http(s)://…` — POST of the report, 2xx = accepted, report id as idempotency key;
-//! - `redis://…` — `XADD` to a stream plus the latest report per VM under a key with a TTL.
+//! - `dir:DIR` — per VM `DIR/vms/<vm>/latest.json` (and its compact inventory), one line per
+//!   delivery appended to `DIR/deliveries.jsonl` and to `DIR/changes.jsonl` (the default);
+//! - `http(s)://…` — POST of the change event, the full report, or both (`--http-body`), 2xx =
+//!   accepted, report id as idempotency key;
+//! - `redis://…` — the change event `XADD`ed to a stream, and the latest full report and
+//!   inventory per VM in a hash with a TTL.
 //!
 //! Every sink can tell whether it already holds a VM's report with a given content hash, so a
-//! retransmitted report is acknowledged as a duplicate at once.
+//! retransmitted report is acknowledged as a duplicate at once; the dir and Redis sinks also
+//! give back the VM's latest compact inventory, the base of the next delta report after a relay
+//! restart.
 
 pub mod dir;
+pub mod event;
 pub mod http;
 pub mod redis;
 
@@ -18,10 +24,29 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use guestwatch_protocol::{Attribution, ChangeCounts, Trigger, TriggerKind};
+use guestwatch_protocol::{
+    Attribution, ChangeCounts, ContentHash, Payload, Trigger, TriggerKind, inventory::Document,
+};
 use serde::{Serialize, ser::SerializeMap};
 
+use self::event::Changes;
 use crate::identity::IdentitySource;
+
+/// A VM's latest compact inventory as a sink stores it.
+#[derive(Clone, Debug)]
+pub struct StoredInventory {
+    pub report_id: String,
+    pub content_hash: ContentHash,
+    /// The compact document (`Document` or `DocumentZstd`).
+    pub payload: Payload,
+}
+
+/// What a delta report said about its base: which (name, arch) groups it touched.
+#[derive(Clone, Debug)]
+pub struct DeltaInfo {
+    pub base_hash: ContentHash,
+    pub touched: std::sync::Arc<std::collections::BTreeSet<(String, String)>>,
+}
 
 /// What the guest says about itself in `Hello` (a claim, never its identity).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -77,7 +102,13 @@ pub struct Delivery {
     /// The compact document the report was rendered from (protocol version 2 agents), the base
     /// a later delta is applied to.
     #[serde(skip)]
-    pub document: Option<std::sync::Arc<guestwatch_protocol::inventory::Document>>,
+    pub document: Option<std::sync::Arc<Document>>,
+    /// The same as the sink stores it (compressed).
+    #[serde(skip)]
+    pub inventory: Option<Payload>,
+    /// Set when the report came as a delta.
+    #[serde(skip)]
+    pub delta: Option<DeltaInfo>,
 }
 
 impl Delivery {
@@ -183,6 +214,21 @@ pub struct SinkOptions {
     pub redis_latest_ttl: Duration,
     /// Redis: key prefix.
     pub redis_prefix: String,
+    /// HTTP: what a POST carries.
+    pub http_body: HttpBody,
+}
+
+/// What the HTTP sink POSTs per delivery.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpBody {
+    /// `{"delivery": …, "report": …}`.
+    Full,
+    /// The change event alone.
+    Change,
+    /// `{"change": …, "delivery": …, "report": …}`.
+    #[default]
+    Both,
 }
 
 impl SinkOptions {
@@ -195,6 +241,7 @@ impl SinkOptions {
             redis_maxlen: 100_000,
             redis_latest_ttl: Duration::from_secs(7 * 86_400),
             redis_prefix: "guestwatch".into(),
+            http_body: HttpBody::Both,
         }
     }
 }
@@ -224,13 +271,23 @@ impl Sink {
         }
     }
 
-    /// Stores the report durably. Returns when the sink has it, with the number of bytes
-    /// written (what the VM's sink budget is charged).
-    pub async fn deliver(&self, delivery: &Delivery) -> Result<u64, SinkError> {
+    /// Stores the report and its change event durably. Returns when the sink has them, with
+    /// the number of bytes written (what the VM's sink budget is charged).
+    pub async fn deliver(&self, delivery: &Delivery, changes: &Changes) -> Result<u64, SinkError> {
         match self {
-            Self::Dir(s) => s.deliver(delivery).await,
-            Self::Http(s) => s.deliver(delivery).await,
-            Self::Redis(s) => s.deliver(delivery).await,
+            Self::Dir(s) => s.deliver(delivery, changes).await,
+            Self::Http(s) => s.deliver(delivery, changes).await,
+            Self::Redis(s) => s.deliver(delivery, changes).await,
+        }
+    }
+
+    /// The VM's latest compact inventory in the sink, if the sink keeps one.
+    pub async fn latest_inventory(&self, vm: &str) -> Result<Option<StoredInventory>, SinkError> {
+        match self {
+            Self::Dir(s) => s.latest_inventory(vm).await,
+            // Nothing to read back: a relay restart costs each VM one full report.
+            Self::Http(_) => Ok(None),
+            Self::Redis(s) => s.latest_inventory(vm).await,
         }
     }
 
@@ -341,6 +398,8 @@ pub(crate) mod tests {
                 br#"{"packages":{"1":{"name":"bash"}},"success":true}"#,
             ),
             document: None,
+            inventory: None,
+            delta: None,
         }
     }
 

@@ -1,15 +1,31 @@
-//! The Redis Streams sink: every delivery is an `XADD` to one stream (capped with `MAXLEN ~`),
-//! whose fields include `idempotency_key` (`<vm>/<report id>`), and the VM's latest report is
-//! kept under `<prefix>:latest:<vm>` with a TTL, in one atomic transaction. Durable only as far
-//! as the Redis server is: with `appendonly yes` and `appendfsync always`. Many relays can feed one Redis; consumers read the stream with consumer groups.
-//! The connection is made lazily and re-established automatically, so a Redis outage only
-//! delays deliveries (the relay retries from its cache, the guests retransmit).
+//! The Redis Streams sink. Every delivery, in one atomic transaction:
+//!
+//! - `XADD` of its change event to one stream (capped with `MAXLEN ~`): fields `vm`,
+//!   `report_id`, `idempotency_key` (`<vm>/<report id>`), `content_hash` and `event` (the change
+//!   event's JSON, see `event.rs`; bounded, no inventory);
+//! - the VM's hash `<prefix>:latest:<vm>` replaced, with a TTL: `report_id`, `content_hash`,
+//!   `report` (the full report envelope `{"delivery": …, "report": …}`, zstd-compressed: read it
+//!   with `redis-cli --raw HGET <prefix>:latest:<vm> report | zstd -d`) and `document` (the
+//!   compact inventory the relay reads back as the base of the next delta).
+//!
+//! Durable only as far as the Redis server is: with `appendonly yes` and `appendfsync always`.
+//! Many relays can feed one Redis; consumers read the stream with consumer groups. The
+//! connection is made lazily and re-established automatically, so a Redis outage only delays
+//! deliveries (the relay retries from its cache, the guests retransmit).
 
 use std::time::SystemTime;
 
 use redis::{AsyncCommands, aio::ConnectionManager};
 
-use super::{Delivery, DeliveryRecord, SinkError, SinkOptions, envelope};
+use guestwatch_protocol::{ContentHash, Payload, PayloadEncoding};
+
+use super::{
+    Delivery, SinkError, SinkOptions, StoredInventory, envelope,
+    event::{ChangeEvent, Changes},
+};
+
+/// zstd level of the stored report: quick, since every delivery pays it.
+const REPORT_ZSTD_LEVEL: i32 = 3;
 
 pub struct RedisSink {
     conn: ConnectionManager,
@@ -55,20 +71,23 @@ impl RedisSink {
         format!("{}:latest:{vm}", self.prefix)
     }
 
-    fn hash_key(&self, vm: &str) -> String {
-        format!("{}:hash:{vm}", self.prefix)
-    }
-
-    pub async fn deliver(&self, delivery: &Delivery) -> Result<u64, SinkError> {
+    pub async fn deliver(&self, delivery: &Delivery, changes: &Changes) -> Result<u64, SinkError> {
         let delivered_at = SystemTime::now();
-        let record = serde_json::to_string(&DeliveryRecord::new(delivery, delivered_at))
-            .map_err(|e| SinkError::Redis(e.to_string()))?;
+        let failed = |e: &dyn std::fmt::Display| SinkError::Redis(e.to_string());
+        let event = ChangeEvent::new(delivery, changes, delivered_at)
+            .to_json()
+            .map_err(|e| failed(&e))?;
+        let full = envelope(delivery, delivered_at).map_err(|e| failed(&e))?;
+        let report = zstd::bulk::compress(&full, REPORT_ZSTD_LEVEL).map_err(|e| failed(&e))?;
         let key = delivery.idempotency_key();
-        let latest =
-            envelope(delivery, delivered_at).map_err(|e| SinkError::Redis(e.to_string()))?;
-        let hash = format!("{} {}", delivery.report_id, delivery.content_hash);
-        let bytes =
-            (record.len() + delivery.report.len() + latest.len() + hash.len() + key.len()) as u64;
+        let latest = self.latest_key(&delivery.vm);
+        let document = delivery.inventory.as_ref();
+        let bytes = (event.len()
+            + report.len()
+            + document.map_or(0, |d| d.bytes.len())
+            + key.len()
+            + 2 * (delivery.report_id.len() + delivery.content_hash.len()))
+            as u64;
         let mut conn = self.conn.clone();
         let mut pipe = redis::pipe();
         pipe.atomic()
@@ -86,22 +105,76 @@ impl RedisSink {
             .arg(&key)
             .arg("content_hash")
             .arg(&delivery.content_hash)
-            .arg("delivery")
-            .arg(record)
+            .arg("event")
+            .arg(event)
+            .ignore()
+            // Replaced whole: an earlier report's inventory never outlives it.
+            .del(&latest)
+            .ignore()
+            .cmd("HSET")
+            .arg(&latest)
+            .arg("report_id")
+            .arg(&delivery.report_id)
+            .arg("content_hash")
+            .arg(&delivery.content_hash)
             .arg("report")
-            .arg(delivery.report.as_ref())
-            .ignore()
-            .set_ex(self.latest_key(&delivery.vm), latest, self.latest_ttl_secs)
-            .ignore()
-            .set_ex(self.hash_key(&delivery.vm), hash, self.latest_ttl_secs)
+            .arg(report)
             .ignore();
+        if let Some(document) = document {
+            pipe.cmd("HSET")
+                .arg(&latest)
+                .arg("document")
+                .arg(document.bytes.as_slice())
+                .arg("document_encoding")
+                .arg(if document.encoding == PayloadEncoding::DocumentZstd {
+                    "zstd"
+                } else {
+                    "plain"
+                })
+                .ignore();
+        }
+        pipe.expire(&latest, self.latest_ttl_secs as i64).ignore();
         pipe.query_async::<()>(&mut conn).await.map_err(err)?;
         Ok(bytes)
     }
 
     pub async fn latest_hash(&self, vm: &str) -> Result<Option<String>, SinkError> {
         let mut conn = self.conn.clone();
-        let value: Option<String> = conn.get(self.hash_key(vm)).await.map_err(err)?;
-        Ok(value.and_then(|v| v.split_whitespace().nth(1).map(str::to_owned)))
+        conn.hget(self.latest_key(vm), "content_hash")
+            .await
+            .map_err(err)
+    }
+
+    pub async fn latest_inventory(&self, vm: &str) -> Result<Option<StoredInventory>, SinkError> {
+        let mut conn = self.conn.clone();
+        let (report_id, hash, document, encoding): (
+            Option<String>,
+            Option<String>,
+            Option<Vec<u8>>,
+            Option<String>,
+        ) = redis::cmd("HMGET")
+            .arg(self.latest_key(vm))
+            .arg("report_id")
+            .arg("content_hash")
+            .arg("document")
+            .arg("document_encoding")
+            .query_async(&mut conn)
+            .await
+            .map_err(err)?;
+        let (Some(report_id), Some(hash), Some(bytes)) = (report_id, hash, document) else {
+            return Ok(None);
+        };
+        let encoding = match encoding.as_deref() {
+            Some("zstd") => PayloadEncoding::DocumentZstd,
+            Some("plain") => PayloadEncoding::Document,
+            _ => return Ok(None),
+        };
+        Ok(
+            ContentHash::from_hex(&hash).map(|content_hash| StoredInventory {
+                report_id,
+                content_hash,
+                payload: Payload { encoding, bytes },
+            }),
+        )
     }
 }
