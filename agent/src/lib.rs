@@ -9,4 +9,5 @@ pub mod deliver;
 pub mod detect;
 pub mod health;
 pub mod metrics;
+pub mod reporter;
 pub mod scan;

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub detector_mode: Family<ModeLabel, Gauge>,
     pub reports_sent: Counter,
     pub reports_acked: Family<OutcomeLabel, Counter>,
+    /// Acknowledged reports by the form they went in (`full`, `delta`).
+    pub reports_acked_form: Family<OutcomeLabel, Counter>,
     pub reports_nacked: Counter,
     pub reports_rejected: Family<ReasonLabel, Counter>,
     pub pending_reports: Gauge,
@@ -94,6 +96,12 @@ impl Metrics {
             "reports_acked",
             "Acknowledged reports (delivered, duplicate)",
             reports_acked.clone(),
+        );
+        let reports_acked_form = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "reports_acked_form",
+            "Acknowledged reports by the form they were sent in (full, delta)",
+            reports_acked_form.clone(),
         );
         let reports_nacked = Counter::default();
         registry.register(
@@ -153,6 +161,7 @@ impl Metrics {
             detector_mode,
             reports_sent,
             reports_acked,
+            reports_acked_form,
             reports_nacked,
             reports_rejected,
             pending_reports,
@@ -206,6 +215,14 @@ impl Metrics {
         self.reports_acked
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn sent_form(&self, form: &str) {
+        self.reports_acked_form
+            .get_or_create(&OutcomeLabel {
+                outcome: form.to_owned(),
             })
             .inc();
     }

@@ -71,7 +71,7 @@ impl Agent {
             rx,
             metrics.clone(),
             stop.clone(),
-            None,
+            Default::default(),
             Some(handoff),
         ));
         Self {
@@ -89,12 +89,15 @@ impl Agent {
             epoch: self.epoch,
             generation,
         };
-        self.outbox.offer(Arc::new(Report {
-            id,
-            content_hash: ContentHash([generation as u8; 32]),
-            facts: ReportFacts::default(),
-            body: ReportBody::Full(Payload::json(b"{\"x\":1}".to_vec())),
-        }));
+        self.outbox.offer(
+            Arc::new(Report {
+                id,
+                content_hash: ContentHash([generation as u8; 32]),
+                facts: ReportFacts::default(),
+                body: ReportBody::Full(Payload::json(b"{\"x\":1}".to_vec())),
+            }),
+            None,
+        );
         id
     }
 

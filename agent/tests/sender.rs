@@ -59,7 +59,7 @@ impl Agent {
             rx,
             metrics.clone(),
             stop.clone(),
-            None,
+            Default::default(),
             None,
         ));
         Self {
@@ -79,12 +79,15 @@ impl Agent {
             generation,
         };
         let json = format!("{{\"x\":\"{}\"}}", "a".repeat(size));
-        self.outbox.offer(Arc::new(Report {
-            id,
-            content_hash: ContentHash([generation as u8; 32]),
-            facts: ReportFacts::default(),
-            body: ReportBody::Full(Payload::json(json.into_bytes())),
-        }));
+        self.outbox.offer(
+            Arc::new(Report {
+                id,
+                content_hash: ContentHash([generation as u8; 32]),
+                facts: ReportFacts::default(),
+                body: ReportBody::Full(Payload::json(json.into_bytes())),
+            }),
+            None,
+        );
         id
     }
 

@@ -6,7 +6,7 @@
 //! party) can verify a reconstructed inventory: see [`content_hash`] and `docs/protocol.md`,
 //! "Content hash".
 
-use std::collections::BTreeMap;
+use std::cmp::Ordering;
 
 use bincode::{Decode, Encode};
 use serde::Serialize;
@@ -48,7 +48,52 @@ pub struct RecordKey {
     pub arch: Option<String>,
 }
 
+/// A [`RecordKey`] borrowed from a record, in the same order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyRef<'a> {
+    name: &'a str,
+    epoch: Option<u32>,
+    version: &'a str,
+    release: &'a str,
+    arch: Option<&'a str>,
+}
+
+impl KeyRef<'_> {
+    pub fn to_key(self) -> RecordKey {
+        RecordKey {
+            name: self.name.to_owned(),
+            epoch: self.epoch,
+            version: self.version.to_owned(),
+            release: self.release.to_owned(),
+            arch: self.arch.map(str::to_owned),
+        }
+    }
+}
+
+impl RecordKey {
+    pub fn as_ref(&self) -> KeyRef<'_> {
+        KeyRef {
+            name: &self.name,
+            epoch: self.epoch,
+            version: &self.version,
+            release: &self.release,
+            arch: self.arch.as_deref(),
+        }
+    }
+}
+
 impl PackageRecord {
+    /// The record's key, borrowed (sorting and merging without copies).
+    pub fn key_ref(&self) -> KeyRef<'_> {
+        KeyRef {
+            name: &self.name,
+            epoch: self.epoch,
+            version: &self.version,
+            release: &self.release,
+            arch: self.arch.as_deref(),
+        }
+    }
+
     pub fn key(&self) -> RecordKey {
         RecordKey {
             name: self.name.clone(),
@@ -222,10 +267,10 @@ pub enum InventoryError {
 }
 
 impl Document {
-    /// The records sorted and checked for duplicates.
+    /// The records sorted by key; of records with the same key only the first is kept.
     pub fn new(mut packages: Vec<PackageRecord>, system: SystemFacts) -> Self {
-        packages.sort_by_cached_key(PackageRecord::key);
-        packages.dedup_by(|a, b| a.key() == b.key());
+        packages.sort_by(|a, b| a.key_ref().cmp(&b.key_ref()));
+        packages.dedup_by(|a, b| a.key_ref() == b.key_ref());
         Self { packages, system }
     }
 
@@ -233,58 +278,88 @@ impl Document {
         content_hash(&self.packages)
     }
 
-    /// The delta that turns `base` (sorted, as a [`Document`] holds them) into this one.
+    /// The delta that turns `base` (sorted and unique by key, as a [`Document`] holds them)
+    /// into this one: one merge of the two sorted lists.
     pub fn delta_from(&self, base: &[PackageRecord]) -> DeltaDocument {
-        let old: BTreeMap<RecordKey, &PackageRecord> = base.iter().map(|r| (r.key(), r)).collect();
-        let new: BTreeMap<RecordKey, &PackageRecord> =
-            self.packages.iter().map(|r| (r.key(), r)).collect();
         let mut delta = DeltaDocument {
             system: self.system.clone(),
             ..DeltaDocument::default()
         };
-        for (key, record) in &new {
-            match old.get(key) {
-                None => delta.added.push((*record).clone()),
-                Some(was) if was != record => delta.changed.push((*record).clone()),
-                Some(_) => {}
+        let (mut old, mut new) = (base.iter().peekable(), self.packages.iter().peekable());
+        loop {
+            match (old.peek(), new.peek()) {
+                (Some(o), Some(n)) => match o.key_ref().cmp(&n.key_ref()) {
+                    Ordering::Less => {
+                        delta.removed.push(o.key());
+                        old.next();
+                    }
+                    Ordering::Greater => {
+                        delta.added.push((*n).clone());
+                        new.next();
+                    }
+                    Ordering::Equal => {
+                        if o != n {
+                            delta.changed.push((*n).clone());
+                        }
+                        old.next();
+                        new.next();
+                    }
+                },
+                (Some(o), None) => {
+                    delta.removed.push(o.key());
+                    old.next();
+                }
+                (None, Some(n)) => {
+                    delta.added.push((*n).clone());
+                    new.next();
+                }
+                (None, None) => break,
             }
         }
-        delta.removed = old
-            .keys()
-            .filter(|k| !new.contains_key(*k))
-            .cloned()
-            .collect();
         delta
     }
 }
 
 impl DeltaDocument {
-    /// Applies the delta to `base` (sorted), strictly: removing or changing a record the base
-    /// lacks, or adding one it has, is an error (the base is not the one the delta was made
-    /// from).
+    /// Applies the delta to `base` (sorted and unique by key), strictly: removing or changing a
+    /// record the base lacks, adding one it has, or naming one key twice is an error (the base
+    /// is not the one the delta was made from). One merge of the base with the sorted edits.
     pub fn apply(&self, base: &[PackageRecord]) -> Result<Document, InventoryError> {
-        let mut records: BTreeMap<RecordKey, PackageRecord> =
-            base.iter().map(|r| (r.key(), r.clone())).collect();
-        for key in &self.removed {
-            records
-                .remove(key)
-                .ok_or_else(|| InventoryError::NotInBase(key.clone()))?;
+        enum Edit<'a> {
+            Remove,
+            Change(&'a PackageRecord),
+            Add(&'a PackageRecord),
         }
-        for record in &self.changed {
-            let slot = records
-                .get_mut(&record.key())
-                .ok_or_else(|| InventoryError::NotInBase(record.key()))?;
-            *slot = record.clone();
+        let mut edits: Vec<(KeyRef<'_>, Edit<'_>)> = self
+            .removed
+            .iter()
+            .map(|k| (k.as_ref(), Edit::Remove))
+            .chain(self.changed.iter().map(|r| (r.key_ref(), Edit::Change(r))))
+            .chain(self.added.iter().map(|r| (r.key_ref(), Edit::Add(r))))
+            .collect();
+        edits.sort_by(|a, b| a.0.cmp(&b.0));
+        if let Some(twice) = edits.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(InventoryError::Duplicate(twice[0].0.to_key()));
         }
-        for record in &self.added {
-            let key = record.key();
-            if records.contains_key(&key) {
-                return Err(InventoryError::AlreadyInBase(key));
+        let mut packages = Vec::with_capacity(base.len() + self.added.len());
+        let mut base = base.iter().peekable();
+        for (key, edit) in &edits {
+            while let Some(r) = base.next_if(|r| r.key_ref() < *key) {
+                packages.push(r.clone());
             }
-            records.insert(key, record.clone());
+            let present = base.next_if(|r| r.key_ref() == *key).is_some();
+            match (edit, present) {
+                (Edit::Remove, true) => {}
+                (Edit::Change(r), true) | (Edit::Add(r), false) => packages.push((*r).clone()),
+                (Edit::Remove | Edit::Change(_), false) => {
+                    return Err(InventoryError::NotInBase(key.to_key()));
+                }
+                (Edit::Add(_), true) => return Err(InventoryError::AlreadyInBase(key.to_key())),
+            }
         }
+        packages.extend(base.cloned());
         Ok(Document {
-            packages: records.into_values().collect(),
+            packages,
             system: self.system.clone(),
         })
     }
@@ -736,6 +811,53 @@ mod tests {
             content_hash(&[bash, tzdata]).to_hex(),
             "750b6d1c4349efe0d9a4d3a95955c358e539c8c60da6720a05a76f0718df74c2"
         );
+    }
+
+    /// Random inventories and random edits: the merge-built delta always applies back to the
+    /// exact new inventory, and a key named twice is refused.
+    #[test]
+    fn deltas_round_trip_over_random_inventories() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..200 {
+            let base: Vec<PackageRecord> = (0..next(40))
+                .map(|i| {
+                    let mut r = record(&format!("p{}", next(30)), &format!("{}", next(3)));
+                    r.arch = [None, Some("x86_64".into()), Some("i686".into())][(i % 3) as usize]
+                        .clone();
+                    r
+                })
+                .collect();
+            let base = doc(base);
+            let mut records = base.packages.clone();
+            records.retain(|_| next(4) != 0);
+            for r in &mut records {
+                if next(5) == 0 {
+                    r.installtime = Some(next(1_000_000));
+                }
+            }
+            for _ in 0..next(6) {
+                records.push(record(&format!("n{}", next(50)), "1"));
+            }
+            let new = doc(records);
+            let delta = new.delta_from(&base.packages);
+            let applied = delta.apply(&base.packages).unwrap();
+            assert_eq!(applied, new);
+        }
+        let base = doc(vec![record("bash", "5.1"), record("curl", "7.76")]);
+        let twice = DeltaDocument {
+            removed: vec![record("bash", "5.1").key(), record("bash", "5.1").key()],
+            ..DeltaDocument::default()
+        };
+        assert!(matches!(
+            twice.apply(&base.packages),
+            Err(InventoryError::Duplicate(_))
+        ));
     }
 
     #[test]

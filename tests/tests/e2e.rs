@@ -187,8 +187,23 @@ fn redis_sink_down_then_back() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let latest = redis.command("GET guestwatch:latest:vm1").unwrap();
-    assert!(latest.contains("while-redis-down"), "{latest}");
+    // The newest stream entry is the change event naming the package; the latest
+    // inventory key holds the report with the same content hash.
+    let event = redis.command("XREVRANGE e2e + - COUNT 1").unwrap();
+    assert!(event.contains("while-redis-down"), "{event}");
+    let hash = redis
+        .command("HGET guestwatch:latest:vm1 content_hash")
+        .unwrap();
+    let hash = hash.lines().nth(1).unwrap_or_default().to_string();
+    assert_eq!(
+        hash.len(),
+        64,
+        "latest hash holds no content hash: {hash:?}"
+    );
+    assert!(
+        event.contains(&hash),
+        "event {event} is not for latest {hash}"
+    );
     // Nothing more arrives: the guest's retransmission was recognised as a duplicate.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(stream_len(&redis), Some(2));

@@ -1,17 +1,14 @@
 //! `guestwatch-agent run`: the daemon. Detects changes, scans, and delivers each new report to
 //! the relay until it is acknowledged — surviving relay outages, restarts and reboots.
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use guestwatch_protocol::{
-    AgentInfo, ChangeCounts, ContentHash, Payload, Report, ReportBody, ReportFacts, ReportId,
-    Timestamp,
-};
-use report::ChangeSummary;
-use tokio::sync::mpsc;
+use guestwatch_protocol::AgentInfo;
+
 use tokio_util::sync::CancellationToken;
 
+use super::detection::{self, Event, Hooks};
 use crate::{
     cli::RunArgs,
     config::{RunSettings, TargetSpec},
@@ -21,15 +18,10 @@ use crate::{
         state::StateDir,
         writer::StateWriter,
     },
-    detect::{
-        Detector, DetectorConfig, DetectorMode, IgnoredHook, LostHook,
-        pipeline::{self, PipelineConfig, PipelineEvent},
-        schedule::Batch,
-        trigger::{Trigger, TriggerKind},
-    },
+    detect::{DetectorMode, IgnoredHook, LostHook, trigger::TriggerKind},
     health::Health,
     metrics::Metrics,
-    scan::{Snapshot, SystemScanner, millis},
+    reporter::Reporter,
 };
 
 pub async fn run(args: &RunArgs) -> Result<()> {
@@ -48,23 +40,29 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     let stop = CancellationToken::new();
     super::watch::spawn_signal_handler(stop.clone());
 
-    let scanner = SystemScanner::new(settings.target.clone());
+    // Detection reports to /healthz through this, set once the health state exists.
+    let health_slot: Arc<std::sync::OnceLock<Health>> = Arc::new(std::sync::OnceLock::new());
     let counted = metrics.clone();
-    let detector = Detector::start(&DetectorConfig {
-        choice: settings.detect.choice,
-        dbdir: scanner.dbdir(),
-        disable_bpf: settings.detect.disable_bpf.clone(),
-        rediscover: settings.detect.periodic,
-        root: settings.target.root().map(Path::to_path_buf),
-        attribution: settings.detect.attribution,
-        on_ignored: Some(IgnoredHook(Arc::new(move |_, reason| {
-            counted.transaction_ignored(reason)
-        }))),
-    })
-    .context("starting detection")?;
-    let mode = detector.status().mode;
+    let lost_to = health_slot.clone();
+    let running = detection::start(
+        &settings.target,
+        &settings.detect,
+        Hooks {
+            on_ignored: Some(IgnoredHook(Arc::new(move |_, reason| {
+                counted.transaction_ignored(reason)
+            }))),
+            on_lost: Some(LostHook(Arc::new(move |why: &str| {
+                if let Some(health) = lost_to.get() {
+                    health.detection_lost(why);
+                }
+            }))),
+        },
+        &stop,
+    )?;
+    let mode = running.status.mode;
     metrics.set_mode(mode);
-    let health = Health::new(settings.detect.choice, detector.status(), writer.clone());
+    let health = Health::new(settings.detect.choice, &running.status, writer.clone());
+    let _ = health_slot.set(health.clone());
 
     if let Some(addr) = settings.metrics {
         let health = health.clone();
@@ -89,9 +87,9 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         .resume()
         .await
         .context("reading the state directory")?;
-    let mut baseline = resumed.baseline;
+    let mut reporter = Reporter::new(epoch, mode, resumed.baseline, resumed.previous());
     if let Some(report) = resumed.pending {
-        outbox.offer(Arc::new(report));
+        outbox.offer(Arc::new(report), resumed.pending_document.clone());
     }
 
     let sender_config = SenderConfig {
@@ -143,139 +141,21 @@ pub async fn run(args: &RunArgs) -> Result<()> {
         outbox_rx,
         metrics.clone(),
         stop.clone(),
-        resumed.rejected,
+        sender::Carried {
+            rejected: resumed.rejected,
+            base: resumed.base,
+        },
         accepted,
     ));
 
-    let (trigger_tx, trigger_rx) = mpsc::channel(1024);
-    let (event_tx, mut events) = mpsc::channel(256);
-    let mut detector = detector;
-    {
-        let health = health.clone();
-        detector.on_lost(LostHook(Arc::new(move |why| health.detection_lost(why))));
-    }
-    {
-        let (health, stop) = (health.clone(), stop.clone());
-        tokio::spawn(async move {
-            detector.run(trigger_tx, stop.clone()).await;
-            if !stop.is_cancelled() {
-                health.detection_lost("detection stopped");
-            }
-        });
-    }
-    let config = PipelineConfig {
-        schedule: settings.detect.schedule.clone(),
-        periodic: settings.detect.periodic,
-        startup_scan: true,
-        scan_timeout: settings.detect.scan_timeout,
-    };
-    let pipeline = tokio::spawn(pipeline::run(
-        config,
-        scanner,
-        trigger_rx,
-        event_tx,
-        stop.clone(),
-    ));
-
-    let mut previous: Option<Snapshot> = None;
-    // Scans abandoned since the last report, told in the next report's errors.
-    let mut timeouts: Vec<String> = Vec::new();
+    let mut events = running.events;
     while let Some(event) = events.recv().await {
-        match event {
-            PipelineEvent::Trigger(trigger) => {
-                metrics.trigger(trigger.kind);
-                if trigger.kind == TriggerKind::Tamper {
-                    log::warn!(
-                        "tamper: {}",
-                        trigger
-                            .detail
-                            .as_deref()
-                            .unwrap_or("database files changed outside rpm")
-                    );
-                }
-            }
-            PipelineEvent::TimedOut { batch, after } => {
-                metrics.scan("timeout", after.as_secs_f64());
-                let what = format!(
-                    "the scan after {} trigger was abandoned after {after:.1?} (--scan-timeout)",
-                    batch.cause.kind.as_str()
-                );
-                log::error!("{what}; detection goes on");
-                // Bounded: one line per abandoned scan, the oldest dropped first.
-                if timeouts.len() == 8 {
-                    timeouts.remove(0);
-                }
-                timeouts.push(what);
-            }
-            PipelineEvent::Scan {
-                batch,
-                result,
-                duration,
-            } => match result {
-                Ok(mut snapshot) => {
-                    let hash = ContentHash(snapshot.content_hash);
-                    let changes = previous
-                        .as_ref()
-                        .map(|p| {
-                            report::changes::between(
-                                &p.document.packages,
-                                &snapshot.document.packages,
-                            )
-                        })
-                        .unwrap_or_default();
-                    // A tamper signal is reported even when the package set did not change:
-                    // the write itself is what security teams need to see.
-                    let tampered = batch.counts.contains_key(&TriggerKind::Tamper);
-                    if baseline == Some(hash) && !tampered {
-                        metrics.scan("unchanged", duration.as_secs_f64());
-                        log::info!(
-                            "scan after {} trigger: package set unchanged",
-                            batch.cause.kind.as_str()
-                        );
-                    } else {
-                        // Without a persisted generation there is no report: the next scan
-                        // tries again, and /healthz says why meanwhile.
-                        let generation = match writer.next_generation().await {
-                            Ok(generation) => generation,
-                            Err(e) => {
-                                metrics.scan("failed", duration.as_secs_f64());
-                                log::error!("persisting the report generation: {e}");
-                                continue;
-                            }
-                        };
-                        metrics.scan("changed", duration.as_secs_f64());
-                        snapshot.document.system.errors.append(&mut timeouts);
-                        let report = Arc::new(build_report(
-                            &snapshot,
-                            &batch,
-                            &changes,
-                            mode,
-                            ReportId { epoch, generation },
-                            duration,
-                        ));
-                        if let Err(e) = writer.save_pending(report.clone()).await {
-                            log::error!("persisting report {}: {e}", report.id);
-                        }
-                        log::info!(
-                            "report {} ({} packages, {}) after {} trigger",
-                            report.id,
-                            snapshot.scan.packages.len(),
-                            changes.short(),
-                            batch.cause.kind.as_str()
-                        );
-                        outbox.offer(report);
-                        baseline = Some(hash);
-                    }
-                    previous = Some(snapshot);
-                }
-                Err(e) => {
-                    metrics.scan("failed", duration.as_secs_f64());
-                    log::error!("scan failed: {e}");
-                }
-            },
-        }
+        handle(event, &mut reporter, &writer, &outbox, &metrics).await;
     }
-    pipeline.await.context("the scan pipeline crashed")?;
+    running
+        .pipeline
+        .await
+        .context("the scan pipeline crashed")?;
     stop.cancel();
     sending.await.context("the sender crashed")?;
     if let Some(listening) = listening {
@@ -286,55 +166,85 @@ pub async fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// The report's facts: the cause, every transaction and tamper record, counts, fitted to the
-/// protocol's bounds.
-fn report_facts(
-    snapshot: &Snapshot,
-    batch: &Batch,
-    changes: &ChangeSummary,
-    mode: DetectorMode,
-) -> ReportFacts {
-    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-    let attributions =
-        |list: &[Trigger]| list.iter().filter_map(|t| t.attribution.clone()).collect();
-    let mut facts = ReportFacts {
-        trigger: batch.cause.clone(),
-        transactions: attributions(&batch.transactions),
-        tampers: attributions(&batch.tampers),
-        coalesced: batch.counts.iter().map(|(k, n)| (*k, *n)).collect(),
-        scanned_at: Timestamp::from_system(snapshot.finished_at),
-        package_count: count(snapshot.scan.packages.len()),
-        changes: ChangeCounts {
-            added: count(changes.added.len()),
-            removed: count(changes.removed.len()),
-            upgraded: count(changes.upgraded.len()),
-            downgraded: count(changes.downgraded.len()),
-            reinstalled: count(changes.reinstalled.len()),
-        },
-        agent_version: env!("CARGO_PKG_VERSION").into(),
-        detector: mode.as_str().into(),
-    };
-    facts.fit();
-    facts
-}
-
-fn build_report(
-    snapshot: &Snapshot,
-    batch: &Batch,
-    changes: &ChangeSummary,
-    mode: DetectorMode,
-    id: ReportId,
-    duration: Duration,
-) -> Report {
-    let facts = report_facts(snapshot, batch, changes, mode);
-    let mut document = snapshot.document.clone();
-    document.system.changes = changes.clone();
-    document.system.scan_duration_ms = Some(millis(duration));
-    Report {
-        id,
-        content_hash: document.content_hash(),
-        facts,
-        body: ReportBody::Full(Payload::document(document.to_bytes())),
+/// One pipeline event: counted, and a scan that is news becomes the next report, persisted
+/// before it is offered to the sender.
+async fn handle(
+    event: Event,
+    reporter: &mut Reporter,
+    writer: &StateWriter,
+    outbox: &Outbox,
+    metrics: &Metrics,
+) {
+    match event {
+        Event::Trigger(trigger) => {
+            metrics.trigger(trigger.kind);
+            if trigger.kind == TriggerKind::Tamper {
+                log::warn!(
+                    "tamper: {}",
+                    trigger
+                        .detail
+                        .as_deref()
+                        .unwrap_or("database files changed outside rpm")
+                );
+            }
+        }
+        Event::TimedOut { batch, after } => {
+            metrics.scan("timeout", after.as_secs_f64());
+            let what = format!(
+                "the scan after {} trigger was abandoned after {after:.1?} (--scan-timeout)",
+                batch.cause.kind.as_str()
+            );
+            log::error!("{what}; detection goes on");
+            reporter.timed_out(what);
+        }
+        Event::Scan {
+            batch,
+            result: Err(e),
+            duration,
+        } => {
+            metrics.scan("failed", duration.as_secs_f64());
+            log::error!(
+                "scan after {} trigger failed: {e}",
+                batch.cause.kind.as_str()
+            );
+        }
+        Event::Scan {
+            batch,
+            result: Ok(snapshot),
+            duration,
+        } => {
+            if !reporter.is_news(&snapshot, &batch) {
+                metrics.scan("unchanged", duration.as_secs_f64());
+                log::info!(
+                    "scan after {} trigger: package set unchanged",
+                    batch.cause.kind.as_str()
+                );
+                return;
+            }
+            // Without a persisted generation there is no report: the next scan tries again,
+            // and /healthz says why meanwhile.
+            let generation = match writer.next_generation().await {
+                Ok(generation) => generation,
+                Err(e) => {
+                    metrics.scan("failed", duration.as_secs_f64());
+                    log::error!("persisting the report generation: {e}");
+                    return;
+                }
+            };
+            metrics.scan("changed", duration.as_secs_f64());
+            let out = reporter.report(&snapshot, &batch, generation, duration);
+            if let Err(e) = writer.save_pending(out.report.clone()).await {
+                log::error!("persisting report {}: {e}", out.report.id);
+            }
+            log::info!(
+                "report {} ({} packages, {}) after {} trigger",
+                out.report.id,
+                out.document.packages.len(),
+                out.changes.short(),
+                batch.cause.kind.as_str()
+            );
+            outbox.offer(out.report, Some(out.document));
+        }
     }
 }
 

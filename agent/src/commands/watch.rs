@@ -7,66 +7,36 @@ use std::io::Write;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::detection::{self, Event, Hooks};
 use crate::{
     cli::WatchArgs,
     config::WatchSettings,
-    detect::{
-        Detector, DetectorConfig,
-        pipeline::{self, PipelineConfig, PipelineEvent},
-    },
-    scan::{Snapshot, SystemScanner, millis},
+    scan::{Snapshot, millis},
 };
 
 pub async fn watch(args: &WatchArgs) -> Result<()> {
     let settings = WatchSettings::resolve(args)?;
-    let scanner = SystemScanner::new(settings.target.clone());
-    let detector = Detector::start(&DetectorConfig {
-        choice: settings.detect.choice,
-        dbdir: scanner.dbdir(),
-        disable_bpf: settings.detect.disable_bpf.clone(),
-        rediscover: settings.detect.periodic,
-        root: settings.target.root().map(std::path::Path::to_path_buf),
-        attribution: settings.detect.attribution,
-        on_ignored: None,
-    })
-    .context("starting detection")?;
-    let mut status = serde_json::to_value(detector.status())?;
-    status["event"] = json!("detector");
-    emit(&status)?;
-
     let stop = CancellationToken::new();
     spawn_signal_handler(stop.clone());
-    let (trigger_tx, trigger_rx) = mpsc::channel(1024);
-    let (event_tx, mut events) = mpsc::channel(256);
-    tokio::spawn(detector.run(trigger_tx, stop.clone()));
-    let config = PipelineConfig {
-        schedule: settings.detect.schedule.clone(),
-        periodic: settings.detect.periodic,
-        startup_scan: true,
-        scan_timeout: settings.detect.scan_timeout,
-    };
-    let pipeline = tokio::spawn(pipeline::run(
-        config,
-        scanner,
-        trigger_rx,
-        event_tx,
-        stop.clone(),
-    ));
     // Stop detection whenever this returns, a closed stdout included.
     let _stop_on_return = stop.clone().drop_guard();
+    let running = detection::start(&settings.target, &settings.detect, Hooks::default(), &stop)?;
+    let mut status = serde_json::to_value(&running.status)?;
+    status["event"] = json!("detector");
+    emit(&status)?;
+    let (mut events, pipeline) = (running.events, running.pipeline);
 
     let mut previous: Option<Snapshot> = None;
     while let Some(event) = events.recv().await {
         match event {
-            PipelineEvent::Trigger(trigger) => {
+            Event::Trigger(trigger) => {
                 let mut line = serde_json::to_value(&trigger)?;
                 line["event"] = json!("trigger");
                 emit(&line)?;
             }
-            PipelineEvent::TimedOut { batch, after } => {
+            Event::TimedOut { batch, after } => {
                 log::error!(
                     "the scan after {} trigger was abandoned after {after:.1?} (--scan-timeout)",
                     batch.cause.kind.as_str()
@@ -77,7 +47,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
                     "trigger": batch.cause,
                 }))?;
             }
-            PipelineEvent::Scan {
+            Event::Scan {
                 batch,
                 result,
                 duration,

@@ -1,11 +1,16 @@
 //! Resuming after a stop or a crash: which report to deliver first, and which content the
 //! relay already has (or is about to get), so that a startup scan of that content is no news.
 
-use guestwatch_protocol::{ContentHash, Report};
+use std::sync::Arc;
+
+use guestwatch_protocol::{
+    ContentHash, DEFAULT_MAX_REPORT_PAYLOAD, Report, ReportBody, inventory::Document,
+};
 
 use super::{
-    state::{Rejected, StateDir},
+    state::{Acked, Rejected, StateDir},
     stored,
+    wire::Base,
 };
 
 /// What the previous run left behind.
@@ -13,10 +18,52 @@ use super::{
 pub struct Resumed {
     /// The report the previous run did not get acknowledged: delivered before anything else.
     pub pending: Option<Report>,
+    /// The document it carries (a compact full report's).
+    pub pending_document: Option<Arc<Document>>,
     /// The content of that report, or else of the last acknowledged one.
     pub baseline: Option<ContentHash>,
     /// The pending report's refusal by the relay, if it was refused for good.
     pub rejected: Option<Rejected>,
+    /// The last acknowledged report and its document: the base of the next delta.
+    pub base: Option<Base>,
+}
+
+impl Resumed {
+    /// The newest report's document (pending, else acknowledged): what the next report's
+    /// changes are counted from.
+    pub fn previous(&self) -> Option<Arc<Document>> {
+        self.pending_document
+            .clone()
+            .or_else(|| self.base.as_ref().map(|b| b.document.clone()))
+    }
+}
+
+/// The document a stored full report carries, if it is a compact one that decodes.
+fn document_of(report: &Report) -> Option<Arc<Document>> {
+    let ReportBody::Full(payload) = &report.body else {
+        return None;
+    };
+    let bytes = payload.to_document(DEFAULT_MAX_REPORT_PAYLOAD).ok()?;
+    Document::from_bytes(&bytes).ok().map(Arc::new)
+}
+
+/// The stored base, if it is the acknowledged report of this epoch and still checks out.
+fn base_of(state: &StateDir, acked: Option<&Acked>) -> Option<Base> {
+    let acked = acked?;
+    let bytes = state.load_base().ok()??;
+    let report = stored::decode(&bytes)?;
+    let fits = report.id.epoch == state.epoch()
+        && report.id.generation == acked.generation
+        && report.content_hash.to_hex() == acked.content_hash;
+    if !fits {
+        return None;
+    }
+    let document = document_of(&report)?;
+    (document.content_hash() == report.content_hash).then_some(Base {
+        id: report.id,
+        content_hash: report.content_hash,
+        document,
+    })
 }
 
 /// Reads the pending report and the last acknowledgement. A pending report that cannot be
@@ -33,9 +80,11 @@ pub fn resume(state: &StateDir) -> Resumed {
         log::warn!("reading the pending report: {e}");
         None
     });
+    let base = base_of(state, acked.as_ref());
     let Some(bytes) = stored else {
         return Resumed {
             baseline: acked_hash,
+            base,
             ..Resumed::default()
         };
     };
@@ -67,8 +116,10 @@ pub fn resume(state: &StateDir) -> Resumed {
                 .filter(|r| r.generation == report.id.generation);
             Resumed {
                 baseline: Some(report.content_hash),
+                pending_document: document_of(&report),
                 pending: Some(report),
                 rejected,
+                base,
             }
         }
         Err(why) => {
@@ -78,6 +129,7 @@ pub fn resume(state: &StateDir) -> Resumed {
             }
             Resumed {
                 baseline: acked_hash,
+                base,
                 ..Resumed::default()
             }
         }
@@ -111,10 +163,13 @@ mod tests {
         let epoch = state.epoch();
         state.next_generation().unwrap();
         state
-            .record_ack(&Acked {
-                generation: 1,
-                content_hash: hex::encode([1u8; 32]),
-            })
+            .record_ack(
+                &Acked {
+                    generation: 1,
+                    content_hash: hex::encode([1u8; 32]),
+                },
+                || None,
+            )
             .unwrap();
         state.next_generation().unwrap();
         state

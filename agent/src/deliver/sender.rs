@@ -18,13 +18,17 @@
 //!   a relay announcing other limits on a later connection.
 //! - The relay being down never blocks detection or scanning: the outbox is a watch channel,
 //!   the producer never waits for the sender.
+//! - To a relay that takes them (version 2, `Welcome` feature `delta`), a report goes as a
+//!   delta against the last acknowledged report (the base) when that is smaller. The relay
+//!   answers `Nack(NeedFull)` when it lacks the base or the result does not check out: the base
+//!   is dropped and the report goes whole at once, without a backoff step.
 
 use std::{
     sync::Arc,
     time::{Duration, Instant as StdInstant},
 };
 
-use guestwatch_protocol::{AckStatus, AgentInfo, Hello, Report, ReportId};
+use guestwatch_protocol::{AckStatus, AgentInfo, Hello, Report, ReportId, inventory::Document};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +37,7 @@ use super::{
     listen::Handoff,
     session::{Answer, RelayLimits, Session},
     state::{Acked, Rejected},
+    wire::{self, Base},
     writer::StateWriter,
 };
 use crate::{config::RelayAddr, metrics::Metrics};
@@ -41,6 +46,9 @@ use crate::{config::RelayAddr, metrics::Metrics};
 #[derive(Clone, Debug)]
 pub struct Pending {
     pub report: Arc<Report>,
+    /// The document it carries (what a delta is made from); `None` for a report from before a
+    /// restart whose document was not decoded.
+    pub document: Option<Arc<Document>>,
     /// The payload's size decompressed, when known (checked against the relay's limit).
     pub json_len: Option<u64>,
     /// When the scan that produced it finished (for the delivery-latency metric).
@@ -59,11 +67,12 @@ impl Outbox {
         (Self { tx }, rx)
     }
 
-    /// Offers `report`, superseding any report not acknowledged yet.
-    pub fn offer(&self, report: Arc<Report>) {
+    /// Offers `report` (carrying `document`), superseding any report not acknowledged yet.
+    pub fn offer(&self, report: Arc<Report>, document: Option<Arc<Document>>) {
         let json_len = super::wire::payload_len(report.body.payload());
         self.tx.send_replace(Some(Pending {
             report,
+            document,
             json_len,
             scanned: StdInstant::now(),
         }));
@@ -102,18 +111,27 @@ pub fn hello(config: &SenderConfig) -> Hello {
     }
 }
 
+/// What the previous run left the sender: the pending report's refusal, and the base of
+/// deltas.
+#[derive(Debug, Default)]
+pub struct Carried {
+    pub rejected: Option<Rejected>,
+    pub base: Option<Base>,
+}
+
 /// Delivers reports until `stop`. A write in progress is finished before returning.
-/// `rejected` is the pending report's refusal as the previous run recorded it; `accepted`
-/// brings the sessions the relay opened (pull mode).
+/// `carried` is what the previous run recorded; `accepted` brings the sessions the relay
+/// opened (pull mode).
 pub async fn run(
     config: SenderConfig,
     writer: StateWriter,
     mut outbox: watch::Receiver<Option<Pending>>,
     metrics: Metrics,
     stop: CancellationToken,
-    rejected: Option<Rejected>,
+    carried: Carried,
     accepted: Option<Arc<Handoff>>,
 ) {
+    let Carried { rejected, base } = carried;
     let refused = rejected.map(|r| {
         log::info!(
             "report {:016x}-{} was refused by the relay ({}); waiting for a newer report or \
@@ -142,6 +160,8 @@ pub async fn run(
         metrics,
         session: None,
         acked: None,
+        base,
+        delta: None,
         refused,
         not_before: Instant::now(),
         connect_failures: 0,
@@ -193,6 +213,12 @@ struct Sender {
     session: Option<Session>,
     /// The last report the relay acknowledged: never sent again.
     acked: Option<ReportId>,
+    /// The last acknowledged report's document, the base of deltas (`None` after a
+    /// `NeedFull`, until the next acknowledgement).
+    base: Option<Base>,
+    /// The delta last made: of which report, against which base (made once, sent as often as
+    /// needed).
+    delta: Option<(ReportId, ReportId, Arc<Report>)>,
     refused: Option<Refusal>,
     /// No connection attempt or transmission before this.
     not_before: Instant,
@@ -344,17 +370,39 @@ impl Sender {
     }
 
     async fn deliver(&mut self, pending: &Pending) {
-        let Some(session) = &mut self.session else {
+        let Some(session) = &self.session else {
             return;
         };
         let id = pending.report.id;
         let limits = session.limits;
+        let accepts_delta = session.accepts_delta;
+        let sent = match (&self.base, &pending.document) {
+            (Some(base), Some(document)) if accepts_delta && base.id != id => {
+                let made = self
+                    .delta
+                    .as_ref()
+                    .filter(|(of, against, _)| *of == id && *against == base.id)
+                    .map(|(_, _, delta)| delta.clone());
+                let delta = made.or_else(|| {
+                    let delta = Arc::new(wire::as_delta(&pending.report, document, base)?);
+                    self.delta = Some((id, base.id, delta.clone()));
+                    Some(delta)
+                });
+                delta.unwrap_or_else(|| pending.report.clone())
+            }
+            _ => pending.report.clone(),
+        };
+        let is_delta = !Arc::ptr_eq(&sent, &pending.report);
+        let Some(session) = &mut self.session else {
+            return;
+        };
         // The exchange is not cancelled by `stop`: a write in progress completes, and the
         // answer is awaited for at most the ack timeout. A newer session the relay opened
         // ends it: the relay dials again only when its end of this one is gone.
         let mut newer = None;
+        let json_len = if is_delta { None } else { pending.json_len };
         let answer = tokio::select! {
-            answer = session.exchange(&pending.report, pending.json_len, self.config.ack_timeout) => answer,
+            answer = session.exchange(&sent, json_len, self.config.ack_timeout) => answer,
             session = Self::next_accepted(self.accepted.clone()) => {
                 newer = Some(session);
                 Answer::Broken("the relay connected again".into())
@@ -372,17 +420,44 @@ impl Sender {
                 self.metrics
                     .delivery_seconds
                     .observe(pending.scanned.elapsed().as_secs_f64());
-                log::info!("report {id} acknowledged ({status:?})");
+                log::info!(
+                    "report {id} acknowledged ({status:?}{})",
+                    if is_delta { ", sent as a delta" } else { "" }
+                );
+                self.metrics
+                    .sent_form(if is_delta { "delta" } else { "full" });
                 self.acked = Some(id);
                 self.refused = None;
                 self.backoff.reset();
+                self.delta = None;
+                self.base = pending.document.as_ref().map(|document| Base {
+                    id,
+                    content_hash: pending.report.content_hash,
+                    document: document.clone(),
+                });
                 let acked = Acked {
                     generation: id.generation,
                     content_hash: pending.report.content_hash.to_hex(),
                 };
-                if let Err(e) = self.writer.record_ack(acked).await {
+                if let Err(e) = self.writer.record_ack(acked, pending.report.clone()).await {
                     log::error!("recording the acknowledgement of report {id}: {e}");
                 }
+            }
+            Answer::NeedFull(why) if is_delta => {
+                // Not a failure: the relay lacks this base. The next attempt is whole, now.
+                self.metrics.reports_nacked.inc();
+                log::info!("the relay needs report {id} whole ({why}); sending it whole");
+                self.base = None;
+                self.delta = None;
+            }
+            Answer::NeedFull(why) => {
+                self.metrics.reports_nacked.inc();
+                let delay = self.backoff.next_delay();
+                self.not_before = Instant::now() + delay;
+                log::warn!(
+                    "the relay asked for report {id} whole, which it was ({why}); retrying in \
+                     {delay:.1?}"
+                );
             }
             Answer::Retry { reason, after } => {
                 self.metrics.reports_nacked.inc();

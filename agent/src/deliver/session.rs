@@ -26,6 +26,8 @@ pub struct Session {
     pub limits: RelayLimits,
     /// How often to ping while idle.
     pub ping_interval: Duration,
+    /// The relay applies delta reports (version 2 with the `delta` feature).
+    pub accepts_delta: bool,
 }
 
 /// How the relay answered a report.
@@ -45,9 +47,14 @@ pub enum Answer {
         detail: String,
         sent: bool,
     },
+    /// The relay cannot apply it as a delta (`Nack(NeedFull)`): send it whole.
+    NeedFull(String),
     /// The connection is unusable.
     Broken(String),
 }
+
+/// The `Welcome` feature of a relay that applies delta reports.
+pub const FEATURE_DELTA: &str = "delta";
 
 impl Session {
     /// Connects (push), says `hello`, and reads the relay's `Welcome`.
@@ -85,6 +92,8 @@ impl Session {
         match answer {
             Some(Message::Welcome(welcome)) => {
                 conn.set_version(welcome.version);
+                let accepts_delta =
+                    welcome.version >= 2 && welcome.features.iter().any(|f| f == FEATURE_DELTA);
                 conn.set_max_frame(welcome.max_frame);
                 Ok(Self {
                     conn,
@@ -95,6 +104,7 @@ impl Session {
                     ping_interval: Duration::from_secs(u64::from(
                         welcome.ping_interval_secs.max(1),
                     )),
+                    accepts_delta,
                 })
             }
             Some(Message::Error(e)) => {
@@ -205,6 +215,9 @@ impl Session {
 }
 
 fn classify_nack(nack: guestwatch_protocol::Nack) -> Answer {
+    if nack.reason == NackReason::NeedFull {
+        return Answer::NeedFull(nack.detail);
+    }
     if nack.reason.is_terminal() {
         return Answer::Refused {
             reason: nack.reason,

@@ -11,6 +11,8 @@
 //!   a restart until acknowledged or superseded.
 //! - `acked`: the generation and content hash of the last acknowledged report, so an agent
 //!   restarted on an unchanged system does not send the same inventory again.
+//! - `base`: that report itself (one frame, like `pending`), the base of delta reports after a
+//!   restart. On an acknowledgement of the pending report, `pending` is renamed to `base`.
 //! - `rejected`: the generation the relay refused for good, and the limits it announced then,
 //!   so a restart does not send it again unless the relay's limits changed.
 //!
@@ -254,14 +256,36 @@ impl StateDir {
         .map_err(io_err(&path))
     }
 
-    /// The relay acknowledged `acked`: record it, then forget the pending report if it is that
-    /// one (a newer pending report stays on disk).
-    pub fn record_ack(&self, acked: &Acked) -> Result<(), StateError> {
+    /// The relay acknowledged `acked`: record it, then keep the report as the base — the
+    /// pending report becomes it when it is that one, else `encoded` gives its bytes (a newer
+    /// pending report stays on disk).
+    pub fn record_ack(
+        &self,
+        acked: &Acked,
+        encoded: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> Result<(), StateError> {
         self.save_acked(acked)?;
-        if self.generation == acked.generation {
-            self.clear_pending()?;
+        let base = self.dir.join("base");
+        if self.generation == acked.generation && self.dir.join("pending").exists() {
+            let pending = self.dir.join("pending");
+            fs::rename(&pending, &base).map_err(io_err(&pending))?;
+            return sync_dir(&self.dir).map_err(io_err(&self.dir));
         }
-        Ok(())
+        match encoded() {
+            Some(bytes) => write_atomic(&base, &bytes).map_err(io_err(&base)),
+            // No base rather than a wrong one.
+            None => remove(&self.dir, "base"),
+        }
+    }
+
+    /// The last acknowledged report as stored (the base of deltas), if any.
+    pub fn load_base(&self) -> Result<Option<Vec<u8>>, StateError> {
+        let path = self.dir.join("base");
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path)(e)),
+        }
     }
 
     /// The last acknowledged report, if known (a damaged file counts as unknown).
@@ -330,7 +354,7 @@ impl StateDir {
 /// crash part way leaves a mismatch that the next start resolves the same way.
 fn renew_epoch(dir: &Path, machine: &MachineId, reason: EpochReason) -> Result<u64, StateError> {
     // What belonged to the old epoch goes first: a report of another machine is never resent.
-    for name in ["pending", "acked", "rejected"] {
+    for name in ["pending", "acked", "base", "rejected"] {
         remove(dir, name)?;
     }
     let epoch = new_epoch(&dir.join("epoch"))?;
@@ -524,14 +548,19 @@ mod tests {
             generation: g - 1,
             content_hash: "cd".into(),
         };
-        s.record_ack(&older).unwrap();
+        s.record_ack(&older, || Some(b"frame-older".to_vec()))
+            .unwrap();
         assert!(s.load_pending().unwrap().is_some());
+        assert_eq!(s.load_base().unwrap().as_deref(), Some(&b"frame-older"[..]));
         let newest = Acked {
             generation: g,
             content_hash: "ef".into(),
         };
-        s.record_ack(&newest).unwrap();
+        // The pending report becomes the base without being written again.
+        s.record_ack(&newest, || panic!("not encoded again"))
+            .unwrap();
         assert_eq!(s.load_pending().unwrap(), None);
+        assert_eq!(s.load_base().unwrap().as_deref(), Some(&b"frame-g"[..]));
         assert_eq!(s.load_acked().unwrap(), Some(newest));
         // No temporary files are left behind.
         let names = names(dir.path());

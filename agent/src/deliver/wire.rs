@@ -2,11 +2,40 @@
 //! from which the relay renders the claircore JSON; a version-1 relay takes the JSON itself,
 //! so the agent renders it (the same bytes the relay would).
 
-use std::borrow::Cow;
+use std::{borrow::Cow, sync::Arc};
 
 use guestwatch_protocol::{
-    DEFAULT_MAX_REPORT_PAYLOAD, Payload, PayloadEncoding, Report, ReportBody, inventory::Document,
+    ContentHash, DEFAULT_MAX_REPORT_PAYLOAD, Payload, PayloadEncoding, Report, ReportBody,
+    ReportId, inventory::Document,
 };
+
+/// The base of delta reports: the last report the relay acknowledged, and its document.
+#[derive(Clone, Debug)]
+pub struct Base {
+    pub id: ReportId,
+    pub content_hash: ContentHash,
+    pub document: Arc<Document>,
+}
+
+/// `report` (whole, carrying `document`) as a delta against `base`, if that is smaller.
+pub fn as_delta(report: &Report, document: &Document, base: &Base) -> Option<Report> {
+    let ReportBody::Full(full) = &report.body else {
+        return None;
+    };
+    let delta = document.delta_from(&base.document.packages);
+    let payload = Payload::document(delta.to_bytes());
+    // The base's id and hash travel too.
+    (payload.bytes.len() + 48 < full.bytes.len()).then(|| Report {
+        id: report.id,
+        content_hash: report.content_hash,
+        facts: report.facts.clone(),
+        body: ReportBody::Delta {
+            base: base.id,
+            base_hash: base.content_hash,
+            payload,
+        },
+    })
+}
 
 /// The decompressed size of a payload, from the zstd frame header (the agent compressed it
 /// itself, with the size recorded) rather than by decompressing it.

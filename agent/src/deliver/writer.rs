@@ -99,9 +99,11 @@ impl StateWriter {
         .await
     }
 
-    /// Records an acknowledgement (and clears the pending report if it is still the newest).
-    pub async fn record_ack(&self, acked: Acked) -> Result<(), StateError> {
-        self.call(move |state| state.record_ack(&acked)).await
+    /// Records an acknowledgement of `report`, which becomes the base of deltas (the pending
+    /// report file becomes it when it is still the newest).
+    pub async fn record_ack(&self, acked: Acked, report: Arc<Report>) -> Result<(), StateError> {
+        self.call(move |state| state.record_ack(&acked, || stored::encode(&report)))
+            .await
     }
 
     /// Records a generation the relay refused for good.
@@ -163,13 +165,28 @@ mod tests {
         assert_ne!(on, caller, "the write ran on the async thread");
         assert_eq!(writer.next_generation().await.unwrap(), 1);
         assert_eq!(writer.next_generation().await.unwrap(), 2);
-        writer
-            .record_ack(Acked {
+        let report = Arc::new(Report {
+            id: guestwatch_protocol::ReportId {
+                epoch: writer.epoch(),
                 generation: 2,
-                content_hash: "ab".into(),
-            })
+            },
+            content_hash: guestwatch_protocol::ContentHash([0xab; 32]),
+            facts: guestwatch_protocol::ReportFacts::default(),
+            body: guestwatch_protocol::ReportBody::Full(guestwatch_protocol::Payload::json(
+                b"{}".to_vec(),
+            )),
+        });
+        writer
+            .record_ack(
+                Acked {
+                    generation: 2,
+                    content_hash: "ab".repeat(32),
+                },
+                report,
+            )
             .await
             .unwrap();
+        assert!(dir.path().join("base").is_file(), "the base is kept");
         assert!(writer.health().is_ok());
         drop(writer);
         let state = StateDir::open(dir.path(), &machine()).unwrap();
