@@ -189,7 +189,11 @@ impl ChangeCounts {
 }
 
 /// Facts the relay needs without parsing the payload. All of it is the guest's claim.
-#[derive(Clone, Debug, PartialEq, Eq, Encode, Decode)]
+///
+/// On the wire the cause's attribution, when it is one of the listed transactions or tamper
+/// records (as it usually is), is sent as a reference to it rather than a second copy
+/// (`WireFacts`): attribution is most of a small report's bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReportFacts {
     /// The most significant trigger of the scan (its cause).
     pub trigger: Trigger,
@@ -224,6 +228,110 @@ impl Default for ReportFacts {
         }
     }
 }
+
+/// [`ReportFacts`] as encoded: the trigger's attribution by reference where it can be.
+#[derive(Encode, Decode)]
+struct WireFacts {
+    kind: TriggerKind,
+    detail: Option<String>,
+    at: Timestamp,
+    attribution: WireAttribution,
+    transactions: Vec<Attribution>,
+    tampers: Vec<Attribution>,
+    coalesced: Vec<(TriggerKind, u32)>,
+    scanned_at: Timestamp,
+    package_count: u32,
+    changes: ChangeCounts,
+    agent_version: String,
+    detector: String,
+}
+
+/// The trigger's attribution: 0 none, 1 inline, 2 the transaction at this index, 3 the tamper
+/// record at this index.
+#[derive(Encode, Decode)]
+enum WireAttribution {
+    None,
+    Inline(Box<Attribution>),
+    Transaction(u32),
+    Tamper(u32),
+}
+
+impl Encode for ReportFacts {
+    fn encode<E: bincode::enc::Encoder>(
+        &self,
+        encoder: &mut E,
+    ) -> Result<(), bincode::error::EncodeError> {
+        let index = |list: &[Attribution], a: &Attribution| {
+            list.iter()
+                .rposition(|x| x == a)
+                .and_then(|i| u32::try_from(i).ok())
+        };
+        let attribution = match &self.trigger.attribution {
+            None => WireAttribution::None,
+            Some(a) => match (index(&self.transactions, a), index(&self.tampers, a)) {
+                (Some(i), _) => WireAttribution::Transaction(i),
+                (None, Some(i)) => WireAttribution::Tamper(i),
+                (None, None) => WireAttribution::Inline(Box::new(a.clone())),
+            },
+        };
+        WireFacts {
+            kind: self.trigger.kind,
+            detail: self.trigger.detail.clone(),
+            at: self.trigger.at,
+            attribution,
+            transactions: self.transactions.clone(),
+            tampers: self.tampers.clone(),
+            coalesced: self.coalesced.clone(),
+            scanned_at: self.scanned_at,
+            package_count: self.package_count,
+            changes: self.changes,
+            agent_version: self.agent_version.clone(),
+            detector: self.detector.clone(),
+        }
+        .encode(encoder)
+    }
+}
+
+impl<Context> Decode<Context> for ReportFacts {
+    fn decode<D: bincode::de::Decoder<Context = Context>>(
+        decoder: &mut D,
+    ) -> Result<Self, bincode::error::DecodeError> {
+        let w = WireFacts::decode(decoder)?;
+        let listed = |list: &[Attribution], i: u32| {
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| list.get(i))
+                .cloned()
+                .ok_or(bincode::error::DecodeError::Other(
+                    "the trigger refers to an attribution that is not listed",
+                ))
+        };
+        let attribution = match w.attribution {
+            WireAttribution::None => None,
+            WireAttribution::Inline(a) => Some(*a),
+            WireAttribution::Transaction(i) => Some(listed(&w.transactions, i)?),
+            WireAttribution::Tamper(i) => Some(listed(&w.tampers, i)?),
+        };
+        Ok(Self {
+            trigger: Trigger {
+                kind: w.kind,
+                detail: w.detail,
+                at: w.at,
+                attribution,
+            },
+            transactions: w.transactions,
+            tampers: w.tampers,
+            coalesced: w.coalesced,
+            scanned_at: w.scanned_at,
+            package_count: w.package_count,
+            changes: w.changes,
+            agent_version: w.agent_version,
+            detector: w.detector,
+        })
+    }
+}
+
+bincode::impl_borrow_decode!(ReportFacts);
 
 impl ReportFacts {
     /// The number of triggers this scan answers.

@@ -783,3 +783,67 @@ fn document_fuzz_seeds_decode() {
         }
     }
 }
+
+/// The cause's attribution travels once: as a reference to the listed record it is, inline
+/// when it is not listed, and a reference to nothing is malformed.
+#[test]
+fn the_causes_attribution_is_sent_once() {
+    let _serial = serial();
+    let len = |f: &ReportFacts| guestwatch_protocol::encoded_len(f);
+    let copy = guestwatch_protocol::encoded_len(&rpm_transaction());
+    let listed = facts();
+    let mut without = facts();
+    without.trigger.attribution = None;
+    assert!(len(&listed) <= len(&without) + 5, "a reference, not a copy");
+    let mut unlisted = facts();
+    unlisted.transactions.clear();
+    let mut unlisted_without = unlisted.clone();
+    unlisted_without.trigger.attribution = None;
+    assert_eq!(
+        len(&unlisted),
+        len(&unlisted_without) + copy,
+        "inline when not listed"
+    );
+    let mut tamper = facts();
+    tamper.trigger.kind = TriggerKind::Tamper;
+    tamper.transactions.clear();
+    tamper.tampers = vec![rpm_transaction(), rpm_transaction()];
+    tamper.tampers[0].pid = 7;
+    for f in [listed, unlisted, without, tamper] {
+        let mut r = report(1, b"{}".to_vec());
+        r.facts = f;
+        let message = Message::Report(Box::new(r));
+        let bytes = frame::encode(2, &message, 1 << 20).unwrap();
+        let decoded = frame::decode(&bytes, 1 << 20).unwrap().unwrap();
+        assert_eq!(decoded.message.unwrap(), message);
+    }
+    // A reference to a record that is not there.
+    let mut r = report(1, b"{}".to_vec());
+    r.facts.trigger.attribution = Some(rpm_transaction());
+    let good = frame::encode(2, &Message::Report(Box::new(r.clone())), 1 << 20).unwrap();
+    r.facts.transactions.clear();
+    r.facts.trigger.attribution = None;
+    let reference_to_nothing = {
+        // Same report, the cause's attribution replaced by "transaction 0" of an empty list.
+        let with_none = frame::encode(2, &Message::Report(Box::new(r)), 1 << 20).unwrap();
+        let at = HEADER_LEN
+            + with_none[HEADER_LEN..]
+                .iter()
+                .zip(&good[HEADER_LEN..])
+                .position(|(a, b)| a != b)
+                .unwrap();
+        let mut bytes = with_none.clone();
+        bytes[at] = 2; // WireAttribution::Transaction
+        bytes.insert(at + 1, 0); // index 0
+        let len = u32::from_be_bytes(bytes[8..12].try_into().unwrap()) + 1;
+        bytes[8..12].copy_from_slice(&len.to_be_bytes());
+        bytes
+    };
+    let decoded = frame::decode(&reference_to_nothing, 1 << 20)
+        .unwrap()
+        .unwrap();
+    assert!(
+        decoded.message.is_err(),
+        "a dangling reference must be malformed"
+    );
+}

@@ -499,3 +499,83 @@ pub fn assert_no_double_delivery(relay: &Relay) {
         );
     }
 }
+
+/// A loopback address nothing listens on yet.
+pub fn free_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+}
+
+/// The value of one series (`name` with its labels, as exposed) on a `/metrics` endpoint.
+pub fn metric(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A Unix-socket proxy between an agent and a relay that counts the bytes the agent sends.
+pub struct CountingProxy {
+    pub path: PathBuf,
+    upstream: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CountingProxy {
+    /// Listens on `path` and forwards every connection to `target`.
+    pub fn start(path: &Path, target: &Path) -> Self {
+        use std::{
+            os::unix::net::{UnixListener, UnixStream},
+            sync::{Arc, atomic::AtomicU64},
+        };
+        let listener = UnixListener::bind(path).unwrap();
+        let upstream = Arc::new(AtomicU64::new(0));
+        let (counter, target) = (upstream.clone(), target.to_path_buf());
+        std::thread::spawn(move || {
+            for agent in listener.incoming() {
+                let Ok(agent) = agent else { return };
+                let Ok(relay) = UnixStream::connect(&target) else {
+                    continue;
+                };
+                let (Ok(agent_w), Ok(relay_r)) = (agent.try_clone(), relay.try_clone()) else {
+                    continue;
+                };
+                let counter = counter.clone();
+                std::thread::spawn(move || copy(agent, relay, Some(&counter)));
+                std::thread::spawn(move || copy(relay_r, agent_w, None));
+            }
+        });
+        Self {
+            path: path.to_path_buf(),
+            upstream,
+        }
+    }
+
+    /// Bytes the agent has sent so far.
+    pub fn upstream(&self) -> u64 {
+        self.upstream.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn copy(
+    mut from: std::os::unix::net::UnixStream,
+    mut to: std::os::unix::net::UnixStream,
+    count: Option<&std::sync::atomic::AtomicU64>,
+) {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 64 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+        if let Some(count) = count {
+            count.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+}

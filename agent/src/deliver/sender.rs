@@ -393,6 +393,12 @@ impl Sender {
             _ => pending.report.clone(),
         };
         let is_delta = !Arc::ptr_eq(&sent, &pending.report);
+        log::debug!(
+            "sending report {id} {}: payload {} bytes, facts {} bytes",
+            if is_delta { "as a delta" } else { "whole" },
+            sent.body.payload().bytes.len(),
+            guestwatch_protocol::encoded_len(&sent.facts),
+        );
         let Some(session) = &mut self.session else {
             return;
         };

@@ -33,12 +33,16 @@ pub struct Seen {
     pub hellos: Vec<Hello>,
     /// (connection number, report id) of every report received.
     pub reports: Vec<(usize, ReportId)>,
+    /// Every report received, whole.
+    pub bodies: Vec<Report>,
 }
 
 pub struct FakeRelay {
     pub path: PathBuf,
     pub seen: Arc<Mutex<Seen>>,
     limits: Arc<Mutex<(u32, u32)>>,
+    /// The protocol version and features announced to connections from now on.
+    protocol: Arc<Mutex<(u16, Vec<String>)>>,
     answer: Arc<Mutex<Arc<Answer>>>,
     /// Bumped to make every open connection close.
     hang_up: watch::Sender<u64>,
@@ -77,6 +81,7 @@ impl FakeRelay {
             path: PathBuf::new(),
             seen: Arc::new(Mutex::new(Seen::default())),
             limits: Arc::new(Mutex::new((max_frame, 64 << 20))),
+            protocol: Arc::new(Mutex::new((2, vec!["zstd".into(), "delta".into()]))),
             answer: Arc::new(Mutex::new(Arc::new(answer))),
             hang_up,
             number: Arc::new(Mutex::new(0)),
@@ -100,6 +105,7 @@ impl FakeRelay {
             path: self.path.clone(),
             seen: self.seen.clone(),
             limits: self.limits.clone(),
+            protocol: self.protocol.clone(),
             answer: self.answer.clone(),
             hang_up: self.hang_up.clone(),
             number: self.number.clone(),
@@ -117,6 +123,7 @@ impl FakeRelay {
             number,
             self.seen.clone(),
             self.limits.clone(),
+            self.protocol.clone(),
             self.answer.clone(),
             self.hang_up.subscribe(),
         ));
@@ -125,6 +132,17 @@ impl FakeRelay {
     /// Limits announced to connections from now on.
     pub fn set_limits(&self, max_frame: u32, max_report_payload: u32) {
         *self.limits.lock().unwrap() = (max_frame, max_report_payload);
+    }
+
+    /// The version (1 or 2) and features announced to connections from now on.
+    pub fn set_protocol(&self, version: u16, features: &[&str]) {
+        *self.protocol.lock().unwrap() =
+            (version, features.iter().map(|f| (*f).to_owned()).collect());
+    }
+
+    /// Every report received, whole.
+    pub fn bodies(&self) -> Vec<Report> {
+        self.seen.lock().unwrap().bodies.clone()
     }
 
     pub fn set_answer(&self, answer: impl Fn(&Report) -> Reply + Send + Sync + 'static) {
@@ -161,6 +179,7 @@ async fn serve(
     number: usize,
     seen: Arc<Mutex<Seen>>,
     limits: Arc<Mutex<(u32, u32)>>,
+    protocol: Arc<Mutex<(u16, Vec<String>)>>,
     answer: Arc<Mutex<Arc<Answer>>>,
     mut hang_up: watch::Receiver<u64>,
 ) {
@@ -175,12 +194,13 @@ async fn serve(
     };
     seen.lock().unwrap().hellos.push(hello);
     let (max_frame, max_report_payload) = *limits.lock().unwrap();
-    conn.set_version(2);
+    let (version, features) = protocol.lock().unwrap().clone();
+    conn.set_version(version);
     let welcome = Welcome {
-        version: 2,
+        version,
         max_frame,
         max_report_payload,
-        features: vec!["zstd".into()],
+        features,
         ping_interval_secs: 1,
         relay_version: "fake".into(),
     };
@@ -201,7 +221,11 @@ async fn serve(
         };
         let reply = match message {
             Message::Report(report) => {
-                seen.lock().unwrap().reports.push((number, report.id));
+                {
+                    let mut seen = seen.lock().unwrap();
+                    seen.reports.push((number, report.id));
+                    seen.bodies.push((*report).clone());
+                }
                 let answer = answer.lock().unwrap().clone();
                 answer(&report)
             }
