@@ -7,6 +7,12 @@
 //! on its own (the scanner is handed the deadline so it can stop there) and its result is
 //! dropped. At most [`MAX_SCAN_THREADS`] scans exist at once: while that many are stuck, the
 //! next scan waits for one of them to end.
+//!
+//! A scan that fails (or whose scanner panics) is not the end of its triggers: they are
+//! scanned again after a backoff ([`RETRY_FIRST`] doubling to [`RETRY_MAX`]), with any that
+//! arrived meanwhile, so an unreadable moment of the database never loses a change or who
+//! made it. An abandoned scan is not retried on its own (it would burn the deadline again);
+//! the next trigger scans again.
 
 use std::{future::Future, pin::Pin, task::Poll, time::Duration};
 
@@ -20,6 +26,11 @@ use super::{
 
 /// Scans running at once, abandoned ones included.
 pub const MAX_SCAN_THREADS: usize = 2;
+
+/// A failed scan is retried after this, doubling with each failure in a row up to
+/// [`RETRY_MAX`]: a database caught mid-rewrite is read soon, a broken one costs little.
+pub const RETRY_FIRST: Duration = Duration::from_millis(250);
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Something that scans the system; it runs on a blocking thread.
 pub trait Scanner: Send + Sized + 'static {
@@ -104,6 +115,19 @@ pub async fn run<S: Scanner>(
     let mut abandoned: Vec<JoinHandle<ScanDone<S>>> = Vec::new();
     let mut scanner = Some(scanner);
     let mut sources_open = true;
+    let mut failures_in_a_row = 0u32;
+    // A failed scan's triggers are scanned again after a backoff.
+    let retry = |scheduler: &mut Scheduler, batch: Batch, failures: &mut u32| {
+        let delay = RETRY_FIRST
+            .saturating_mul(1 << (*failures).min(16))
+            .min(RETRY_MAX);
+        *failures += 1;
+        log::warn!(
+            "scanning again in {delay:.1?} for the {} trigger(s) of the failed scan",
+            batch.total()
+        );
+        scheduler.retry(batch, Instant::now() + delay);
+    };
 
     loop {
         if running.is_none() && abandoned.len() < MAX_SCAN_THREADS {
@@ -149,15 +173,23 @@ pub async fn run<S: Scanner>(
                     Ok((s, result)) => {
                         scanner = Some(s);
                         let duration = r.started.elapsed();
+                        if result.is_err() {
+                            retry(&mut scheduler, r.batch.clone(), &mut failures_in_a_row);
+                        } else {
+                            failures_in_a_row = 0;
+                        }
                         if events.send(PipelineEvent::Scan { batch: r.batch, result, duration }).await.is_err() {
                             return;
                         }
                     }
-                    // The scanner panicked: go on with a fresh one.
-                    Err(e) => log::error!(
-                        "the scan after {} trigger crashed: {e}",
-                        r.batch.cause.kind.as_str()
-                    ),
+                    // The scanner panicked: go on with a fresh one, and scan again.
+                    Err(e) => {
+                        log::error!(
+                            "the scan after {} trigger crashed: {e}",
+                            r.batch.cause.kind.as_str()
+                        );
+                        retry(&mut scheduler, r.batch, &mut failures_in_a_row);
+                    }
                 }
             }
             () = tokio::time::sleep_until(deadline), if running.is_some() => {
@@ -556,5 +588,87 @@ mod tests {
         }
         assert!((1..=2).contains(&scan_events), "{scan_events}");
         assert_eq!(scans.load(Ordering::SeqCst), scan_events);
+    }
+
+    /// Fails its first `failures` scans.
+    struct Flaky {
+        scans: Arc<AtomicU32>,
+        failures: u32,
+    }
+
+    impl Scanner for Flaky {
+        type Output = u32;
+        type Error = String;
+        fn scan(&mut self, _batch: &Batch, _deadline: std::time::Instant) -> Result<u32, String> {
+            let n = self.scans.fetch_add(1, Ordering::SeqCst) + 1;
+            if n <= self.failures {
+                Err(format!("database busy ({n})"))
+            } else {
+                Ok(n)
+            }
+        }
+        fn fresh(&self) -> Self {
+            Self {
+                scans: self.scans.clone(),
+                failures: self.failures,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_scan_is_retried_with_its_triggers_and_backoff() {
+        let scans = Arc::new(AtomicU32::new(0));
+        let scanner = Flaky {
+            scans: scans.clone(),
+            failures: 3,
+        };
+        let mut config = config(None);
+        config.startup_scan = false;
+        let (ttx, trx) = mpsc::channel(16);
+        let (etx, mut erx) = mpsc::channel(64);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(config, scanner, trx, etx, stop.clone()));
+        let started = std::time::Instant::now();
+        let mut tx = Trigger::new(TriggerKind::Transaction);
+        tx.detail = Some("rpm -i x.rpm".into());
+        ttx.send(tx.clone()).await.unwrap();
+        let mut failed_at = Vec::new();
+        let (batch, n) = loop {
+            match erx.recv().await.expect("pipeline ended") {
+                PipelineEvent::Scan {
+                    result: Err(_),
+                    batch,
+                    ..
+                } => {
+                    assert_eq!(batch.cause.detail, tx.detail);
+                    failed_at.push(started.elapsed());
+                }
+                PipelineEvent::Scan {
+                    result: Ok(n),
+                    batch,
+                    ..
+                } => break (batch, n),
+                PipelineEvent::Trigger(_) => {}
+                PipelineEvent::TimedOut { .. } => panic!("timed out"),
+            }
+        };
+        // Three failures, then the fourth scan answers the same transaction, once.
+        assert_eq!((n, failed_at.len()), (4, 3));
+        assert_eq!(batch.cause.detail, tx.detail);
+        assert_eq!(batch.transactions.len(), 1);
+        assert_eq!(batch.counts.get(&TriggerKind::Transaction), Some(&1));
+        // 250 ms, 500 ms, 1 s between the attempts.
+        let total = started.elapsed();
+        assert!(total >= RETRY_FIRST * 7, "retried after {total:?}");
+        assert!(failed_at[2] - failed_at[1] >= failed_at[1] - failed_at[0]);
+        // Nothing more: a success ends the retries.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(600), erx.recv())
+                .await
+                .is_err()
+        );
+        assert_eq!(scans.load(Ordering::SeqCst), 4);
+        stop.cancel();
+        task.await.unwrap();
     }
 }

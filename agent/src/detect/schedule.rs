@@ -85,6 +85,28 @@ impl Batch {
         true
     }
 
+    /// Takes in an earlier batch's triggers (theirs come first: they are older).
+    fn absorb(&mut self, older: Batch) {
+        for (kind, n) in older.counts {
+            *self.counts.entry(kind).or_default() += n;
+        }
+        for (mine, theirs) in [
+            (&mut self.transactions, older.transactions),
+            (&mut self.tampers, older.tampers),
+        ] {
+            let mut list = theirs;
+            list.append(mine);
+            let excess = list
+                .len()
+                .saturating_sub(guestwatch_protocol::guest::MAX_LISTED);
+            list.drain(..excess);
+            *mine = list;
+        }
+        if older.cause.kind > self.cause.kind {
+            self.cause = older.cause;
+        }
+    }
+
     fn add(&mut self, trigger: Trigger) {
         *self.counts.entry(trigger.kind).or_default() += 1;
         if trigger.kind == TriggerKind::Tamper && self.merge_tamper(&trigger) {
@@ -113,6 +135,8 @@ impl Batch {
 struct Pending {
     batch: Batch,
     first_at: Instant,
+    /// A failed scan's batch waits for its retry until then.
+    not_before: Option<Instant>,
     /// Set when any trigger that needs no quiet period is pending.
     immediate: bool,
     last_debounced_at: Option<Instant>,
@@ -185,6 +209,7 @@ impl Scheduler {
                 tampers: Vec::new(),
             },
             first_at: now,
+            not_before: None,
             immediate: false,
             last_debounced_at: None,
         });
@@ -208,10 +233,32 @@ impl Scheduler {
                 (last + self.config.quiet_period).min(pending.first_at + self.config.max_delay)
             }
         };
+        let due = due.max(pending.not_before.unwrap_or(due));
         Some(match &self.bucket {
             Some(bucket) => due.max(bucket.available_at()),
             None => due,
         })
+    }
+
+    /// A scan of `batch` failed: its triggers are scanned again, not before `at`, together
+    /// with whatever arrived meanwhile (so a failed scan never loses a change or its
+    /// attribution). Call after [`Scheduler::finished`].
+    pub fn retry(&mut self, batch: Batch, at: Instant) {
+        match &mut self.pending {
+            Some(pending) => {
+                pending.batch.absorb(batch);
+                pending.not_before = Some(at);
+            }
+            None => {
+                self.pending = Some(Pending {
+                    batch,
+                    first_at: at,
+                    not_before: Some(at),
+                    immediate: true,
+                    last_debounced_at: None,
+                });
+            }
+        }
     }
 
     /// Starts the pending scan if it is due: returns its batch and marks a scan as running.
@@ -416,5 +463,30 @@ mod tests {
             assert!(s.take(now).is_some());
             s.finished();
         }
+    }
+
+    #[test]
+    fn a_retried_batch_keeps_its_triggers_and_joins_newer_ones() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(config(0), now);
+        let mut first = t(TriggerKind::Transaction);
+        first.detail = Some("first".into());
+        s.add(first.clone(), now);
+        let batch = s.take(now).unwrap();
+        s.add(t(TriggerKind::Inotify), now);
+        s.finished();
+        let later = now + Duration::from_secs(1);
+        s.retry(batch, later);
+        assert_eq!(s.ready_at(), Some(later), "not before the retry time");
+        assert!(s.take(now + Duration::from_millis(500)).is_none());
+        let retried = s.take(later).unwrap();
+        assert_eq!(retried.cause.detail.as_deref(), Some("first"));
+        assert_eq!(retried.transactions.len(), 1);
+        assert_eq!(retried.counts[&TriggerKind::Transaction], 1);
+        assert_eq!(retried.counts[&TriggerKind::Inotify], 1);
+        // Alone, a retried batch is due at its time.
+        s.finished();
+        s.retry(retried, later + Duration::from_secs(2));
+        assert_eq!(s.ready_at(), Some(later + Duration::from_secs(2)));
     }
 }
