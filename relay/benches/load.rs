@@ -7,6 +7,11 @@
 //! alone and once beside a hostile guest that sends the largest facts it may (64 KiB encoded,
 //! control characters that JSON escapes at 6 bytes each) at its rate limit. Prints the good
 //! guests' ack latency, the relay's memory and the sink bytes per minute of both runs.
+//!
+//! Then deltas: 1,000 guests with 500-package compact inventories as bases, each sending
+//! one-package changes as deltas as fast as they are acknowledged (target >= 20,000 changes/s,
+//! p99 ack < 250 ms), beside the same changes sent as full compact reports, into the dir sink
+//! and into a real redis-server (Redis memory per delivery, from `INFO memory`).
 
 use std::{
     process::{Command, Stdio},
@@ -17,6 +22,7 @@ use std::{
 use guestwatch_protocol::{
     AgentInfo, Attribution, Connection, ContentHash, Hello, Limits, Message, Payload, Report,
     ReportBody, ReportFacts, ReportId, Trigger, TriggerKind, guest,
+    inventory::{Document, PackageRecord, SystemFacts},
 };
 use tokio::{net::UnixStream, sync::Mutex};
 
@@ -450,10 +456,272 @@ fn run_paced(n: usize, secs: u64, hostile: bool) {
     );
 }
 
+/// A 500-package compact inventory of guest `vm`.
+fn inventory(vm: usize) -> Vec<PackageRecord> {
+    (0..500)
+        .map(|i| PackageRecord {
+            name: format!("package-{i}"),
+            version: format!("1.{i}"),
+            release: "1.el9".into(),
+            arch: Some("x86_64".into()),
+            sourcerpm: Some(format!("package-{i}-1.{i}-1.el9.src.rpm")),
+            license: Some("GPL-2.0-or-later".into()),
+            vendor: Some("Bench".into()),
+            size: Some(100_000 + i as u64),
+            installtime: Some(1_700_000_000 + i as u64),
+            sigmd5: Some(format!("{:016x}{:016x}", vm * 1_000 + i, i * 7_919)),
+            ..PackageRecord::default()
+        })
+        .collect()
+}
+
+/// Guest `vm`'s reports: its base whole, then `changes` one-package upgrades, each as a delta
+/// against the one before (or whole, when `deltas` is false).
+fn change_reports(vm: usize, changes: usize, deltas: bool) -> Vec<Report> {
+    let epoch = vm as u64 + 1;
+    let mut packages = inventory(vm);
+    let mut document = Document::new(packages.clone(), SystemFacts::default());
+    let facts = ReportFacts {
+        trigger: Trigger::new(TriggerKind::Transaction),
+        package_count: 500,
+        ..Default::default()
+    };
+    let mut reports = vec![Report {
+        id: ReportId {
+            epoch,
+            generation: 1,
+        },
+        content_hash: document.content_hash(),
+        facts: facts.clone(),
+        body: ReportBody::Full(Payload::document(document.to_bytes())),
+    }];
+    for c in 0..changes {
+        let generation = c as u64 + 2;
+        let i = (vm * 31 + c * 7) % packages.len();
+        packages[i].version = format!("2.{generation}");
+        packages[i].installtime = Some(1_800_000_000 + generation);
+        let next = Document::new(packages.clone(), SystemFacts::default());
+        let body = if deltas {
+            ReportBody::Delta {
+                base: ReportId {
+                    epoch,
+                    generation: generation - 1,
+                },
+                base_hash: document.content_hash(),
+                payload: Payload::document(next.delta_from(&document.packages).to_bytes()),
+            }
+        } else {
+            ReportBody::Full(Payload::document(next.to_bytes()))
+        };
+        reports.push(Report {
+            id: ReportId { epoch, generation },
+            content_hash: next.content_hash(),
+            facts: facts.clone(),
+            body,
+        });
+        document = next;
+    }
+    reports
+}
+
+/// Sends `reports` in turn, each as soon as the one before is answered; the first (the base)
+/// before the barrier. Pushes the latencies of the rest.
+async fn changing_guest(
+    socket: std::path::PathBuf,
+    vm: u64,
+    reports: Vec<Report>,
+    latencies: Arc<Mutex<Vec<Duration>>>,
+    start: Arc<tokio::sync::Barrier>,
+) -> (usize, usize) {
+    let mut conn = hello(&socket, vm + 1).await;
+    let mut reports = reports.into_iter();
+    if let (Some(c), Some(base)) = (&mut conn, reports.next()) {
+        let ok = c
+            .write_message(&Message::Report(Box::new(base)))
+            .await
+            .is_ok()
+            && matches!(c.read_message().await, Ok(Some(Message::Ack(_))));
+        if !ok {
+            conn = None;
+        }
+    }
+    start.wait().await;
+    let Some(mut conn) = conn else { return (0, 0) };
+    let (mut acked, mut nacked) = (0, 0);
+    let mut mine = Vec::new();
+    for report in reports {
+        let sent = Instant::now();
+        if conn
+            .write_message(&Message::Report(Box::new(report)))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match conn.read_message().await {
+            Ok(Some(Message::Ack(_))) => {
+                acked += 1;
+                mine.push(sent.elapsed());
+            }
+            Ok(Some(Message::Nack(_))) => nacked += 1,
+            _ => break,
+        }
+    }
+    latencies.lock().await.extend(mine);
+    (acked, nacked)
+}
+
+/// Redis's `used_memory`.
+fn redis_memory(redis: &guestwatch_testkit::RedisServer) -> u64 {
+    redis
+        .command("INFO memory")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("used_memory:")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `n` guests, `changes` one-package changes each, as deltas or whole, into `sink` (`dir` or
+/// `redis`).
+fn run_changes(n: usize, changes: usize, deltas: bool, sink: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let redis = match sink {
+        "redis" => match guestwatch_testkit::RedisServer::start() {
+            Ok(r) => Some(r),
+            Err(e) => {
+                println!("SKIPPED: redis-server is not available: {e}");
+                return;
+            }
+        },
+        _ => None,
+    };
+    let sink_spec = match &redis {
+        Some(r) => format!("redis://127.0.0.1:{}/0", r.port()),
+        None => format!("dir:{}", dir.path().join("sink").display()),
+    };
+    let hybrid: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "\"vm-{i}={}\"",
+                dir.path().join(format!("vm-{i}.sock")).display()
+            )
+        })
+        .collect();
+    let config = dir.path().join("relay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hybrid = [{}]\nsink = \"{sink_spec}\"\nreports_per_minute = 0\nmax_sink_bytes_per_minute = 0\ncache_slots = 100\nmax_connections = {}\n",
+            hybrid.join(","),
+            n + 16
+        ),
+    )
+    .expect("config");
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_guestwatch-relay"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("GUESTWATCH_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("relay");
+    let last = dir.path().join(format!("vm-{}.sock_919", n - 1));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&last).is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let prepared: Vec<Vec<Report>> = (0..n).map(|i| change_reports(i, changes, deltas)).collect();
+    let wire: usize = prepared
+        .iter()
+        .flat_map(|r| r.iter().skip(1))
+        .map(|r| r.body.payload().bytes.len())
+        .sum();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let start = Arc::new(tokio::sync::Barrier::new(n + 1));
+    let mut started = Instant::now();
+    let mut memory_before = 0;
+    let (acked, nacked) = runtime.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, reports) in prepared.into_iter().enumerate() {
+            let socket = dir.path().join(format!("vm-{i}.sock_919"));
+            tasks.spawn(changing_guest(
+                socket,
+                i as u64,
+                reports,
+                latencies.clone(),
+                start.clone(),
+            ));
+        }
+        // Every guest's base is delivered: go.
+        start.wait().await;
+        memory_before = redis.as_ref().map_or(0, redis_memory);
+        started = Instant::now();
+        let (mut acked, mut nacked) = (0, 0);
+        while let Some(Ok((a, n))) = tasks.join_next().await {
+            acked += a;
+            nacked += n;
+        }
+        (acked, nacked)
+    });
+    let elapsed = started.elapsed();
+    let peak = rss_kib(relay.id(), "VmHWM:");
+    let memory_after = redis.as_ref().map_or(0, redis_memory);
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let mut l = runtime.block_on(async { latencies.lock().await.clone() });
+    l.sort();
+    let pct = |p: f64| {
+        l.get(((l.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    let rate = acked as f64 / elapsed.as_secs_f64();
+    let per_delivery = match &redis {
+        Some(_) if acked > 0 => format!(
+            "{:.0}",
+            memory_after.saturating_sub(memory_before) as f64 / acked as f64
+        ),
+        _ => "-".into(),
+    };
+    println!(
+        "{:>6} {:>5} {:>6} {acked:>8} {nacked:>6} {rate:>10.0} {:>9.1}ms {:>9.1}ms {:>9.1} {:>9.0} {:>12}   {}",
+        if deltas { "delta" } else { "full" },
+        sink,
+        n,
+        pct(0.5).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        peak as f64 / 1024.0,
+        wire as f64 / (n * changes).max(1) as f64,
+        per_delivery,
+        format_args!(
+            "{:.2}x of 20,000/s, p99 {}",
+            rate / 20_000.0,
+            if pct(0.99) < Duration::from_millis(250) {
+                "within 250 ms"
+            } else {
+                "OVER 250 ms"
+            }
+        )
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    // `cargo bench --bench load -- changes` runs the change rows alone.
+    let only_changes = std::env::args().skip(1).any(|a| a == "changes");
+    if !only_changes {
+        throughput_and_hostile_rows();
+    }
+    change_rows();
+}
+
+fn throughput_and_hostile_rows() {
     println!(
         "relay load: simulated guests over Unix sockets, 500-package reports, dir sink, rate limit off"
     );
@@ -473,4 +741,28 @@ fn main() {
     );
     run_paced(100, 30, false);
     run_paced(100, 30, true);
+    println!();
+}
+
+fn change_rows() {
+    println!(
+        "one-package changes: 1,000 guests with 500-package compact bases, each change sent once the previous is acknowledged, rate limits off"
+    );
+    println!(
+        "{:>6} {:>5} {:>6} {:>8} {:>6} {:>10} {:>11} {:>11} {:>9} {:>9} {:>12}   vs 20,000 changes/s",
+        "form",
+        "sink",
+        "guests",
+        "changes",
+        "nacked",
+        "changes/s",
+        "ack p50",
+        "ack p99",
+        "peak MiB",
+        "wire B",
+        "redis B/dlv"
+    );
+    run_changes(1000, 5, false, "dir");
+    run_changes(1000, 5, true, "dir");
+    run_changes(1000, 5, true, "redis");
 }

@@ -190,6 +190,71 @@ async fn https_sink_posts_with_token_and_idempotency_key_and_reports_outages() {
     assert_eq!(seen.lock().unwrap().len(), 4);
 }
 
+/// `--http-body`: the change event with the full report (default), the report alone, or
+/// the event alone.
+#[tokio::test]
+async fn http_bodies_carry_the_change_the_report_or_both() {
+    use guestwatch_relay::sink::{
+        HttpBody,
+        event::{Changes, EventBase},
+    };
+    use report::changes::{ChangeClass, PackageChange};
+    let status = Arc::new(Mutex::new(200));
+    let (addr, ca, seen, _dir) = https_server(status).await;
+    let url = format!("https://127.0.0.1:{}/reports", addr.port());
+    let changes = Changes {
+        base: Some(EventBase {
+            report_id: "00000000000000aa-1".into(),
+            content_hash: "aa".into(),
+        }),
+        list: Some(vec![PackageChange {
+            class: ChangeClass::Upgraded,
+            name: "openssl".into(),
+            arch: "x86_64".into(),
+            from: Some("1:3.0.7-24.el9".into()),
+            to: Some("1:3.0.7-27.el9".into()),
+        }]),
+    };
+    for (generation, body) in [
+        (2, HttpBody::Both),
+        (3, HttpBody::Full),
+        (4, HttpBody::Change),
+    ] {
+        let options = SinkOptions {
+            ca_file: Some(ca.clone()),
+            http_body: body,
+            ..SinkOptions::defaults()
+        };
+        let sink = Sink::open(&url, &options).await.unwrap();
+        sink.deliver(&delivery("vm1", generation, "bb"), &changes)
+            .await
+            .unwrap();
+    }
+    let seen = seen.lock().unwrap();
+    let bodies: Vec<&serde_json::Value> = seen.iter().map(|(_, _, b)| b).collect();
+    let keys = |b: &serde_json::Value| {
+        let mut k: Vec<String> = b.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(bodies[0]), ["change", "delivery", "report"]);
+    assert_eq!(bodies[0]["change"]["changes"][0]["class"], "upgraded");
+    assert_eq!(bodies[0]["change"]["changes"][0]["to"], "1:3.0.7-27.el9");
+    assert_eq!(
+        bodies[0]["change"]["base"]["report_id"],
+        "00000000000000aa-1"
+    );
+    assert_eq!(bodies[0]["report"]["success"], true);
+    assert_eq!(keys(bodies[1]), ["delivery", "report"]);
+    let event = bodies[2];
+    assert_eq!(event["report_id"], "00000000000000aa-4");
+    assert_eq!(event["idempotency_key"], "vm1/00000000000000aa-4");
+    assert_eq!(event["counts"]["upgraded"], 1);
+    assert!(event.get("report").is_none(), "the event alone: {event}");
+    // The idempotency key is the same whatever the body.
+    assert_eq!(seen[2].0, "vm1/00000000000000aa-4");
+}
+
 fn redis_or_skip() -> Option<RedisServer> {
     match RedisServer::start() {
         Ok(server) => Some(server),
