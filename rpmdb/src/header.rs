@@ -24,6 +24,9 @@ pub enum HeaderError {
 /// rpm's limits: at most 0xffff index entries, at most 256 MiB of data.
 const MAX_INDEX: u32 = 0xffff;
 const MAX_DATA: u32 = 0x0fff_ffff;
+/// The most strings read of one STRING_ARRAY tag (real packages list a few thousand
+/// provides at most).
+pub const MAX_STRINGS: usize = 65_536;
 const ENTRY_LEN: usize = 16;
 
 mod tag {
@@ -154,15 +157,17 @@ impl<'a> Header<'a> {
         })
     }
 
-    /// Every string of a STRING_ARRAY tag (empty when absent).
+    /// The strings of a STRING_ARRAY tag (empty when absent), at most [`MAX_STRINGS`]: a
+    /// header of empty strings would otherwise cost 24 bytes of memory per byte of input.
     pub fn strings(&self, tag: i32) -> Vec<String> {
         let Some(e) = self.find(tag).filter(|e| e.kind == kind::STRING_ARRAY) else {
             return Vec::new();
         };
         // check_entry proved `count` NUL-terminated strings fit from `offset`.
-        let mut out = Vec::with_capacity(e.count.min(self.data.len()));
+        let count = e.count.min(MAX_STRINGS);
+        let mut out = Vec::with_capacity(count);
         let mut rest = self.data.get(e.offset..).unwrap_or_default();
-        for _ in 0..e.count {
+        for _ in 0..count {
             let Some(end) = rest.iter().position(|&b| b == 0) else {
                 break;
             };
@@ -389,5 +394,19 @@ mod tests {
             package(&huge).err(),
             Some(HeaderError::IndexCount(0xffff_ffff))
         );
+    }
+
+    #[test]
+    fn a_string_array_of_empty_strings_is_read_up_to_the_cap() {
+        let n = MAX_STRINGS + 10_000;
+        let b = blob(&[
+            (tag::NAME, kind::STRING, 1, s("x")),
+            (tag::VERSION, kind::STRING, 1, s("1")),
+            (tag::RELEASE, kind::STRING, 1, s("1")),
+            (tag::PROVIDENAME, kind::STRING_ARRAY, n as u32, vec![0; n]),
+        ]);
+        let p = package(&b).unwrap();
+        assert_eq!(p.provides.len(), MAX_STRINGS);
+        assert!(p.provides.iter().all(String::is_empty));
     }
 }
