@@ -6,7 +6,7 @@
 
 use rpmdb::Package;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
+use uuid::Uuid;
 
 use crate::{Distribution, ReportInput, claircore, inventory::record};
 
@@ -140,22 +140,21 @@ pub fn purl(p: &Package, distribution: Option<&Distribution>) -> String {
     out
 }
 
-/// A version-5-style UUID URN from the content hash (stable for the same content).
+/// The namespace of serial numbers: `Uuid::new_v5(&Uuid::NAMESPACE_URL,
+/// b"urn:guestwatch:cyclonedx:serialNumber")`, fixed here so it can never drift.
+const SERIAL_NAMESPACE: Uuid = uuid::uuid!("4fccf6be-5211-5bdb-8e97-fa5a145cf0d9");
+
+/// The BOM's serial number: a name-based UUID of `seed` (the content hash and the database
+/// path), the same for the same content.
+///
+/// Version 5 (SHA-1 over a fixed namespace and the name), not version 8 with SHA-256 bytes:
+/// CycloneDX asks for an RFC 4122 UUID, which knows versions 1–5 only, so v5 is what every
+/// consumer and schema check accepts. SHA-1 is only a mixing function here: the serial names a
+/// document and proves nothing (the SHA-256 content hash in the properties does that).
 fn serial_number(seed: &str) -> String {
-    let mut b: [u8; 16] = Sha256::digest(seed.as_bytes())[..16]
-        .try_into()
-        .unwrap_or([0; 16]);
-    b[6] = (b[6] & 0x0f) | 0x50;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!(
-        "urn:uuid:{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    Uuid::new_v5(&SERIAL_NAMESPACE, seed.as_bytes())
+        .urn()
+        .to_string()
 }
 
 /// Builds the SBOM of `input`.
@@ -298,9 +297,22 @@ mod tests {
     #[test]
     fn serial_numbers_are_version_5_uuids() {
         let s = serial_number("x");
-        assert_eq!(s.len(), "urn:uuid:".len() + 36);
+        let id = Uuid::parse_str(s.strip_prefix("urn:uuid:").unwrap()).unwrap();
+        assert_eq!(id.get_version(), Some(uuid::Version::Sha1));
+        assert_eq!(id.get_variant(), uuid::Variant::RFC4122);
+        // The textual form too: version nibble 5, variant bits 10.
         assert_eq!(&s[23..24], "5");
         assert!("89ab".contains(&s[28..29]), "{s}");
+        // The namespace is the one its comment derives.
+        assert_eq!(
+            SERIAL_NAMESPACE,
+            Uuid::new_v5(
+                &Uuid::NAMESPACE_URL,
+                b"urn:guestwatch:cyclonedx:serialNumber"
+            )
+        );
+        // Deterministic, and as an independent implementation (Python's uuid.uuid5) computes it.
+        assert_eq!(s, "urn:uuid:42819f11-a25b-59fd-917c-4fefbaf7a24f");
         assert_eq!(s, serial_number("x"));
         assert_ne!(s, serial_number("y"));
     }

@@ -196,6 +196,7 @@ impl<'a> Db<'a> {
                     ));
                 }
                 out.bytes_decoded += b.len() as u64;
+                out.keep(walk.options, || entry.clone(), &b);
                 header::package(&b).map_err(|e| e.to_string())
             });
             match blob {

@@ -71,6 +71,17 @@ pub struct Scan {
     /// Bytes of header blobs handed to the decoder: at most about the file's size, whatever
     /// the file says (shared overflow chains or blobs are read once).
     pub bytes_decoded: u64,
+    /// With [`ReadOptions::keep_blobs`]: a copy of every header blob handed to the decoder.
+    pub blobs: Vec<HeaderBlob>,
+}
+
+/// One header blob as the database stores it (no lead, no header magic), as handed to the
+/// decoder: every blob the storage layer delivered whole, whether it then decoded or not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeaderBlob {
+    /// Where it was stored (`hnum 12`, `page 3 entry 0`, `pkg 7`), as [`EntryError`] names it.
+    pub entry: String,
+    pub bytes: Vec<u8>,
 }
 
 /// How long [`read`] may take: the agent's default `--scan-timeout`.
@@ -88,6 +99,10 @@ pub struct ReadOptions {
     /// Header blobs larger than this are skipped as damaged entries, never loaded (default:
     /// rpm's own limit, [`MAX_HEADER_BYTES`]).
     pub max_header_bytes: usize,
+    /// Keep a copy of every header blob handed to the decoder, gpg-pubkeys included, in
+    /// [`Scan::blobs`] (off by default: it doubles what a scan holds). For differential tests
+    /// against other decoders and for tools.
+    pub keep_blobs: bool,
 }
 
 impl Default for ReadOptions {
@@ -95,6 +110,7 @@ impl Default for ReadOptions {
         Self {
             deadline: None,
             max_header_bytes: MAX_HEADER_BYTES,
+            keep_blobs: false,
         }
     }
 }
@@ -251,6 +267,7 @@ pub fn read_with(source: Source<'_>, options: &ReadOptions) -> Result<Scan, DbEr
         pubkeys,
         errors: read.errors,
         bytes_decoded: read.bytes_decoded,
+        blobs: read.blobs,
     })
 }
 
@@ -306,4 +323,23 @@ pub struct Decoded {
     pub errors: Vec<EntryError>,
     /// Bytes of header blobs handed to the decoder.
     pub bytes_decoded: u64,
+    /// With [`ReadOptions::keep_blobs`]: every header blob handed to the decoder.
+    pub blobs: Vec<HeaderBlob>,
+}
+
+impl Decoded {
+    /// Keeps a copy of `blob`, about to be decoded, when the options ask for it.
+    pub(crate) fn keep(
+        &mut self,
+        options: &ReadOptions,
+        entry: impl FnOnce() -> String,
+        blob: &[u8],
+    ) {
+        if options.keep_blobs {
+            self.blobs.push(HeaderBlob {
+                entry: entry(),
+                bytes: blob.to_vec(),
+            });
+        }
+    }
 }

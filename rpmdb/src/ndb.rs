@@ -143,8 +143,11 @@ pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded, By
             continue;
         }
         out.bytes_decoded += blob.len() as u64;
-        match blob_header(blob, pkgidx).and_then(|h| header::package(h).map_err(|e| e.to_string()))
-        {
+        let decoded = blob_header(blob, pkgidx).and_then(|h| {
+            out.keep(options, || format!("pkg {pkgidx}"), h);
+            header::package(h).map_err(|e| e.to_string())
+        });
+        match decoded {
             Ok(p) => out.packages.push(p),
             Err(reason) => out.errors.push(pkg(reason)),
         }

@@ -470,6 +470,7 @@ fn read_packages(
             }
         };
         out.bytes_decoded += blob.len() as u64;
+        out.keep(options, entry, blob);
         match header::package(blob) {
             Ok(p) => out.packages.push(p),
             Err(e) => out.errors.push(EntryError {

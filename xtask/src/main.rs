@@ -36,11 +36,13 @@ enum Cmd {
     Build,
     /// Build only the BPF programs for bpfel-unknown-none and check the object has BTF.
     BuildEbpf,
-    /// Run every check CI runs: setup, build-ebpf, fmt, clippy -D warnings, all tests, vm-test.
+    /// Run every check CI runs: setup, build-ebpf, fmt, clippy -D warnings, all tests, the
+    /// agent RPM and its contents (rpm -qlp), vm-test.
     Test,
     /// The main job end to end on a real rpm database, showing changes as they are detected.
     Demo,
-    /// Build a static agent and package it as an RPM for RHEL/Fedora guests.
+    /// Build a static agent and package it as an RPM for RHEL/Fedora guests (installs the
+    /// pinned cargo-generate-rpm when missing), then check its contents with rpm.
     PackageRpm,
     /// Run benchmarks (all, or the named `cargo bench` targets), each against its peer.
     Bench {

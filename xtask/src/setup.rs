@@ -51,6 +51,7 @@ pub fn setup() -> Result<()> {
     nightly()?;
     bpf_linker()?;
     vhost_device_vsock()?;
+    cargo_generate_rpm()?;
     cyclonedx_validator()?;
     step("setup complete");
     Ok(())
@@ -261,6 +262,66 @@ fn vhost_device_vsock() -> Result<()> {
     vhost_device_vsock_path()
         .map(|p| note(&format!("installed {}", p.display())))
         .context("vhost-device-vsock was installed but does not run: try `~/.cargo/bin/vhost-device-vsock --version`")
+}
+
+/// The cargo-generate-rpm release `cargo xtask package-rpm` is written against (its
+/// `[package.metadata.generate-rpm]` keys and `--package/--target/--target-dir/--output`).
+pub const CARGO_GENERATE_RPM_VERSION: &str = "0.21.1";
+
+/// The installed cargo-generate-rpm, if it is the pinned version.
+pub fn cargo_generate_rpm_path() -> Option<PathBuf> {
+    let path = cargo_bin_dir().join("cargo-generate-rpm");
+    // As a cargo subcommand it is run as `cargo-generate-rpm generate-rpm …`.
+    output(Command::new(&path).args(["generate-rpm", "--version"]))
+        .filter(|v| v.split_whitespace().nth(1) == Some(CARGO_GENERATE_RPM_VERSION))
+        .map(|_| path)
+}
+
+/// Installs the pinned cargo-generate-rpm unless it is there (a different version is replaced).
+pub fn cargo_generate_rpm() -> Result<()> {
+    step("checking cargo-generate-rpm (builds the agent's RPM: cargo xtask package-rpm)");
+    if let Some(path) = cargo_generate_rpm_path() {
+        note(&format!(
+            "{} {CARGO_GENERATE_RPM_VERSION} runs",
+            path.display()
+        ));
+        return Ok(());
+    }
+    note(&format!(
+        "installing cargo-generate-rpm {CARGO_GENERATE_RPM_VERSION} from crates.io into {} \
+         (about two minutes once)",
+        cargo_bin_dir().display()
+    ));
+    run(
+        Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            // --locked: its own lock file, so newer dependencies cannot raise its MSRV;
+            // --force: replaces another installed version.
+            .args([
+                "install",
+                "cargo-generate-rpm",
+                "--version",
+                CARGO_GENERATE_RPM_VERSION,
+                "--locked",
+                "--force",
+            ])
+            // Its dependency ff 0.13 ships a rust-toolchain.toml pinning Rust 1.56.0, which
+            // rustup honours while rustc runs in ff's source directory (not installed: the
+            // build fails; installed: too old). The toolchain rustup started xtask with
+            // (RUSTUP_TOOLCHAIN, which rustup sets for what it runs) overrides such files.
+            .env(
+                "RUSTUP_TOOLCHAIN",
+                std::env::var_os("RUSTUP_TOOLCHAIN").unwrap_or_else(|| "stable".into()),
+            )
+            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("RUSTFLAGS"),
+        "needs network access to crates.io",
+    )?;
+    cargo_generate_rpm_path()
+        .map(|p| note(&format!("installed {}", p.display())))
+        .context(
+            "cargo-generate-rpm was installed but does not run: try \
+             `~/.cargo/bin/cargo-generate-rpm generate-rpm --version`",
+        )
 }
 
 /// The CycloneDX project's own Python library validates SBOMs against the official 1.6 JSON

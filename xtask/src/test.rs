@@ -1,5 +1,6 @@
 //! `cargo xtask test`: the whole check suite, exactly as CI runs it: setup, the BPF object,
-//! formatting, lints, every test, and the nested-guest end-to-end test.
+//! formatting, lints, every test, the agent's RPM and its contents, and the nested-guest
+//! end-to-end test.
 
 use anyhow::Result;
 
@@ -36,6 +37,9 @@ pub fn test() -> Result<()> {
         cargo().args(["test", "--workspace", "--", "--show-output"]),
         "see the failing test above",
     )?;
+
+    // Before vm-test, which uses the same static agent: the package costs only its own step.
+    crate::package::build_rpm()?;
 
     step("the real guest kernel end to end (cargo xtask vm-test)");
     crate::vmtest::vm_test(&crate::vmtest::Options {
