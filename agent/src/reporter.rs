@@ -178,6 +178,7 @@ mod tests {
                 pubkeys: Vec::new(),
                 errors: Vec::new(),
                 bytes_decoded: 0,
+                blobs: Vec::new(),
             },
             system: report::SystemInfo::none(),
             content_hash: document.content_hash().0,
