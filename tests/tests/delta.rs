@@ -8,7 +8,7 @@ use std::{path::Path, time::Duration};
 
 use guestwatch_tests::{
     Agent, CountingProxy, DELIVERY, RedisServer, Relay, assert_no_double_delivery, base_db,
-    free_port, metric, pkg, prerequisites, testkit, wait_for, wait_synced,
+    free_port, metric, pkg, prerequisites, state_file, testkit, wait_for, wait_synced,
 };
 
 fn relay_metric(addr: std::net::SocketAddr, series: &str) -> f64 {
@@ -134,8 +134,9 @@ fn a_relay_restarted_with_an_empty_cache_takes_the_base_from_its_dir_sink() {
         None,
         &["--metrics", &metrics.to_string()],
     );
-    let _agent = Agent::start(work.path(), "vm1", db.path(), &relay.socket("vm1"), &[]);
-    wait_synced(&relay, "vm1", &db, "the first report");
+    let agent = Agent::start(work.path(), "vm1", db.path(), &relay.socket("vm1"), &[]);
+    let first = wait_synced(&relay, "vm1", &db, "the first report");
+    wait_acked(&agent, &first);
     relay.restart();
     db.install(&pkg(work.path(), "after-restart", "1.0"))
         .unwrap();
@@ -182,7 +183,7 @@ fn a_relay_restarted_with_an_empty_cache_takes_the_base_from_redis() {
         Some(&sink),
         &["--redis-stream", "delta", "--metrics", &metrics.to_string()],
     );
-    let _agent = Agent::start(work.path(), "vm1", db.path(), &relay.socket("vm1"), &[]);
+    let agent = Agent::start(work.path(), "vm1", db.path(), &relay.socket("vm1"), &[]);
     let xlen = || {
         redis
             .command("XLEN delta")
@@ -194,6 +195,9 @@ fn a_relay_restarted_with_an_empty_cache_takes_the_base_from_redis() {
     };
     wait_for("the first report in Redis", DELIVERY, || {
         (xlen()? == 1).then_some(())
+    });
+    wait_for("the agent to record the acknowledgement", DELIVERY, || {
+        state_file(&agent, "acked")?.starts_with("1 ").then_some(())
     });
     relay.restart();
     db.install(&pkg(work.path(), "after-restart", "1.0"))
@@ -236,6 +240,18 @@ fn a_relay_restarted_with_an_empty_cache_takes_the_base_from_redis() {
     }
 }
 
+/// Waits until the agent has recorded the acknowledgement of the report the sink delivered as
+/// `latest` (killing the relay before would leave the agent an older base, and the report
+/// to retransmit).
+fn wait_acked(agent: &Agent, latest: &serde_json::Value) {
+    let id = latest["delivery"]["report_id"].as_str().unwrap().to_owned();
+    let generation = id.rsplit('-').next().unwrap().to_owned();
+    wait_for("the agent to record the acknowledgement", DELIVERY, || {
+        let acked = state_file(agent, "acked")?;
+        acked.starts_with(&format!("{generation} ")).then_some(())
+    });
+}
+
 /// Copies the VM's latest files of the dir sink from `from` to `to`.
 fn copy_latest(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
@@ -263,7 +279,8 @@ fn a_stale_or_missing_base_is_answered_need_full_and_nothing_is_lost() {
     let one = wait_synced(&relay, "vm1", &db, "the first install");
     copy_latest(&vm_dir, &saved);
     db.install(&pkg(work.path(), "two", "1.0")).unwrap();
-    wait_synced(&relay, "vm1", &db, "the second install");
+    let two = wait_synced(&relay, "vm1", &db, "the second install");
+    wait_acked(&agent, &two);
 
     // Stale: the sink's latest is rolled back to "one", the agent's base is "two".
     relay.process.kill();
@@ -284,6 +301,7 @@ fn a_stale_or_missing_base_is_answered_need_full_and_nothing_is_lost() {
         changes(&event),
         vec![pair("added", "three"), pair("added", "two")]
     );
+    wait_acked(&agent, &three);
 
     // Missing: the sink lost the VM's compact inventory.
     relay.process.kill();
