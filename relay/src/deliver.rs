@@ -26,6 +26,7 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
+use guestwatch_daemon::backoff::Backoff;
 use guestwatch_protocol::{DEFAULT_MAX_REPORT_PAYLOAD, inventory::Document};
 
 use crate::{
@@ -222,8 +223,8 @@ struct VmState {
     bytes: Option<ByteBudget>,
     /// One report of this VM is decompressed and checked at a time.
     validating: Arc<tokio::sync::Semaphore>,
-    /// Sink failures in a row (for backoff), and when the next retry is due.
-    failures: u32,
+    /// Sink failures in a row (its attempts) pacing the retries, and when the next is due.
+    retries: Backoff,
     retry_at: Option<Instant>,
     /// Serialises writes for this VM.
     lock: Arc<tokio::sync::Mutex<()>>,
@@ -327,7 +328,7 @@ impl Deliverer {
             bucket: Bucket::new(self.config.reports_per_minute, Instant::now()),
             bytes: ByteBudget::new(self.config.max_sink_bytes_per_minute, Instant::now()),
             validating: Arc::new(tokio::sync::Semaphore::new(1)),
-            failures: 0,
+            retries: Backoff::new(self.config.retry_base, self.config.retry_max),
             retry_at: None,
             lock: Arc::new(tokio::sync::Mutex::new(())),
         });
@@ -550,13 +551,7 @@ impl Deliverer {
         self.sink_result(Some(error));
         log::warn!("sink refused the report of {vm}: {error}");
         let delay = self.with_vm(vm, |s| {
-            s.failures = s.failures.saturating_add(1);
-            let exp = self
-                .config
-                .retry_base
-                .saturating_mul(1u32 << s.failures.min(16).saturating_sub(1));
-            let capped = exp.min(self.config.retry_max);
-            let jittered = capped / 2 + capped.mul_f64(fastrand::f64() / 2.0);
+            let jittered = s.retries.next_delay();
             let delay = error
                 .retry_after()
                 .map_or(jittered, |hint| hint.max(jittered));
@@ -628,7 +623,7 @@ impl Deliverer {
         self.with_vm(&delivery.vm, |s| {
             s.in_sink = Some(delivery.content_hash.clone());
             s.last_report_id = Some(delivery.report_id.clone());
-            s.failures = 0;
+            s.retries.reset();
             s.retry_at = None;
             if let Some(b) = s.bytes.as_mut() {
                 b.charge(bytes, Instant::now());
@@ -650,7 +645,7 @@ impl Deliverer {
             let retry = s.retry_at.unwrap_or(now);
             // A retry after a sink failure is paced by backoff alone; the rate limit applies to
             // first attempts.
-            let rate = if s.failures > 0 {
+            let rate = if s.retries.attempts() > 0 {
                 now
             } else {
                 s.bucket.as_mut().map_or(now, |b| now + b.wait(now))
@@ -707,7 +702,7 @@ impl Deliverer {
         }) {
             return;
         }
-        let first_attempt = self.with_vm(vm, |s| s.failures == 0);
+        let first_attempt = self.with_vm(vm, |s| s.retries.attempts() == 0);
         if first_attempt && !self.with_vm(vm, |s| s.bucket.as_mut().is_none_or(|b| b.take(now))) {
             return;
         }

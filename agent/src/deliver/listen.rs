@@ -11,11 +11,12 @@ use std::{
     time::Duration,
 };
 
+use guestwatch_daemon::backoff::Backoff;
 use guestwatch_protocol::Hello;
 use tokio::{net::UnixListener, sync::Notify, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use super::{backoff::Backoff, session::Session, transport::RelayStream};
+use super::{session::Session, transport::RelayStream};
 use crate::{config::ListenAddr, metrics::Metrics};
 
 /// The host's CID on AF_VSOCK: the only peer a listening agent accepts there.
