@@ -26,7 +26,7 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
-use guestwatch_daemon::backoff::Backoff;
+use guestwatch_daemon::{backoff::Backoff, token_bucket::TokenBucket};
 use guestwatch_protocol::{DEFAULT_MAX_REPORT_PAYLOAD, inventory::Document};
 
 use crate::{
@@ -110,100 +110,6 @@ impl Deferral {
     }
 }
 
-/// Per-VM token bucket: `per_minute` on average, bursts of up to a sixth of that (at least 1).
-#[derive(Debug)]
-struct Bucket {
-    capacity: f64,
-    per_sec: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(per_minute: u32, now: Instant) -> Option<Self> {
-        (per_minute > 0).then(|| {
-            let capacity = f64::from((per_minute / 6).max(1));
-            Self {
-                capacity,
-                per_sec: f64::from(per_minute) / 60.0,
-                tokens: capacity,
-                at: now,
-            }
-        })
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
-        self.at = now;
-    }
-
-    fn wait(&mut self, now: Instant) -> Duration {
-        self.refill(now);
-        if self.tokens >= 1.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec)
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        if self.wait(now).is_zero() {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Per-VM budget of bytes written to the sink: `per_minute` on average, bursts of a sixth of
-/// that. A write is allowed while the budget is not in debt and is charged what it wrote, so a
-/// report larger than the burst still goes through (the VM then waits the debt off). Over any
-/// window T a VM writes at most burst + T × rate + its largest single write.
-#[derive(Debug)]
-struct ByteBudget {
-    capacity: f64,
-    per_sec: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl ByteBudget {
-    fn new(per_minute: u64, now: Instant) -> Option<Self> {
-        (per_minute > 0).then(|| {
-            let capacity = (per_minute as f64 / 6.0).max(1.0);
-            Self {
-                capacity,
-                per_sec: per_minute as f64 / 60.0,
-                tokens: capacity,
-                at: now,
-            }
-        })
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
-        self.at = now;
-    }
-
-    /// How long until a write is allowed.
-    fn wait(&mut self, now: Instant) -> Duration {
-        self.refill(now);
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.per_sec)
-        }
-    }
-
-    fn charge(&mut self, bytes: u64, now: Instant) {
-        self.refill(now);
-        self.tokens -= bytes as f64;
-    }
-}
-
 /// Since when sink writes have been failing (none succeeded since), and the last error.
 #[derive(Debug, Default)]
 struct SinkHealth {
@@ -219,8 +125,12 @@ struct VmState {
     asked_sink: bool,
     /// The id of the last report written for this VM.
     last_report_id: Option<String>,
-    bucket: Option<Bucket>,
-    bytes: Option<ByteBudget>,
+    /// Reports per minute: `None` when unlimited.
+    bucket: Option<TokenBucket<Instant>>,
+    /// Bytes per minute written to the sink: a write is allowed while the budget is not in
+    /// debt and is charged what it wrote, so a report larger than the burst still goes through
+    /// (the VM then waits the debt off); `None` when unlimited.
+    bytes: Option<TokenBucket<Instant>>,
     /// One report of this VM is decompressed and checked at a time.
     validating: Arc<tokio::sync::Semaphore>,
     /// Sink failures in a row (its attempts) pacing the retries, and when the next is due.
@@ -325,8 +235,11 @@ impl Deliverer {
             in_sink: None,
             asked_sink: false,
             last_report_id: None,
-            bucket: Bucket::new(self.config.reports_per_minute, Instant::now()),
-            bytes: ByteBudget::new(self.config.max_sink_bytes_per_minute, Instant::now()),
+            bucket: TokenBucket::per_minute(self.config.reports_per_minute, Instant::now()),
+            bytes: TokenBucket::budget_per_minute(
+                self.config.max_sink_bytes_per_minute,
+                Instant::now(),
+            ),
             validating: Arc::new(tokio::sync::Semaphore::new(1)),
             retries: Backoff::new(self.config.retry_base, self.config.retry_max),
             retry_at: None,
