@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use guestwatch_daemon::duration::parse_duration;
 
 use crate::detect::{DetectorChoice, process::AttributionMode};
 
@@ -157,27 +158,9 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 }
 
-/// Durations like `150ms`, `4h`, `1h30m`, or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e} (examples: 150ms, 30s, 4h)"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("150ms"), Ok(Duration::from_millis(150)));
-        assert_eq!(parse_duration("4h"), Ok(Duration::from_secs(4 * 3600)));
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert!(parse_duration("soon").is_err());
-    }
 
     #[test]
     fn cli_is_well_formed() {

@@ -25,27 +25,23 @@ use std::{
     time::Duration,
 };
 
+use guestwatch_daemon::config::{
+    ConfigError as SettingsError, load_toml, pick_duration, pick_parsed,
+};
 use serde::Deserialize;
 
 use crate::{
-    cli::{DetectArgs, RunArgs, Target, WatchArgs, parse_duration},
+    cli::{DetectArgs, RunArgs, Target, WatchArgs},
     deliver::machine::MachineId,
     detect::{DetectorChoice, process::AttributionMode, schedule::ScheduleConfig},
 };
 
-/// Why settings are unusable.
+/// Why settings are unusable: what the relay's can be too (an unreadable file, a bad value),
+/// or the target of the inventory.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
-    #[error("{key}: {message}")]
-    Invalid { key: &'static str, message: String },
+    #[error(transparent)]
+    Settings(#[from] SettingsError),
     #[error(
         "say what to inventory: --root DIR or --dbpath DIR (or root/dbpath in the config file)"
     )]
@@ -82,17 +78,10 @@ pub struct FileConfig {
 impl FileConfig {
     /// Reads `path`, or returns the empty configuration when there is none.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let Some(path) = path else {
-            return Ok(Self::default());
-        };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().lines().collect::<Vec<_>>().join(" "),
-        })
+        match path {
+            Some(path) => Ok(load_toml(path)?),
+            None => Ok(Self::default()),
+        }
     }
 }
 
@@ -155,7 +144,7 @@ impl DetectSettings {
         let choice = match (args.detector, &file.detector) {
             (Some(choice), _) => choice,
             (None, Some(text)) => <DetectorChoice as clap::ValueEnum>::from_str(text, true)
-                .map_err(|_| ConfigError::Invalid {
+                .map_err(|_| SettingsError::Invalid {
                     key: "detector",
                     message: format!("`{text}` is not one of auto, ebpf, inotify, periodic"),
                 })?,
@@ -164,7 +153,7 @@ impl DetectSettings {
         let attribution = match (args.attribution, &file.attribution) {
             (Some(mode), _) => mode,
             (None, Some(text)) => <AttributionMode as clap::ValueEnum>::from_str(text, true)
-                .map_err(|_| ConfigError::Invalid {
+                .map_err(|_| SettingsError::Invalid {
                     key: "attribution",
                     message: format!("`{text}` is not one of full, minimal"),
                 })?,
@@ -179,10 +168,11 @@ impl DetectSettings {
         let scan_timeout = pick_duration(args.scan_timeout, &file.scan_timeout, "scan_timeout")?
             .unwrap_or(DEFAULT_SCAN_TIMEOUT);
         if scan_timeout.is_zero() {
-            return Err(ConfigError::Invalid {
+            return Err(SettingsError::Invalid {
                 key: "scan_timeout",
                 message: "must be longer than 0".into(),
-            });
+            }
+            .into());
         }
         Ok(Self {
             choice,
@@ -328,7 +318,7 @@ impl RunSettings {
             .clone()
             .or_else(|| file.listen.clone())
             .map(|text| {
-                text.parse().map_err(|message| ConfigError::Invalid {
+                text.parse().map_err(|message| SettingsError::Invalid {
                     key: "listen",
                     message,
                 })
@@ -342,20 +332,13 @@ impl RunSettings {
         };
         let relay = relay_text
             .map(|text| {
-                text.parse().map_err(|message| ConfigError::Invalid {
+                text.parse().map_err(|message| SettingsError::Invalid {
                     key: "relay",
                     message,
                 })
             })
             .transpose()?;
-        let metrics = match (args.metrics, &file.metrics) {
-            (Some(addr), _) => Some(addr),
-            (None, Some(text)) => Some(text.parse().map_err(|e| ConfigError::Invalid {
-                key: "metrics",
-                message: format!("`{text}`: {e}"),
-            })?),
-            (None, None) => None,
-        };
+        let metrics = pick_parsed(args.metrics, &file.metrics, "metrics")?;
         Ok(Self {
             target: TargetSpec::resolve(&args.target, &file)?,
             detect: DetectSettings::resolve(&args.detect, &file)?,
@@ -393,20 +376,6 @@ impl RunSettings {
             (None, TargetSpec::Root(root)) => MachineId::read_in_root(root, name),
             (None, TargetSpec::DbPath(_)) => MachineId::read_in_root(Path::new("/"), name),
         }
-    }
-}
-
-fn pick_duration(
-    flag: Option<Duration>,
-    file: &Option<String>,
-    key: &'static str,
-) -> Result<Option<Duration>, ConfigError> {
-    match (flag, file) {
-        (Some(d), _) => Ok(Some(d)),
-        (None, Some(text)) => parse_duration(text)
-            .map(Some)
-            .map_err(|message| ConfigError::Invalid { key, message }),
-        (None, None) => Ok(None),
     }
 }
 

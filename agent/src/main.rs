@@ -11,10 +11,8 @@ use guestwatch_agent::{
 };
 
 fn main() {
-    // env_logger ignores failed writes: logging to a closed stderr is silent, never a panic.
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("GUESTWATCH_LOG", "info"))
-        .target(env_logger::Target::Stderr)
-        .init();
+    // Logging to a closed stderr is silent, never a panic.
+    guestwatch_daemon::logging::init();
     let cli = Cli::parse();
     // `scan` and `watch` are filters: when their reader goes away (`… | head -1`), they stop
     // quietly with status 0. The daemon has no stdout to lose; its errors are real.

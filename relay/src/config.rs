@@ -5,6 +5,11 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
+pub use guestwatch_daemon::config::ConfigError;
+use guestwatch_daemon::{
+    config::{load_toml, pick_duration, pick_parsed},
+    duration::parse_duration,
+};
 use serde::Deserialize;
 
 use crate::{
@@ -229,44 +234,6 @@ pub struct Settings {
     pub idle_timeout: Duration,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("reading {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
-    #[error("{key}: {message}")]
-    Invalid { key: &'static str, message: String },
-}
-
-/// Durations like `150ms`, `4h`, or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(text).map_err(|e| format!("`{text}`: {e} (examples: 150ms, 30s, 4h)"))
-}
-
-fn duration(
-    flag: Option<Duration>,
-    file: &Option<String>,
-    key: &'static str,
-    default: Duration,
-) -> Result<Duration, ConfigError> {
-    match (flag, file) {
-        (Some(d), _) => Ok(d),
-        (None, Some(text)) => {
-            parse_duration(text).map_err(|message| ConfigError::Invalid { key, message })
-        }
-        (None, None) => Ok(default),
-    }
-}
-
 fn parse_hybrid(spec: &str) -> Result<HybridVm, ConfigError> {
     let (name, path) = spec.split_once('=').ok_or_else(|| ConfigError::Invalid {
         key: "hybrid",
@@ -292,14 +259,7 @@ fn parse_hybrid(spec: &str) -> Result<HybridVm, ConfigError> {
 
 impl FileConfig {
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().lines().collect::<Vec<_>>().join(" "),
-        })
+        load_toml(path)
     }
 
     /// The pull targets the file lists.
@@ -395,27 +355,20 @@ impl Settings {
         }
         let pull_defaults = PullConfig::default();
         let pull_config = PullConfig {
-            connect_timeout: duration(
+            connect_timeout: pick_duration(
                 args.pull_connect_timeout,
                 &file.pull_connect_timeout,
                 "pull_connect_timeout",
-                pull_defaults.connect_timeout,
-            )?,
-            max_backoff: duration(
+            )?
+            .unwrap_or(pull_defaults.connect_timeout),
+            max_backoff: pick_duration(
                 args.pull_max_backoff,
                 &file.pull_max_backoff,
                 "pull_max_backoff",
-                pull_defaults.max_backoff,
-            )?,
+            )?
+            .unwrap_or(pull_defaults.max_backoff),
         };
-        let metrics = match (args.metrics, &file.metrics) {
-            (Some(a), _) => Some(a),
-            (None, Some(text)) => Some(text.parse().map_err(|e| ConfigError::Invalid {
-                key: "metrics",
-                message: format!("`{text}`: {e}"),
-            })?),
-            (None, None) => None,
-        };
+        let metrics = pick_parsed(args.metrics, &file.metrics, "metrics")?;
         let token_file = args
             .http_token_file
             .clone()
@@ -434,12 +387,8 @@ impl Settings {
         };
         let defaults = SinkOptions::defaults();
         let delivery_defaults = DeliveryConfig::default();
-        let sink_timeout = duration(
-            args.sink_timeout,
-            &file.sink_timeout,
-            "sink_timeout",
-            delivery_defaults.sink_timeout,
-        )?;
+        let sink_timeout = pick_duration(args.sink_timeout, &file.sink_timeout, "sink_timeout")?
+            .unwrap_or(delivery_defaults.sink_timeout);
         Ok(Self {
             vsock_port,
             hybrid,
@@ -468,12 +417,12 @@ impl Settings {
                     .redis_maxlen
                     .or(file.redis_maxlen)
                     .unwrap_or(defaults.redis_maxlen),
-                redis_latest_ttl: duration(
+                redis_latest_ttl: pick_duration(
                     args.redis_latest_ttl,
                     &file.redis_latest_ttl,
                     "redis_latest_ttl",
-                    defaults.redis_latest_ttl,
-                )?,
+                )?
+                .unwrap_or(defaults.redis_latest_ttl),
                 redis_prefix: args
                     .redis_prefix
                     .clone()
@@ -497,12 +446,8 @@ impl Settings {
                     .cache_slots
                     .or(file.cache_slots)
                     .unwrap_or(delivery_defaults.cache_slots),
-                cache_ttl: duration(
-                    args.cache_ttl,
-                    &file.cache_ttl,
-                    "cache_ttl",
-                    delivery_defaults.cache_ttl,
-                )?,
+                cache_ttl: pick_duration(args.cache_ttl, &file.cache_ttl, "cache_ttl")?
+                    .unwrap_or(delivery_defaults.cache_ttl),
                 max_inflight: args
                     .max_inflight
                     .or(file.max_inflight)
@@ -512,12 +457,12 @@ impl Settings {
                     .max_sink_bytes_per_minute
                     .or(file.max_sink_bytes_per_minute)
                     .unwrap_or(delivery_defaults.max_sink_bytes_per_minute),
-                sink_unhealthy_after: duration(
+                sink_unhealthy_after: pick_duration(
                     args.sink_unhealthy_after,
                     &file.sink_unhealthy_after,
                     "sink_unhealthy_after",
-                    delivery_defaults.sink_unhealthy_after,
-                )?,
+                )?
+                .unwrap_or(delivery_defaults.sink_unhealthy_after),
                 inventory_cache_bytes: args
                     .inventory_cache_bytes
                     .or(file.inventory_cache_bytes)
@@ -540,18 +485,10 @@ impl Settings {
                 .max_frame
                 .or(file.max_frame)
                 .unwrap_or(16 * 1024 * 1024),
-            read_timeout: duration(
-                args.read_timeout,
-                &file.read_timeout,
-                "read_timeout",
-                Duration::from_secs(30),
-            )?,
-            idle_timeout: duration(
-                args.idle_timeout,
-                &file.idle_timeout,
-                "idle_timeout",
-                Duration::from_secs(120),
-            )?,
+            read_timeout: pick_duration(args.read_timeout, &file.read_timeout, "read_timeout")?
+                .unwrap_or(Duration::from_secs(30)),
+            idle_timeout: pick_duration(args.idle_timeout, &file.idle_timeout, "idle_timeout")?
+                .unwrap_or(Duration::from_secs(120)),
         })
     }
 }

@@ -26,6 +26,7 @@ use std::{
 use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
+use guestwatch_daemon::{backoff::Backoff, token_bucket::TokenBucket};
 use guestwatch_protocol::{DEFAULT_MAX_REPORT_PAYLOAD, inventory::Document};
 
 use crate::{
@@ -109,100 +110,6 @@ impl Deferral {
     }
 }
 
-/// Per-VM token bucket: `per_minute` on average, bursts of up to a sixth of that (at least 1).
-#[derive(Debug)]
-struct Bucket {
-    capacity: f64,
-    per_sec: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(per_minute: u32, now: Instant) -> Option<Self> {
-        (per_minute > 0).then(|| {
-            let capacity = f64::from((per_minute / 6).max(1));
-            Self {
-                capacity,
-                per_sec: f64::from(per_minute) / 60.0,
-                tokens: capacity,
-                at: now,
-            }
-        })
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
-        self.at = now;
-    }
-
-    fn wait(&mut self, now: Instant) -> Duration {
-        self.refill(now);
-        if self.tokens >= 1.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec)
-        }
-    }
-
-    fn take(&mut self, now: Instant) -> bool {
-        if self.wait(now).is_zero() {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Per-VM budget of bytes written to the sink: `per_minute` on average, bursts of a sixth of
-/// that. A write is allowed while the budget is not in debt and is charged what it wrote, so a
-/// report larger than the burst still goes through (the VM then waits the debt off). Over any
-/// window T a VM writes at most burst + T × rate + its largest single write.
-#[derive(Debug)]
-struct ByteBudget {
-    capacity: f64,
-    per_sec: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl ByteBudget {
-    fn new(per_minute: u64, now: Instant) -> Option<Self> {
-        (per_minute > 0).then(|| {
-            let capacity = (per_minute as f64 / 6.0).max(1.0);
-            Self {
-                capacity,
-                per_sec: per_minute as f64 / 60.0,
-                tokens: capacity,
-                at: now,
-            }
-        })
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
-        self.at = now;
-    }
-
-    /// How long until a write is allowed.
-    fn wait(&mut self, now: Instant) -> Duration {
-        self.refill(now);
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-self.tokens / self.per_sec)
-        }
-    }
-
-    fn charge(&mut self, bytes: u64, now: Instant) {
-        self.refill(now);
-        self.tokens -= bytes as f64;
-    }
-}
-
 /// Since when sink writes have been failing (none succeeded since), and the last error.
 #[derive(Debug, Default)]
 struct SinkHealth {
@@ -218,12 +125,16 @@ struct VmState {
     asked_sink: bool,
     /// The id of the last report written for this VM.
     last_report_id: Option<String>,
-    bucket: Option<Bucket>,
-    bytes: Option<ByteBudget>,
+    /// Reports per minute: `None` when unlimited.
+    bucket: Option<TokenBucket<Instant>>,
+    /// Bytes per minute written to the sink: a write is allowed while the budget is not in
+    /// debt and is charged what it wrote, so a report larger than the burst still goes through
+    /// (the VM then waits the debt off); `None` when unlimited.
+    bytes: Option<TokenBucket<Instant>>,
     /// One report of this VM is decompressed and checked at a time.
     validating: Arc<tokio::sync::Semaphore>,
-    /// Sink failures in a row (for backoff), and when the next retry is due.
-    failures: u32,
+    /// Sink failures in a row (its attempts) pacing the retries, and when the next is due.
+    retries: Backoff,
     retry_at: Option<Instant>,
     /// Serialises writes for this VM.
     lock: Arc<tokio::sync::Mutex<()>>,
@@ -324,10 +235,13 @@ impl Deliverer {
             in_sink: None,
             asked_sink: false,
             last_report_id: None,
-            bucket: Bucket::new(self.config.reports_per_minute, Instant::now()),
-            bytes: ByteBudget::new(self.config.max_sink_bytes_per_minute, Instant::now()),
+            bucket: TokenBucket::per_minute(self.config.reports_per_minute, Instant::now()),
+            bytes: TokenBucket::budget_per_minute(
+                self.config.max_sink_bytes_per_minute,
+                Instant::now(),
+            ),
             validating: Arc::new(tokio::sync::Semaphore::new(1)),
-            failures: 0,
+            retries: Backoff::new(self.config.retry_base, self.config.retry_max),
             retry_at: None,
             lock: Arc::new(tokio::sync::Mutex::new(())),
         });
@@ -550,13 +464,7 @@ impl Deliverer {
         self.sink_result(Some(error));
         log::warn!("sink refused the report of {vm}: {error}");
         let delay = self.with_vm(vm, |s| {
-            s.failures = s.failures.saturating_add(1);
-            let exp = self
-                .config
-                .retry_base
-                .saturating_mul(1u32 << s.failures.min(16).saturating_sub(1));
-            let capped = exp.min(self.config.retry_max);
-            let jittered = capped / 2 + capped.mul_f64(fastrand::f64() / 2.0);
+            let jittered = s.retries.next_delay();
             let delay = error
                 .retry_after()
                 .map_or(jittered, |hint| hint.max(jittered));
@@ -628,7 +536,7 @@ impl Deliverer {
         self.with_vm(&delivery.vm, |s| {
             s.in_sink = Some(delivery.content_hash.clone());
             s.last_report_id = Some(delivery.report_id.clone());
-            s.failures = 0;
+            s.retries.reset();
             s.retry_at = None;
             if let Some(b) = s.bytes.as_mut() {
                 b.charge(bytes, Instant::now());
@@ -650,7 +558,7 @@ impl Deliverer {
             let retry = s.retry_at.unwrap_or(now);
             // A retry after a sink failure is paced by backoff alone; the rate limit applies to
             // first attempts.
-            let rate = if s.failures > 0 {
+            let rate = if s.retries.attempts() > 0 {
                 now
             } else {
                 s.bucket.as_mut().map_or(now, |b| now + b.wait(now))
@@ -707,7 +615,7 @@ impl Deliverer {
         }) {
             return;
         }
-        let first_attempt = self.with_vm(vm, |s| s.failures == 0);
+        let first_attempt = self.with_vm(vm, |s| s.retries.attempts() == 0);
         if first_attempt && !self.with_vm(vm, |s| s.bucket.as_mut().is_none_or(|b| b.take(now))) {
             return;
         }

@@ -198,17 +198,7 @@ pub fn hybrid_socket_path(uds_path: &Path, port: u32) -> PathBuf {
 /// Binds a Unix socket, replacing a stale socket file left by a previous run (never anything
 /// that is not a socket).
 pub fn bind_unix(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if meta.file_type().is_socket() {
-            std::fs::remove_file(path)?;
-        } else {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
-        }
-    }
+    guestwatch_daemon::unix_socket::remove_stale(path)?;
     UnixListener::bind(path)
 }
 

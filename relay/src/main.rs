@@ -45,9 +45,7 @@ fn return_large_buffers_to_the_kernel() {
 
 fn main() {
     return_large_buffers_to_the_kernel();
-    env_logger::Builder::from_env(env_logger::Env::new().filter_or("GUESTWATCH_LOG", "info"))
-        .target(env_logger::Target::Stderr)
-        .init();
+    guestwatch_daemon::logging::init();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("guestwatch-relay: {e:#}");

@@ -23,6 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use guestwatch_daemon::backoff::Backoff;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -175,37 +176,6 @@ impl Default for PullConfig {
             connect_timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(30),
         }
-    }
-}
-
-/// Capped exponential backoff with jitter (a uniform point in the upper half of each step).
-#[derive(Debug)]
-struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    fn new(base: Duration, cap: Duration) -> Self {
-        Self {
-            base,
-            cap: cap.max(base),
-            attempt: 0,
-        }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.cap);
-        self.attempt = self.attempt.saturating_add(1);
-        ceiling / 2 + ceiling.mul_f64(fastrand::f64() / 2.0)
-    }
-
-    fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 

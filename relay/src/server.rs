@@ -127,17 +127,13 @@ pub async fn serve(settings: Settings, stop: CancellationToken) -> Result<()> {
 
     if let Some(addr) = settings.metrics {
         let health = deliverer.clone();
-        let server = guestwatch_telemetry::MetricsServer::bind(
+        let server = guestwatch_telemetry::MetricsServer::start(
             addr,
             metrics.registry.clone(),
             Arc::new(move || health.health()),
+            module_path!(),
         )
-        .await
-        .with_context(|| format!("metrics endpoint on {addr}"))?;
-        log::info!(
-            "metrics on http://{}/metrics",
-            server.local_addr().unwrap_or(addr)
-        );
+        .await?;
         tasks.spawn(server.serve(stop.clone()));
     }
     tasks.spawn({

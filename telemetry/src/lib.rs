@@ -28,6 +28,15 @@ const MAX_CONNECTIONS: usize = 16;
 /// What `/healthz` reports.
 pub type Health = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 
+/// The endpoint could not be started: its address is taken, or not this machine's.
+#[derive(Debug, thiserror::Error)]
+#[error("metrics endpoint on {addr}")]
+pub struct StartError {
+    pub addr: SocketAddr,
+    #[source]
+    pub source: io::Error,
+}
+
 /// A bound metrics endpoint.
 pub struct MetricsServer {
     listener: TcpListener,
@@ -48,6 +57,26 @@ impl MetricsServer {
             registry,
             health,
         })
+    }
+
+    /// A daemon's start-up of its endpoint: binds `addr` and logs where the metrics are, under
+    /// the daemon's `log_target` (its module path: the line and its filtering stay the
+    /// daemon's). The caller spawns [`MetricsServer::serve`] where it keeps its tasks.
+    pub async fn start(
+        addr: SocketAddr,
+        registry: Arc<Mutex<Registry>>,
+        health: Health,
+        log_target: &str,
+    ) -> Result<Self, StartError> {
+        let server = Self::bind(addr, registry, health)
+            .await
+            .map_err(|source| StartError { addr, source })?;
+        log::info!(
+            target: log_target,
+            "metrics on http://{}/metrics",
+            server.local_addr().unwrap_or(addr)
+        );
+        Ok(server)
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -241,6 +270,36 @@ mod tests {
                 .await
                 .contains("503")
         );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn start_binds_or_says_which_address_failed() {
+        let registry = || Arc::new(Mutex::new(Registry::default()));
+        let health = || -> Health { Arc::new(|| Ok(())) };
+        let server = MetricsServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            registry(),
+            health(),
+            module_path!(),
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(server.serve(stop.clone()));
+        assert!(
+            get(addr, "GET /healthz HTTP/1.1\r\n\r\n")
+                .await
+                .contains("200 OK")
+        );
+        // The port is taken now.
+        let Err(err) = MetricsServer::start(addr, registry(), health(), module_path!()).await
+        else {
+            panic!("a second endpoint bound {addr}");
+        };
+        assert_eq!(err.to_string(), format!("metrics endpoint on {addr}"));
+        assert_eq!(err.source.kind(), io::ErrorKind::AddrInUse);
         stop.cancel();
     }
 }

@@ -66,17 +66,13 @@ pub async fn run(args: &RunArgs) -> Result<()> {
 
     if let Some(addr) = settings.metrics {
         let health = health.clone();
-        let server = guestwatch_telemetry::MetricsServer::bind(
+        let server = guestwatch_telemetry::MetricsServer::start(
             addr,
             metrics.registry.clone(),
             Arc::new(move || health.check()),
+            module_path!(),
         )
-        .await
-        .with_context(|| format!("metrics endpoint on {addr}"))?;
-        log::info!(
-            "metrics on http://{}/metrics",
-            server.local_addr().unwrap_or(addr)
-        );
+        .await?;
         tokio::spawn(server.serve(stop.clone()));
     }
 

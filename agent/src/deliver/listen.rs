@@ -11,11 +11,12 @@ use std::{
     time::Duration,
 };
 
+use guestwatch_daemon::backoff::Backoff;
 use guestwatch_protocol::Hello;
 use tokio::{net::UnixListener, sync::Notify, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use super::{backoff::Backoff, session::Session, transport::RelayStream};
+use super::{session::Session, transport::RelayStream};
 use crate::{config::ListenAddr, metrics::Metrics};
 
 /// The host's CID on AF_VSOCK: the only peer a listening agent accepts there.
@@ -131,16 +132,8 @@ fn effective_uid() -> u32 {
 /// Binds a Unix socket readable and writable by its owner only, replacing a stale socket left
 /// by a previous run (never anything that is not a socket).
 fn bind_unix(path: &Path) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                format!("{} exists and is not a socket", path.display()),
-            ));
-        }
-        std::fs::remove_file(path)?;
-    }
+    use std::os::unix::fs::PermissionsExt;
+    guestwatch_daemon::unix_socket::remove_stale(path)?;
     let listener = UnixListener::bind(path)?;
     // Between bind and chmod another user could connect: the peer check turns it away.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;

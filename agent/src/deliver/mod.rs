@@ -1,8 +1,7 @@
 //! Delivering reports to the relay: the state directory and its writer thread, resuming after
 //! a restart, the relay session (dialed, or accepted in pull mode), the sender's policy, retry
-//! pacing.
+//! pacing (`guestwatch_daemon::backoff`).
 
-pub mod backoff;
 pub mod listen;
 pub mod machine;
 pub mod resume;

@@ -28,12 +28,12 @@ use std::{
     time::{Duration, Instant as StdInstant},
 };
 
+use guestwatch_daemon::backoff::Backoff;
 use guestwatch_protocol::{AckStatus, AgentInfo, Hello, Report, ReportId, inventory::Document};
 use tokio::{sync::watch, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    backoff::Backoff,
     listen::Handoff,
     session::{Answer, RelayLimits, Session},
     state::{Acked, Rejected},

@@ -6,6 +6,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
+use guestwatch_daemon::token_bucket::TokenBucket;
 use tokio::time::Instant;
 
 use super::trigger::{Trigger, TriggerKind};
@@ -142,54 +143,18 @@ struct Pending {
     last_debounced_at: Option<Instant>,
 }
 
-/// Token bucket for the storm limit.
-struct Bucket {
-    capacity: f64,
-    per_sec: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn new(per_minute: u32, now: Instant) -> Option<Self> {
-        (per_minute > 0).then(|| {
-            let capacity = f64::from((per_minute / 6).max(1));
-            Self {
-                capacity,
-                per_sec: f64::from(per_minute) / 60.0,
-                tokens: capacity,
-                at: now,
-            }
-        })
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.capacity);
-        self.at = now;
-    }
-
-    /// When one token will be available.
-    fn available_at(&self) -> Instant {
-        if self.tokens >= 1.0 {
-            self.at
-        } else {
-            self.at + Duration::from_secs_f64((1.0 - self.tokens) / self.per_sec)
-        }
-    }
-}
-
 /// The coalescer.
 pub struct Scheduler {
     config: ScheduleConfig,
     pending: Option<Pending>,
     running: bool,
-    bucket: Option<Bucket>,
+    /// The storm limit; `None` when unlimited.
+    bucket: Option<TokenBucket<Instant>>,
 }
 
 impl Scheduler {
     pub fn new(config: ScheduleConfig, now: Instant) -> Self {
-        let bucket = Bucket::new(config.max_scans_per_minute, now);
+        let bucket = TokenBucket::per_minute(config.max_scans_per_minute, now);
         Self {
             config,
             pending: None,
@@ -235,7 +200,7 @@ impl Scheduler {
         };
         let due = due.max(pending.not_before.unwrap_or(due));
         Some(match &self.bucket {
-            Some(bucket) => due.max(bucket.available_at()),
+            Some(bucket) => due.max(bucket.ready_at()),
             None => due,
         })
     }
@@ -271,7 +236,7 @@ impl Scheduler {
         }
         let pending = self.pending.take()?;
         if let Some(bucket) = &mut self.bucket {
-            bucket.tokens -= 1.0;
+            bucket.charge(1, now);
         }
         self.running = true;
         Some(pending.batch)

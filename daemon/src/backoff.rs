@@ -1,9 +1,11 @@
 //! Capped exponential backoff with jitter: retries never busy-loop, and a fleet of agents that
-//! lost their relay at the same moment does not come back in lockstep.
+//! lost their relay at the same moment does not come back in lockstep. The agent paces
+//! reconnects, retransmissions and listener rebinds with it; the relay its redials of pulled
+//! VMs and its retries of a failing sink.
 
 use std::time::Duration;
 
-/// Backoff state for one kind of retry (reconnect, retransmit).
+/// Backoff state for one kind of retry (reconnect, retransmit, redial, sink write).
 #[derive(Clone, Debug)]
 pub struct Backoff {
     base: Duration,
@@ -12,6 +14,7 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// Delays start at `base` and grow to `cap` (a cap below `base` is raised to it).
     pub fn new(base: Duration, cap: Duration) -> Self {
         Self {
             base,
@@ -36,6 +39,7 @@ impl Backoff {
         self.attempt = 0;
     }
 
+    /// Delays handed out since the last reset: the failures in a row.
     pub fn attempts(&self) -> u32 {
         self.attempt
     }
@@ -64,6 +68,31 @@ mod tests {
         assert_eq!(last_ceiling, Duration::from_secs(5));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn counts_attempts_and_never_goes_below_the_base() {
+        let mut b = Backoff::new(Duration::from_secs(2), Duration::from_secs(1));
+        assert_eq!(b.attempts(), 0);
+        for _ in 0..3 {
+            let d = b.next_delay();
+            assert!(
+                d >= Duration::from_secs(1) && d <= Duration::from_secs(2),
+                "{d:?}"
+            );
+        }
+        assert_eq!(b.attempts(), 3);
+        b.reset();
+        assert_eq!(b.attempts(), 0);
+        // Long past the last doubling (and past what a shift could hold), the delay stays at
+        // the cap: no overflow, no shrinking.
+        let cap = Duration::from_secs(1000);
+        let mut b = Backoff::new(Duration::from_millis(1), cap);
+        for _ in 0..100 {
+            b.next_delay();
+        }
+        let d = b.next_delay();
+        assert!(d >= cap / 2 && d <= cap, "{d:?}");
     }
 
     #[test]
