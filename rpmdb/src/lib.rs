@@ -8,6 +8,7 @@
 pub mod bdb;
 pub mod confine;
 mod header;
+mod incremental;
 mod locate;
 pub mod ndb;
 mod package;
@@ -20,6 +21,7 @@ use std::{
 };
 
 pub use header::HeaderError;
+pub use incremental::{BlobKey, Incremental, Records, blob_digest, read_incremental};
 
 /// Decodes one header blob as stored in a database (no lead, no header magic).
 pub fn decode_header(blob: &[u8]) -> Result<Package, HeaderError> {
@@ -222,6 +224,16 @@ pub fn read(path: &Path) -> Result<Scan, DbError> {
 
 /// Reads every package from the database of `source`.
 pub fn read_with(source: Source<'_>, options: &ReadOptions) -> Result<Scan, DbError> {
+    read_into(source, options, None).map(|(scan, _)| scan)
+}
+
+/// Reads the database of `source`; with `reuse`, every blob is keyed and the packages of
+/// blobs `reuse` already holds are taken from it instead of being decoded again.
+pub(crate) fn read_into<'r>(
+    source: Source<'_>,
+    options: &ReadOptions,
+    reuse: Option<&'r Records>,
+) -> Result<(Scan, Option<incremental::Reuse<'r>>), DbError> {
     let (dir, name) = match source {
         Source::Root(root) => {
             options.check(root)?;
@@ -235,23 +247,27 @@ pub fn read_with(source: Source<'_>, options: &ReadOptions) -> Result<Scan, DbEr
     };
     let file = dir.open_file(&name)?;
     let backend = sniff(&file)?;
+    let fresh = || Decoded::new(reuse);
     let read = match backend {
-        Backend::Sqlite => sqlite::read(&dir, &name, &file, options)?,
-        Backend::Bdb => bdb::read(&file, options)?,
-        Backend::Ndb => ndb::read(&file, options)?,
+        Backend::Sqlite => sqlite::read(&dir, &name, &file, options, &fresh)?,
+        Backend::Bdb => bdb::read(&file, options, fresh())?,
+        Backend::Ndb => ndb::read(&file, options, fresh())?,
     };
     let (pubkeys, packages) = read
         .packages
         .into_iter()
         .partition(|p: &Package| p.name == "gpg-pubkey");
-    Ok(Scan {
-        backend,
-        path: file.path().to_path_buf(),
-        packages,
-        pubkeys,
-        errors: read.errors,
-        bytes_decoded: read.bytes_decoded,
-    })
+    Ok((
+        Scan {
+            backend,
+            path: file.path().to_path_buf(),
+            packages,
+            pubkeys,
+            errors: read.errors,
+            bytes_decoded: read.bytes_decoded,
+        },
+        read.reuse,
+    ))
 }
 
 /// A database named directly: a directory (the first database file in it) or a file.
@@ -301,9 +317,33 @@ impl BytesError {
 
 /// What a backend read from one database file.
 #[derive(Debug, Default)]
-pub struct Decoded {
+pub struct Decoded<'r> {
     pub packages: Vec<Package>,
     pub errors: Vec<EntryError>,
-    /// Bytes of header blobs handed to the decoder.
+    /// Bytes of header blobs handed to the decoder (or, read incrementally, looked up in the
+    /// earlier read's records: the same number either way).
     pub bytes_decoded: u64,
+    /// Reading incrementally: the earlier read's records and the ones kept for the next read.
+    reuse: Option<incremental::Reuse<'r>>,
+}
+
+impl<'r> Decoded<'r> {
+    pub(crate) fn new(reuse: Option<&'r Records>) -> Self {
+        Self {
+            reuse: reuse.map(incremental::Reuse::new),
+            ..Self::default()
+        }
+    }
+
+    /// Adds the package of the header `blob`, stored at `slot` of its database (SQLite's
+    /// `hnum`, a Berkeley DB page and entry, an NDB package index). `Err`, and nothing added,
+    /// when the blob is not a valid header. (The caller counts `bytes_decoded`.)
+    pub(crate) fn header(&mut self, slot: u64, blob: &[u8]) -> Result<(), HeaderError> {
+        let package = match &mut self.reuse {
+            None => header::package(blob)?,
+            Some(reuse) => reuse.package(slot, blob)?,
+        };
+        self.packages.push(package);
+        Ok(())
+    }
 }
