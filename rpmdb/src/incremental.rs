@@ -115,7 +115,7 @@ impl<'r> Reuse<'r> {
     }
 
     /// The package of the header `blob` at `slot`: the earlier read's, or decoded now.
-    pub(crate) fn package(&mut self, slot: u64, blob: &[u8]) -> Result<Package, HeaderError> {
+    pub(crate) fn package(&mut self, slot: u64, blob: &[u8]) -> Result<Arc<Package>, HeaderError> {
         let key = BlobKey {
             slot,
             digest: blob_digest(blob),
@@ -131,8 +131,7 @@ impl<'r> Reuse<'r> {
                 package
             }
         };
-        let out = Package::clone(&package);
-        self.next.by_key.insert(key, package);
-        Ok(out)
+        self.next.by_key.insert(key, package.clone());
+        Ok(package)
     }
 }

@@ -17,6 +17,7 @@ pub mod sqlite;
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -64,10 +65,11 @@ pub struct Scan {
     pub backend: Backend,
     /// The database file read.
     pub path: PathBuf,
-    /// Installed packages, in database order (gpg-pubkey pseudo-packages excluded).
-    pub packages: Vec<Package>,
+    /// Installed packages, in database order (gpg-pubkey pseudo-packages excluded). Shared:
+    /// an incremental read hands out the packages an earlier read decoded, without copies.
+    pub packages: Vec<Arc<Package>>,
     /// gpg-pubkey pseudo-packages (imported signing keys).
-    pub pubkeys: Vec<Package>,
+    pub pubkeys: Vec<Arc<Package>>,
     /// Entries skipped.
     pub errors: Vec<EntryError>,
     /// Bytes of header blobs handed to the decoder: at most about the file's size, whatever
@@ -256,7 +258,7 @@ pub(crate) fn read_into<'r>(
     let (pubkeys, packages) = read
         .packages
         .into_iter()
-        .partition(|p: &Package| p.name == "gpg-pubkey");
+        .partition(|p: &Arc<Package>| p.name == "gpg-pubkey");
     Ok((
         Scan {
             backend,
@@ -318,7 +320,7 @@ impl BytesError {
 /// What a backend read from one database file.
 #[derive(Debug, Default)]
 pub struct Decoded<'r> {
-    pub packages: Vec<Package>,
+    pub packages: Vec<Arc<Package>>,
     pub errors: Vec<EntryError>,
     /// Bytes of header blobs handed to the decoder (or, read incrementally, looked up in the
     /// earlier read's records: the same number either way).
@@ -330,9 +332,20 @@ pub struct Decoded<'r> {
 impl<'r> Decoded<'r> {
     pub(crate) fn new(reuse: Option<&'r Records>) -> Self {
         Self {
+            packages: Vec::with_capacity(reuse.map_or(0, Records::len)),
             reuse: reuse.map(incremental::Reuse::new),
             ..Self::default()
         }
+    }
+
+    /// The packages, unshared (nothing else holds them when no records were involved).
+    pub(crate) fn into_owned(self) -> (Vec<Package>, Vec<EntryError>) {
+        let packages = self
+            .packages
+            .into_iter()
+            .map(Arc::unwrap_or_clone)
+            .collect();
+        (packages, self.errors)
     }
 
     /// Adds the package of the header `blob`, stored at `slot` of its database (SQLite's
@@ -340,7 +353,7 @@ impl<'r> Decoded<'r> {
     /// when the blob is not a valid header. (The caller counts `bytes_decoded`.)
     pub(crate) fn header(&mut self, slot: u64, blob: &[u8]) -> Result<(), HeaderError> {
         let package = match &mut self.reuse {
-            None => header::package(blob)?,
+            None => Arc::new(header::package(blob)?),
             Some(reuse) => reuse.package(slot, blob)?,
         };
         self.packages.push(package);

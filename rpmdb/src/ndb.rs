@@ -59,7 +59,7 @@ pub(crate) fn read<'r>(
 /// Reads every package from the bytes of a `Packages.db`.
 pub fn read_bytes(data: &[u8]) -> Result<(Vec<crate::Package>, Vec<EntryError>), String> {
     match read_bytes_with(data, &ReadOptions::default()) {
-        Ok(d) => Ok((d.packages, d.errors)),
+        Ok(d) => Ok(d.into_owned()),
         Err(BytesError::Invalid(reason)) => Err(reason),
         Err(BytesError::Deadline) => Err("deadline".into()),
     }
