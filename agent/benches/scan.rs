@@ -91,6 +91,11 @@ fn incremental(count: usize, work: &Path) {
         .records;
     let (mut read_incr, mut scan_incr) = (Vec::new(), Vec::new());
     let (mut decoded, mut reused) = (0, 0);
+    let mut previous = scanner
+        .scan_with(ScanMode::Incremental, deadline())
+        .expect("scan");
+    // What `run` does with each changed scan today, step by step.
+    let mut steps: [Vec<Duration>; 4] = Default::default();
     for rpm in &rpms {
         db.install(std::slice::from_ref(rpm)).expect("install");
         let started = Instant::now();
@@ -105,6 +110,25 @@ fn incremental(count: usize, work: &Path) {
             .expect("scan");
         scan_incr.push(started.elapsed());
         assert_eq!(snapshot.decoding.decoded, 1, "one new header");
+        let timed = |f: &mut dyn FnMut()| {
+            let started = Instant::now();
+            f();
+            started.elapsed()
+        };
+        let (old, new) = (&previous.document, &snapshot.document);
+        steps[0].push(timed(&mut || {
+            std::hint::black_box(report::changes::between(&old.packages, &new.packages));
+        }));
+        steps[1].push(timed(&mut || {
+            std::hint::black_box(new.clone());
+        }));
+        steps[2].push(timed(&mut || {
+            std::hint::black_box(new.content_hash());
+        }));
+        steps[3].push(timed(&mut || {
+            std::hint::black_box(guestwatch_protocol::Payload::document(new.to_bytes()));
+        }));
+        previous = snapshot;
     }
     let rows = [
         ("rpmdb read", median(read_full), median(read_incr)),
@@ -127,6 +151,15 @@ fn incremental(count: usize, work: &Path) {
     println!(
         "{:<14} (incremental: {decoded} header decoded, {reused} reused, after each of {CHANGES} one-package installs)",
         ""
+    );
+    let [between, clone, hash, payload] = steps.map(median);
+    println!(
+        "{:<14} after the scan, building the report today: changes {:.1}ms, document copy {:.1}ms, content hash {:.1}ms, encoding + zstd {:.1}ms",
+        "",
+        ms(between),
+        ms(clone),
+        ms(hash),
+        ms(payload)
     );
 }
 

@@ -185,6 +185,16 @@ impl SystemScanner {
             decoded: read.decoded,
             reused: read.reused,
         };
+        log::debug!(
+            "{} scan: {} headers decoded, {} reused",
+            if mode == ScanMode::Incremental {
+                "incremental"
+            } else {
+                "full"
+            },
+            read.decoded,
+            read.reused
+        );
         let scan = read.scan;
         let system = self
             .system
