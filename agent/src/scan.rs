@@ -54,6 +54,9 @@ pub enum ScanMode {
     Full,
     /// Only the headers the last scan did not see (change triggers).
     Incremental,
+    /// A one-off scan (`guestwatch-agent scan`): every header decoded, nothing kept for a
+    /// next scan (no memory spent on blob keys and records nobody reuses).
+    Once,
 }
 
 impl ScanMode {
@@ -156,10 +159,10 @@ impl SystemScanner {
         self.scan_until(Instant::now() + rpmdb::DEFAULT_TIMEOUT)
     }
 
-    /// Scans now, decoding every header; past `deadline` the database and history readers
-    /// give up (`DbError::Deadline`), so an abandoned scan's thread stops too.
+    /// Scans now, once ([`ScanMode::Once`]); past `deadline` the database and history
+    /// readers give up (`DbError::Deadline`), so an abandoned scan's thread stops too.
     pub fn scan_until(&mut self, deadline: Instant) -> Result<Snapshot, ScanError> {
-        self.scan_with(ScanMode::Full, deadline)
+        self.scan_with(ScanMode::Once, deadline)
     }
 
     /// Scans now in `mode`. Either way every header blob is read and keyed, so the next
@@ -173,11 +176,20 @@ impl SystemScanner {
         };
         let previous = std::mem::take(&mut self.records);
         let empty = rpmdb::Records::default();
-        let reuse = match mode {
-            ScanMode::Full => &empty,
-            ScanMode::Incremental => &previous,
+        let read = match mode {
+            ScanMode::Full => rpmdb::read_incremental(self.source(), &options, &empty)?,
+            ScanMode::Incremental => rpmdb::read_incremental(self.source(), &options, &previous)?,
+            ScanMode::Once => {
+                self.made.clear();
+                let scan = rpmdb::read_with(self.source(), &options)?;
+                rpmdb::Incremental {
+                    decoded: scan.packages.len() + scan.pubkeys.len(),
+                    reused: 0,
+                    records: rpmdb::Records::default(),
+                    scan,
+                }
+            }
         };
-        let read = rpmdb::read_incremental(self.source(), &options, reuse)?;
         drop(previous);
         self.records = read.records;
         let decoding = Decoding {
@@ -209,19 +221,22 @@ impl SystemScanner {
         let database = shown_path(&self.target, &scan.path);
         let package_db = report::package_db(scan.backend, dir, root);
         let duration = started.elapsed();
-        let (packages, content_hash) = self.records_of(&scan, &system);
-        let document = Document {
-            packages,
-            system: report::inventory::system_facts(
-                &report::inventory::Scanned {
-                    scan: &scan,
-                    system: &system,
-                    package_db: package_db.clone(),
-                    database: database.clone(),
-                    scan_duration_ms: Some(millis(duration)),
-                },
-                report::ChangeSummary::default(),
-            ),
+        let scanned = report::inventory::Scanned {
+            scan: &scan,
+            system: &system,
+            package_db: package_db.clone(),
+            database: database.clone(),
+            scan_duration_ms: Some(millis(duration)),
+        };
+        let (document, content_hash) = if mode == ScanMode::Once {
+            let document = report::inventory::document(&scanned, report::ChangeSummary::default());
+            let hash = document.content_hash().0;
+            (document, hash)
+        } else {
+            let (packages, hash) = self.records_of(&scan, &system);
+            let system =
+                report::inventory::system_facts(&scanned, report::ChangeSummary::default());
+            (Document { packages, system }, hash)
         };
         Ok(Snapshot {
             content_hash,
