@@ -2,6 +2,12 @@
 //! with the same fields, as whole processes in the same run, on a 2,000-package SQLite database
 //! written by Debian's rpm. Prints median times, the ratio, and each side's peak RSS beside the
 //! database's size. Targets: at least as fast as rpm (goal 2x), peak memory under 2x the database.
+//!
+//! Then full against incremental scans in the agent's process, at 2,000 and 10,000 packages:
+//! the database read alone (`rpmdb::read_with` against `rpmdb::read_incremental` with the
+//! records of the read before one package was installed) and the agent's whole scan (read,
+//! report document, content hash), with the ratio. The databases are generated once and kept
+//! under the target directory.
 
 use std::{
     path::Path,
@@ -9,7 +15,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use guestwatch_testkit::{RpmDb, build_packages, generated_specs};
+use guestwatch_agent::{
+    config::TargetSpec,
+    scan::{ScanMode, SystemScanner},
+};
+use guestwatch_testkit::{PackageSpec, RpmDb, build_packages, generated_db, generated_specs};
 
 const RUNS: usize = 15;
 const QUERY: &str = "%{NAME}|%{EPOCH}|%{VERSION}|%{RELEASE}|%{ARCH}|%{SOURCERPM}|%{LICENSE}|%{VENDOR}|%{SIZE}|\
@@ -42,6 +52,115 @@ fn measure(cmd: &mut Command) -> (Duration, u64) {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
+}
+
+/// Runs of each incremental measurement (one package installed before each).
+const CHANGES: usize = 15;
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Full against incremental reads and scans of a generated `count`-package database.
+fn incremental(count: usize, work: &Path) {
+    let db = generated_db("bench", count, &work.join(format!("db-{count}"))).expect("database");
+    let specs: Vec<PackageSpec> = (0..CHANGES)
+        .map(|i| PackageSpec::new(format!("bench-change-{i:02}"), "1.0", "1"))
+        .collect();
+    let rpms = build_packages(&specs, &work.join(format!("changes-{count}"))).expect("rpmbuild");
+    let source = rpmdb::Source::Path(db.path());
+    let options = rpmdb::ReadOptions::default();
+    let target = TargetSpec::DbPath(db.path().to_path_buf());
+    let mut scanner = SystemScanner::new(target);
+    let deadline = || Instant::now() + rpmdb::DEFAULT_TIMEOUT;
+    let (mut read_full, mut scan_full) = (Vec::new(), Vec::new());
+    for run in 0..=RUNS {
+        let started = Instant::now();
+        let scan = rpmdb::read_with(source, &options).expect("read");
+        let took = started.elapsed();
+        assert_eq!(scan.packages.len(), count);
+        let started = Instant::now();
+        scanner.scan_with(ScanMode::Full, deadline()).expect("scan");
+        if run > 0 {
+            read_full.push(took);
+            scan_full.push(started.elapsed());
+        }
+    }
+    let mut records = rpmdb::read_incremental(source, &options, &rpmdb::Records::default())
+        .expect("read")
+        .records;
+    let (mut read_incr, mut scan_incr) = (Vec::new(), Vec::new());
+    let (mut decoded, mut reused) = (0, 0);
+    let mut previous = scanner
+        .scan_with(ScanMode::Incremental, deadline())
+        .expect("scan");
+    // What `run` does with each changed scan today, step by step.
+    let mut steps: [Vec<Duration>; 4] = Default::default();
+    for rpm in &rpms {
+        db.install(std::slice::from_ref(rpm)).expect("install");
+        let started = Instant::now();
+        let read = rpmdb::read_incremental(source, &options, &records).expect("read");
+        read_incr.push(started.elapsed());
+        (decoded, reused) = (read.decoded, read.reused);
+        assert_eq!(decoded, 1, "one new header");
+        records = read.records;
+        let started = Instant::now();
+        let snapshot = scanner
+            .scan_with(ScanMode::Incremental, deadline())
+            .expect("scan");
+        scan_incr.push(started.elapsed());
+        assert_eq!(snapshot.decoding.decoded, 1, "one new header");
+        let timed = |f: &mut dyn FnMut()| {
+            let started = Instant::now();
+            f();
+            started.elapsed()
+        };
+        let (old, new) = (&previous.document, &snapshot.document);
+        steps[0].push(timed(&mut || {
+            std::hint::black_box(report::changes::between(&old.packages, &new.packages));
+        }));
+        steps[1].push(timed(&mut || {
+            std::hint::black_box(new.clone());
+        }));
+        steps[2].push(timed(&mut || {
+            std::hint::black_box(new.content_hash());
+        }));
+        steps[3].push(timed(&mut || {
+            std::hint::black_box(guestwatch_protocol::Payload::document(new.to_bytes()));
+        }));
+        previous = snapshot;
+    }
+    let rows = [
+        ("rpmdb read", median(read_full), median(read_incr)),
+        (
+            "agent scan (read + document + content hash)",
+            median(scan_full),
+            median(scan_incr),
+        ),
+    ];
+    for (what, full, incr) in rows {
+        println!(
+            "{:<14} {:<44} {:>8.1}ms {:>12.1}ms {:>7.1}x",
+            format!("{count} packages"),
+            what,
+            ms(full),
+            ms(incr),
+            full.as_secs_f64() / incr.as_secs_f64()
+        );
+    }
+    println!(
+        "{:<14} (incremental: {decoded} header decoded, {reused} reused, after each of {CHANGES} one-package installs)",
+        ""
+    );
+    let [between, clone, hash, payload] = steps.map(median);
+    println!(
+        "{:<14} after the scan, building the report today: changes {:.1}ms, document copy {:.1}ms, content hash {:.1}ms, encoding + zstd {:.1}ms",
+        "",
+        ms(between),
+        ms(clone),
+        ms(hash),
+        ms(payload)
+    );
 }
 
 fn main() {
@@ -111,4 +230,15 @@ fn main() {
         "scan memory (peak RSS above the idle binary) / database size: {mem:.2} (target < 2) {}",
         if mem < 2.0 { "ok" } else { "MISSED" }
     );
+    println!();
+    println!(
+        "full vs incremental scan in process (median of {RUNS} full, {CHANGES} incremental after a one-package install)"
+    );
+    println!(
+        "{:<14} {:<44} {:>10} {:>14} {:>8}",
+        "", "", "full", "incremental", "ratio"
+    );
+    for count in [2000, 10_000] {
+        incremental(count, work.path());
+    }
 }

@@ -187,6 +187,7 @@ mod tests {
             finished_at: SystemTime::UNIX_EPOCH,
             database: "/var/lib/rpm/rpmdb.sqlite".into(),
             package_db: "sqlite:var/lib/rpm".into(),
+            decoding: Default::default(),
         }
     }
 

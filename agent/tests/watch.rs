@@ -132,6 +132,29 @@ fn ebpf_scan_event_lists_the_install_with_attribution_and_queries_cause_nothing(
             .all(|v| v["changed"] == false),
         "nothing changed, so no scan may report a change: {after:#?}"
     );
+
+    // Another install: its scan is incremental and decodes only the new header.
+    let rpms = build_packages(
+        &[PackageSpec::new("watch-ebpf-two", "1.0", "1")],
+        &work.path().join("two"),
+    )
+    .unwrap();
+    assert!(
+        db.spawn_transaction("-i", &rpms)
+            .unwrap()
+            .wait()
+            .unwrap()
+            .success()
+    );
+    let scan = w.next_matching("scan of the second install", Duration::from_secs(10), |v| {
+        is_scan(v) && added(v, "watch-ebpf-two")
+    });
+    assert_eq!(scan["packages"], 2, "{scan}");
+    assert_eq!(
+        scan["decoding"],
+        serde_json::json!({"incremental": true, "decoded": 1, "reused": 1}),
+        "{scan}"
+    );
 }
 
 #[test]

@@ -161,7 +161,7 @@ fn serial_number(seed: &str) -> String {
 pub fn bom(input: &ReportInput<'_>) -> Bom {
     let distribution = input.system.distribution.as_ref();
     let facts = input.facts;
-    let mut packages: Vec<&Package> = input.packages.iter().collect();
+    let mut packages: Vec<&Package> = input.packages.iter().map(|p| &**p).collect();
     packages.sort_by_cached_key(|p| {
         (
             p.name.clone(),

@@ -39,7 +39,7 @@ pub use system::{SystemInfo, SystemReader};
 #[cfg(feature = "read")]
 pub struct ReportInput<'a> {
     /// Installed packages (gpg-pubkeys excluded).
-    pub packages: &'a [Package],
+    pub packages: &'a [std::sync::Arc<Package>],
     /// Where the packages were read, as `<backend>:<path relative to the root>`.
     pub package_db: &'a str,
     pub system: &'a SystemInfo,

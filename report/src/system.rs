@@ -74,6 +74,9 @@ impl SystemInfo {
 
     /// The repository id dnf recorded for this installed package, if any.
     pub fn repository_of(&self, p: &Package) -> Option<&str> {
+        if self.repos.is_empty() {
+            return None;
+        }
         let key = (
             p.name.clone(),
             p.epoch.unwrap_or(0),

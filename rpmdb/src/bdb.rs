@@ -10,7 +10,7 @@
 //! entry: it is skipped with an error and the rest is still read. The work is linear in the
 //! file size: items of a page cannot overlap, and every overflow page is decoded once.
 
-use crate::{BytesError, DbError, Decoded, EntryError, ReadOptions, confine::Opened, header};
+use crate::{BytesError, DbError, Decoded, EntryError, ReadOptions, confine::Opened};
 
 const HASH_MAGIC: u32 = 0x0006_1561;
 const BTREE_MAGIC: u32 = 0x0005_3162;
@@ -132,7 +132,7 @@ impl<'a> Db<'a> {
         &self,
         pgno: u32,
         page: &[u8],
-        out: &mut Decoded,
+        out: &mut Decoded<'_>,
         walk: &mut Walk,
     ) -> Result<(), BytesError> {
         let count = self.u16(page, 20).unwrap_or(0) as usize;
@@ -187,7 +187,9 @@ impl<'a> Db<'a> {
                 },
                 other => Err(format!("page {pgno}: unsupported item type {other}")),
             };
-            let blob = blob.and_then(|b| {
+            // Where the entry is: its page and its pair's index on the page.
+            let slot = (u64::from(pgno) << 32) | (i / 2 - 1) as u64;
+            let added = blob.and_then(|b| {
                 if b.len() > walk.max_blob {
                     return Err(format!(
                         "{} bytes, more than the {} a header may have",
@@ -197,11 +199,10 @@ impl<'a> Db<'a> {
                 }
                 out.bytes_decoded += b.len() as u64;
                 out.keep(walk.options, || entry.clone(), &b);
-                header::package(&b).map_err(|e| e.to_string())
+                out.header(slot, &b).map_err(|e| e.to_string())
             });
-            match blob {
-                Ok(p) => out.packages.push(p),
-                Err(reason) => out.errors.push(EntryError { entry, reason }),
+            if let Err(reason) = added {
+                out.errors.push(EntryError { entry, reason });
             }
         }
         Ok(())
@@ -219,23 +220,35 @@ struct Walk<'o> {
 
 /// Reads every package from a Berkeley DB hash `Packages` file opened through its checked
 /// descriptor.
-pub(crate) fn read(file: &Opened, options: &ReadOptions) -> Result<Decoded, DbError> {
+pub(crate) fn read<'r>(
+    file: &Opened,
+    options: &ReadOptions,
+    out: Decoded<'r>,
+) -> Result<Decoded<'r>, DbError> {
     let data = file.read_all(u64::MAX)?;
-    read_bytes_with(&data, options).map_err(|e| e.at(file.path()))
+    read_into(&data, options, out).map_err(|e| e.at(file.path()))
 }
 
 /// Reads every package from the bytes of a `Packages` file; `Err` when the file as a whole is
 /// not a usable hash database.
 pub fn read_bytes(data: &[u8]) -> Result<(Vec<crate::Package>, Vec<EntryError>), String> {
     match read_bytes_with(data, &ReadOptions::default()) {
-        Ok(d) => Ok((d.packages, d.errors)),
+        Ok(d) => Ok(d.into_owned()),
         Err(BytesError::Invalid(reason)) => Err(reason),
         Err(BytesError::Deadline) => Err("deadline".into()),
     }
 }
 
 /// [`read_bytes`] with options (deadline, largest header), and what it decoded.
-pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded, BytesError> {
+pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded<'static>, BytesError> {
+    read_into(data, options, Decoded::default())
+}
+
+fn read_into<'r>(
+    data: &[u8],
+    options: &ReadOptions,
+    mut out: Decoded<'r>,
+) -> Result<Decoded<'r>, BytesError> {
     let invalid = |s: String| BytesError::Invalid(s);
     let magic = |order: Order| {
         let b: [u8; 4] = data.get(12..16)?.try_into().ok()?;
@@ -270,7 +283,6 @@ pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded, By
     }
     let last_pgno = db.u32(data, 32).unwrap_or(0) as usize;
     db.pages = (last_pgno + 1).min(data.len() / page_size);
-    let mut out = Decoded::default();
     let mut walk = Walk {
         owner: vec![0; db.pages],
         chains: 0,

@@ -8,6 +8,7 @@
 pub mod bdb;
 pub mod confine;
 mod header;
+mod incremental;
 mod locate;
 pub mod ndb;
 mod package;
@@ -16,10 +17,12 @@ pub mod sqlite;
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 pub use header::HeaderError;
+pub use incremental::{BlobKey, Incremental, Records, blob_digest, read_incremental};
 
 /// Decodes one header blob as stored in a database (no lead, no header magic).
 pub fn decode_header(blob: &[u8]) -> Result<Package, HeaderError> {
@@ -62,10 +65,11 @@ pub struct Scan {
     pub backend: Backend,
     /// The database file read.
     pub path: PathBuf,
-    /// Installed packages, in database order (gpg-pubkey pseudo-packages excluded).
-    pub packages: Vec<Package>,
+    /// Installed packages, in database order (gpg-pubkey pseudo-packages excluded). Shared:
+    /// an incremental read hands out the packages an earlier read decoded, without copies.
+    pub packages: Vec<Arc<Package>>,
     /// gpg-pubkey pseudo-packages (imported signing keys).
-    pub pubkeys: Vec<Package>,
+    pub pubkeys: Vec<Arc<Package>>,
     /// Entries skipped.
     pub errors: Vec<EntryError>,
     /// Bytes of header blobs handed to the decoder: at most about the file's size, whatever
@@ -238,6 +242,16 @@ pub fn read(path: &Path) -> Result<Scan, DbError> {
 
 /// Reads every package from the database of `source`.
 pub fn read_with(source: Source<'_>, options: &ReadOptions) -> Result<Scan, DbError> {
+    read_into(source, options, None).map(|(scan, _)| scan)
+}
+
+/// Reads the database of `source`; with `reuse`, every blob is keyed and the packages of
+/// blobs `reuse` already holds are taken from it instead of being decoded again.
+pub(crate) fn read_into<'r>(
+    source: Source<'_>,
+    options: &ReadOptions,
+    reuse: Option<&'r Records>,
+) -> Result<(Scan, Option<incremental::Reuse<'r>>), DbError> {
     let (dir, name) = match source {
         Source::Root(root) => {
             options.check(root)?;
@@ -251,24 +265,28 @@ pub fn read_with(source: Source<'_>, options: &ReadOptions) -> Result<Scan, DbEr
     };
     let file = dir.open_file(&name)?;
     let backend = sniff(&file)?;
+    let fresh = || Decoded::new(reuse);
     let read = match backend {
-        Backend::Sqlite => sqlite::read(&dir, &name, &file, options)?,
-        Backend::Bdb => bdb::read(&file, options)?,
-        Backend::Ndb => ndb::read(&file, options)?,
+        Backend::Sqlite => sqlite::read(&dir, &name, &file, options, &fresh)?,
+        Backend::Bdb => bdb::read(&file, options, fresh())?,
+        Backend::Ndb => ndb::read(&file, options, fresh())?,
     };
     let (pubkeys, packages) = read
         .packages
         .into_iter()
-        .partition(|p: &Package| p.name == "gpg-pubkey");
-    Ok(Scan {
-        backend,
-        path: file.path().to_path_buf(),
-        packages,
-        pubkeys,
-        errors: read.errors,
-        bytes_decoded: read.bytes_decoded,
-        blobs: read.blobs,
-    })
+        .partition(|p: &Arc<Package>| p.name == "gpg-pubkey");
+    Ok((
+        Scan {
+            backend,
+            path: file.path().to_path_buf(),
+            packages,
+            pubkeys,
+            errors: read.errors,
+            bytes_decoded: read.bytes_decoded,
+            blobs: read.blobs,
+        },
+        read.reuse,
+    ))
 }
 
 /// A database named directly: a directory (the first database file in it) or a file.
@@ -318,16 +336,27 @@ impl BytesError {
 
 /// What a backend read from one database file.
 #[derive(Debug, Default)]
-pub struct Decoded {
-    pub packages: Vec<Package>,
+pub struct Decoded<'r> {
+    pub packages: Vec<Arc<Package>>,
     pub errors: Vec<EntryError>,
-    /// Bytes of header blobs handed to the decoder.
+    /// Bytes of header blobs handed to the decoder (or, read incrementally, looked up in the
+    /// earlier read's records: the same number either way).
     pub bytes_decoded: u64,
     /// With [`ReadOptions::keep_blobs`]: every header blob handed to the decoder.
     pub blobs: Vec<HeaderBlob>,
+    /// Reading incrementally: the earlier read's records and the ones kept for the next read.
+    reuse: Option<incremental::Reuse<'r>>,
 }
 
-impl Decoded {
+impl<'r> Decoded<'r> {
+    pub(crate) fn new(reuse: Option<&'r Records>) -> Self {
+        Self {
+            packages: Vec::with_capacity(reuse.map_or(0, Records::len)),
+            reuse: reuse.map(incremental::Reuse::new),
+            ..Self::default()
+        }
+    }
+
     /// Keeps a copy of `blob`, about to be decoded, when the options ask for it.
     pub(crate) fn keep(
         &mut self,
@@ -341,5 +370,27 @@ impl Decoded {
                 bytes: blob.to_vec(),
             });
         }
+    }
+
+    /// The packages, unshared (nothing else holds them when no records were involved).
+    pub(crate) fn into_owned(self) -> (Vec<Package>, Vec<EntryError>) {
+        let packages = self
+            .packages
+            .into_iter()
+            .map(Arc::unwrap_or_clone)
+            .collect();
+        (packages, self.errors)
+    }
+
+    /// Adds the package of the header `blob`, stored at `slot` of its database (SQLite's
+    /// `hnum`, a Berkeley DB page and entry, an NDB package index). `Err`, and nothing added,
+    /// when the blob is not a valid header. (The caller counts `bytes_decoded`.)
+    pub(crate) fn header(&mut self, slot: u64, blob: &[u8]) -> Result<(), HeaderError> {
+        let package = match &mut self.reuse {
+            None => Arc::new(header::package(blob)?),
+            Some(reuse) => reuse.package(slot, blob)?,
+        };
+        self.packages.push(package);
+        Ok(())
     }
 }

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{BytesError, DbError, Decoded, EntryError, ReadOptions, confine::Opened, header};
+use crate::{BytesError, DbError, Decoded, EntryError, ReadOptions, confine::Opened};
 
 const DB_MAGIC: u32 = u32::from_le_bytes(*b"RpmP");
 const SLOT_MAGIC: u32 = u32::from_le_bytes(*b"Slot");
@@ -47,22 +47,34 @@ pub fn adler32(data: &[u8]) -> u32 {
 }
 
 /// Reads every package from an NDB `Packages.db` opened through its checked descriptor.
-pub(crate) fn read(file: &Opened, options: &ReadOptions) -> Result<Decoded, DbError> {
+pub(crate) fn read<'r>(
+    file: &Opened,
+    options: &ReadOptions,
+    out: Decoded<'r>,
+) -> Result<Decoded<'r>, DbError> {
     let data = file.read_all(u64::MAX)?;
-    read_bytes_with(&data, options).map_err(|e| e.at(file.path()))
+    read_into(&data, options, out).map_err(|e| e.at(file.path()))
 }
 
 /// Reads every package from the bytes of a `Packages.db`.
 pub fn read_bytes(data: &[u8]) -> Result<(Vec<crate::Package>, Vec<EntryError>), String> {
     match read_bytes_with(data, &ReadOptions::default()) {
-        Ok(d) => Ok((d.packages, d.errors)),
+        Ok(d) => Ok(d.into_owned()),
         Err(BytesError::Invalid(reason)) => Err(reason),
         Err(BytesError::Deadline) => Err("deadline".into()),
     }
 }
 
 /// [`read_bytes`] with options (deadline, largest header), and what it decoded.
-pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded, BytesError> {
+pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded<'static>, BytesError> {
+    read_into(data, options, Decoded::default())
+}
+
+fn read_into<'r>(
+    data: &[u8],
+    options: &ReadOptions,
+    mut out: Decoded<'r>,
+) -> Result<Decoded<'r>, BytesError> {
     if le32(data, 0) != Some(DB_MAGIC) {
         return Err(BytesError::Invalid("not an NDB database".into()));
     }
@@ -82,7 +94,6 @@ pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded, By
     }
     let file_blocks = data.len() / BLK_SIZE;
     let first_blob_block = slot_pages * PAGE_SIZE / BLK_SIZE;
-    let mut out = Decoded::default();
     // Blobs read so far: first block -> (end block, package index).
     let mut read: BTreeMap<usize, (usize, u32)> = BTreeMap::new();
     for at in (HEADER_SIZE..slot_pages * PAGE_SIZE).step_by(SLOT_SIZE) {
@@ -143,13 +154,12 @@ pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded, By
             continue;
         }
         out.bytes_decoded += blob.len() as u64;
-        let decoded = blob_header(blob, pkgidx).and_then(|h| {
+        let added = blob_header(blob, pkgidx).and_then(|h| {
             out.keep(options, || format!("pkg {pkgidx}"), h);
-            header::package(h).map_err(|e| e.to_string())
+            out.header(u64::from(pkgidx), h).map_err(|e| e.to_string())
         });
-        match decoded {
-            Ok(p) => out.packages.push(p),
-            Err(reason) => out.errors.push(pkg(reason)),
+        if let Err(reason) = added {
+            out.errors.push(pkg(reason));
         }
     }
     Ok(out)

@@ -21,7 +21,6 @@ use rusqlite::{Connection, OpenFlags, config::DbConfig, limits::Limit};
 use crate::{
     DbError, Decoded, EntryError, ReadOptions,
     confine::{self, Dir, FileId, Opened, Stamp},
-    header,
 };
 
 /// How long a locked database is retried (less when the deadline is nearer).
@@ -88,14 +87,16 @@ fn fingerprint(dir: &Dir, name: &str) -> Option<(Stamp, bool)> {
 }
 
 /// Reads every header of the database `name` in `dir`, already opened as `file`.
-pub(crate) fn read(
+/// `fresh` gives each attempt at a consistent read its own start.
+pub(crate) fn read<'r>(
     dir: &Dir,
     name: &str,
     file: &Opened,
     options: &ReadOptions,
-) -> Result<Decoded, DbError> {
+    fresh: &dyn Fn() -> Decoded<'r>,
+) -> Result<Decoded<'r>, DbError> {
     snapshot(dir, name, file, options, &|path, conn| {
-        read_packages(path, conn, options)
+        read_packages(path, conn, options, fresh())
     })
 }
 
@@ -414,11 +415,12 @@ pub fn require_table(
     Ok(out)
 }
 
-fn read_packages(
+fn read_packages<'r>(
     path: &Path,
     conn: &Connection,
     options: &ReadOptions,
-) -> Result<Decoded, DbError> {
+    mut out: Decoded<'r>,
+) -> Result<Decoded<'r>, DbError> {
     let columns = require_table(conn, path, "Packages", &["hnum", "blob"], options)?;
     let hnum = &columns[0];
     if hnum.pk != 1 || !hnum.decl_type.eq_ignore_ascii_case("INTEGER") {
@@ -439,7 +441,6 @@ fn read_packages(
         .map_err(err)?;
     let max = i64::try_from(options.max_header_bytes).unwrap_or(i64::MAX);
     let mut rows = stmt.query([max]).map_err(err)?;
-    let mut out = Decoded::default();
     loop {
         let row = match rows.next() {
             Ok(Some(row)) => row,
@@ -471,12 +472,12 @@ fn read_packages(
         };
         out.bytes_decoded += blob.len() as u64;
         out.keep(options, entry, blob);
-        match header::package(blob) {
-            Ok(p) => out.packages.push(p),
-            Err(e) => out.errors.push(EntryError {
+        // hnum is an INTEGER PRIMARY KEY: a rowid, unique in the table.
+        if let Err(e) = out.header(hnum as u64, blob) {
+            out.errors.push(EntryError {
                 entry: entry(),
                 reason: e.to_string(),
-            }),
+            });
         }
     }
     Ok(out)

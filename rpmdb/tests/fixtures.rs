@@ -84,7 +84,12 @@ fn ndb_sle15_every_package_in_order() {
     let scan = read("go-rpmdb_sle15-bci/Packages.db");
     assert_eq!(scan.backend, Backend::Ndb);
     let want = expected("go-rpmdb_sle15-bci");
-    let all: Vec<&rpmdb::Package> = scan.packages.iter().chain(scan.pubkeys.iter()).collect();
+    let all: Vec<&rpmdb::Package> = scan
+        .packages
+        .iter()
+        .chain(&scan.pubkeys)
+        .map(|p| &**p)
+        .collect();
     assert_eq!(scan.packages.len() + scan.pubkeys.len(), want.len());
     // Ordered equality, pubkeys aside: compare in the peer's order by name.
     for w in &want {

@@ -143,8 +143,8 @@ fn blobs(rel: &str) -> Result<Vec<HeaderBlob>, rpmdb::DbError> {
         .iter()
         .filter_map(|b| rpmdb::decode_header(&b.bytes).ok())
         .collect();
-    let mut scanned = scan.packages.clone();
-    scanned.extend(scan.pubkeys.iter().cloned());
+    let mut scanned: Vec<rpmdb::Package> = scan.packages.iter().map(|p| (**p).clone()).collect();
+    scanned.extend(scan.pubkeys.iter().map(|p| (**p).clone()));
     let key = |p: &rpmdb::Package| format!("{p:?}");
     let (mut a, mut b) = (decoded, scanned);
     a.sort_by_key(key);

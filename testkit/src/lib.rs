@@ -381,3 +381,43 @@ pub fn generated_specs(prefix: &str, count: usize) -> Vec<PackageSpec> {
         })
         .collect()
 }
+
+/// Where generated databases are kept between runs: `target/generated-rpmdb` of the workspace
+/// (or of `CARGO_TARGET_DIR` as it was when this crate was built).
+fn generated_cache() -> PathBuf {
+    match option_env!("CARGO_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+    }
+    .join("generated-rpmdb")
+}
+
+/// A database at `dest` holding the `count` packages of [`generated_specs`]`(prefix, count)`,
+/// installed by the real rpm. Building them takes rpmbuild and rpm a while (about 25 s for
+/// 10,000 packages), so the database is built once, kept under the target directory, and
+/// copied to `dest` (which must not hold a database yet) on every call.
+pub fn generated_db(prefix: &str, count: usize, dest: &Path) -> Result<RpmDb> {
+    let cache = generated_cache().join(format!("{prefix}-{count}-v1"));
+    let db_dir = cache.join("rpmdb");
+    if !db_dir.join("rpmdb.sqlite").is_file() {
+        let _ = std::fs::remove_dir_all(&cache);
+        std::fs::create_dir_all(&cache)?;
+        let work = TempDir::new_in(&cache)?;
+        let rpms = build_packages(&generated_specs(prefix, count), &work.path().join("rpms"))?;
+        let db = RpmDb::at(work.path().join("rpmdb"))?;
+        // In batches: one command line of 10,000 paths is long, and rpm's memory grows with it.
+        for batch in rpms.chunks(2500) {
+            db.install(batch)?;
+        }
+        // Complete only now: an interrupted build leaves no database to be taken as whole.
+        std::fs::rename(db.path(), &db_dir)?;
+    }
+    std::fs::create_dir_all(dest)?;
+    for entry in std::fs::read_dir(&db_dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), dest.join(entry.file_name()))?;
+        }
+    }
+    RpmDb::at(dest)
+}

@@ -35,7 +35,7 @@ pub fn scan(args: &ScanArgs) -> Result<()> {
     match args.format {
         Format::Packages => {
             for p in &snapshot.scan.packages {
-                serde_json::to_writer(&mut out, p)?;
+                serde_json::to_writer(&mut out, &**p)?;
                 out.write_all(b"\n")?;
             }
         }

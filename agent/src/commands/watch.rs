@@ -84,6 +84,7 @@ pub async fn watch(args: &WatchArgs) -> Result<()> {
                         "tampers": batch.tampers.iter().filter_map(|t| t.attribution.as_ref()).collect::<Vec<_>>(),
                         "coalesced": batch.counts,
                         "duration_ms": millis(duration),
+                        "decoding": snapshot.decoding,
                         "changes": changes,
                     }))?;
                     previous = Some(snapshot);
