@@ -8,7 +8,7 @@ use std::{
 use guestwatch_protocol::inventory::PackageRecord;
 pub use guestwatch_protocol::inventory::{Change, ChangeSummary};
 
-use crate::evr;
+use crate::{evr, key_order};
 
 /// rpm's order of two installed versions (a missing epoch counts as 0).
 pub fn compare_evr(a: &PackageRecord, b: &PackageRecord) -> Ordering {
@@ -64,7 +64,58 @@ pub fn between(old: &[PackageRecord], new: &[PackageRecord]) -> ChangeSummary {
 
 /// [`between`] as one entry per package change, in name and arch order.
 pub fn classify(old: &[PackageRecord], new: &[PackageRecord]) -> Vec<PackageChange> {
-    classify_groups(old.iter(), new.iter())
+    match differing_groups(old, new) {
+        // A group whose records are the same before and after has no change: only the groups
+        // that differ are compared (after a one-package transaction, one group of thousands).
+        Some(differ) => {
+            let within = |p: &&PackageRecord| differ.contains(&group(p));
+            classify_groups(old.iter().filter(within), new.iter().filter(within))
+        }
+        None => classify_groups(old.iter(), new.iter()),
+    }
+}
+
+/// The group of a record: its name and arch.
+fn group(p: &PackageRecord) -> (&str, &str) {
+    (p.name.as_str(), p.arch.as_deref().unwrap_or(NO_ARCH))
+}
+
+/// The groups with a record in only one of `old` and `new` (or different in the two), found
+/// in one merge when both are in a document's order (sorted by key, unique); `None` when one
+/// is not.
+fn differing_groups<'a>(
+    old: &'a [PackageRecord],
+    new: &'a [PackageRecord],
+) -> Option<BTreeSet<(&'a str, &'a str)>> {
+    let in_order =
+        |list: &[PackageRecord]| list.windows(2).all(|w| key_order(&w[0], &w[1]).is_lt());
+    if !in_order(old) || !in_order(new) {
+        return None;
+    }
+    let mut differ = BTreeSet::new();
+    let (mut i, mut j) = (0, 0);
+    while let (Some(was), Some(is)) = (old.get(i), new.get(j)) {
+        match key_order(was, is) {
+            Ordering::Less => {
+                differ.insert(group(was));
+                i += 1;
+            }
+            Ordering::Greater => {
+                differ.insert(group(is));
+                j += 1;
+            }
+            Ordering::Equal => {
+                // Equal keys: the same name and arch, so one group.
+                if was != is {
+                    differ.insert(group(was));
+                }
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    differ.extend(old[i..].iter().chain(&new[j..]).map(group));
+    Some(differ)
 }
 
 /// [`classify`] of only the packages whose name and arch are in `touched` (what a delta
@@ -306,5 +357,53 @@ mod tests {
         higher[0].epoch = Some(1);
         higher[0].version = "1.0".into();
         assert_eq!(between(&old, &higher).upgraded.len(), 1);
+    }
+
+    /// The merge's shortcut gives what comparing every group gives, on documents (sorted,
+    /// unique) and on lists in any order.
+    #[test]
+    fn comparing_only_the_groups_that_differ_gives_the_same_changes() {
+        let mut state = 16u64;
+        let mut next = move |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        let record = |next: &mut dyn FnMut(u64) -> u64| PackageRecord {
+            name: format!("n{}", next(12)),
+            epoch: [None, Some(0), Some(1)][next(3) as usize],
+            version: format!("1.{}", next(4)),
+            release: "1".into(),
+            arch: [None, Some("x86_64".to_owned()), Some("i686".to_owned())][next(3) as usize]
+                .clone(),
+            installtime: Some(next(2)),
+            ..Default::default()
+        };
+        for round in 0..300 {
+            let old: Vec<PackageRecord> = (0..next(30)).map(|_| record(&mut next)).collect();
+            let mut new = old.clone();
+            for _ in 0..next(4) {
+                match next(3) {
+                    0 if !new.is_empty() => {
+                        new.remove(next(new.len() as u64) as usize);
+                    }
+                    1 if !new.is_empty() => {
+                        let at = next(new.len() as u64) as usize;
+                        new[at].installtime = Some(7);
+                    }
+                    _ => new.push(record(&mut next)),
+                }
+            }
+            let slow = classify_groups(old.iter(), new.iter());
+            assert_eq!(classify(&old, &new), slow, "round {round}, any order");
+            let doc = |list: Vec<PackageRecord>| {
+                guestwatch_protocol::inventory::Document::new(list, Default::default()).packages
+            };
+            let (old, new) = (doc(old), doc(new));
+            assert!(differing_groups(&old, &new).is_some());
+            let slow = classify_groups(old.iter(), new.iter());
+            assert_eq!(classify(&old, &new), slow, "round {round}, documents");
+        }
     }
 }

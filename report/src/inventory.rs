@@ -59,12 +59,7 @@ pub fn sorted(mut records: Vec<PackageRecord>) -> Vec<PackageRecord> {
     records
 }
 
-/// The order of [`RecordKey`](guestwatch_protocol::inventory::RecordKey) (its fields, in
-/// declaration order), on borrowed fields.
-pub fn key_order(a: &PackageRecord, b: &PackageRecord) -> std::cmp::Ordering {
-    (&a.name, a.epoch, &a.version, &a.release, &a.arch)
-        .cmp(&(&b.name, b.epoch, &b.version, &b.release, &b.arch))
-}
+pub use crate::key_order;
 
 /// What a document says about the system beside its packages.
 pub fn system_facts(s: &Scanned<'_>, changes: ChangeSummary) -> SystemFacts {

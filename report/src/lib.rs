@@ -69,6 +69,13 @@ pub fn evr(p: &PackageRecord) -> String {
     }
 }
 
+/// The order of [`RecordKey`](guestwatch_protocol::inventory::RecordKey) (its fields, in
+/// declaration order), on borrowed fields: a [`Document`]'s order.
+pub fn key_order(a: &PackageRecord, b: &PackageRecord) -> std::cmp::Ordering {
+    (&a.name, a.epoch, &a.version, &a.release, &a.arch)
+        .cmp(&(&b.name, b.epoch, &b.version, &b.release, &b.arch))
+}
+
 /// A short, stable id for a string: the first 8 bytes of its SHA-256, as hex.
 pub(crate) fn id_of(text: &str) -> String {
     use sha2::Digest;
