@@ -122,28 +122,24 @@ async fn guest(
     acked
 }
 
-fn run(n: usize, per_guest: usize) {
-    let dir = tempfile::tempdir().expect("temp dir");
+/// Starts a relay in `dir` for guests `vm-0` … `vm-{n-1}` (hybrid sockets `vm-I.sock`) with
+/// `sink`, the rate limit off and `extra` configuration lines; returns once the last guest's
+/// socket answers.
+fn start_relay(dir: &std::path::Path, n: usize, sink: &str, extra: &str) -> std::process::Child {
     let hybrid: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                "\"vm-{i}={}\"",
-                dir.path().join(format!("vm-{i}.sock")).display()
-            )
-        })
+        .map(|i| format!("\"vm-{i}={}\"", dir.join(format!("vm-{i}.sock")).display()))
         .collect();
-    let config = dir.path().join("relay.toml");
+    let config = dir.join("relay.toml");
     std::fs::write(
         &config,
         format!(
-            "hybrid = [{}]\nsink = \"dir:{}\"\nreports_per_minute = 0\ncache_slots = 100\nmax_connections = {}\n",
+            "hybrid = [{}]\nsink = \"{sink}\"\nreports_per_minute = 0\n{extra}cache_slots = 100\nmax_connections = {}\n",
             hybrid.join(","),
-            dir.path().join("sink").display(),
             n + 16
         ),
     )
     .expect("config");
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_guestwatch-relay"))
+    let relay = Command::new(env!("CARGO_BIN_EXE_guestwatch-relay"))
         .args(["run", "--config"])
         .arg(&config)
         .env("GUESTWATCH_LOG", "warn")
@@ -151,11 +147,18 @@ fn run(n: usize, per_guest: usize) {
         .stderr(Stdio::null())
         .spawn()
         .expect("relay");
-    let last = dir.path().join(format!("vm-{}.sock_919", n - 1));
+    let last = dir.join(format!("vm-{}.sock_919", n - 1));
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::os::unix::net::UnixStream::connect(&last).is_err() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    relay
+}
+
+fn run(n: usize, per_guest: usize) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sink = format!("dir:{}", dir.path().join("sink").display());
+    let mut relay = start_relay(dir.path(), n, &sink, "");
     let idle_rss = rss_kib(relay.id(), "VmRSS:");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -599,37 +602,7 @@ fn run_changes(n: usize, changes: usize, deltas: bool, sink: &str) {
         Some(r) => format!("redis://127.0.0.1:{}/0", r.port()),
         None => format!("dir:{}", dir.path().join("sink").display()),
     };
-    let hybrid: Vec<String> = (0..n)
-        .map(|i| {
-            format!(
-                "\"vm-{i}={}\"",
-                dir.path().join(format!("vm-{i}.sock")).display()
-            )
-        })
-        .collect();
-    let config = dir.path().join("relay.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "hybrid = [{}]\nsink = \"{sink_spec}\"\nreports_per_minute = 0\nmax_sink_bytes_per_minute = 0\ncache_slots = 100\nmax_connections = {}\n",
-            hybrid.join(","),
-            n + 16
-        ),
-    )
-    .expect("config");
-    let mut relay = Command::new(env!("CARGO_BIN_EXE_guestwatch-relay"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("GUESTWATCH_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("relay");
-    let last = dir.path().join(format!("vm-{}.sock_919", n - 1));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(&last).is_err() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut relay = start_relay(dir.path(), n, &sink_spec, "max_sink_bytes_per_minute = 0\n");
     let prepared: Vec<Vec<Report>> = (0..n).map(|i| change_reports(i, changes, deltas)).collect();
     let wire: usize = prepared
         .iter()
