@@ -421,3 +421,77 @@ async fn directory_relative_tampering_and_a_killed_transaction_leave_detection_w
     })
     .await;
 }
+
+/// A tamperer that writes, then points the descriptor it wrote through at another file and
+/// stays alive: `/proc/<pid>/fd/<n>` names the other file by the time userspace reads the
+/// record, so the written file is known only by the identity the kernel recorded at the write.
+const REUSED_DESCRIPTOR: &str = r#"
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND)
+os.write(fd, b"tampered\n")
+os.close(fd)
+other = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT)
+assert other == fd, (other, fd)
+time.sleep(1)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_is_attributed_after_the_descriptor_is_reused() {
+    if !bpf_prerequisites() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let db = RpmDb::temp().unwrap();
+    let (mut running, status) = start(DetectorChoice::Ebpf, db.path(), None);
+    if !matches!(status.tamper, TamperStatus::Tracepoints { .. }) {
+        eprintln!(
+            "SKIPPED: the kernel refused the tamper programs: {}",
+            status.tamper
+        );
+        return;
+    }
+    let target = db.path().join("Packages");
+    std::fs::write(&target, b"").unwrap();
+    let shown = vec![target.display().to_string()];
+    let mut tamperers = vec![
+        // dash restores its stdout from the saved copy after the builtin's redirection.
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"echo tampered >> "$1"; sleep 1"#)
+            .arg("sh")
+            .arg(&target)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+        Command::new("sh")
+            .arg("-c")
+            .arg(r#"exec 3>>"$1"; echo tampered >&3; exec 3>/dev/null; sleep 1"#)
+            .arg("sh")
+            .arg(&target)
+            .spawn()
+            .unwrap(),
+        Command::new("python3")
+            .args(["-c", REUSED_DESCRIPTOR])
+            .arg(&target)
+            .arg(work.path().join("other"))
+            .spawn()
+            .unwrap(),
+    ];
+    let mut waiting: std::collections::HashSet<u32> = tamperers.iter().map(|c| c.id()).collect();
+    while !waiting.is_empty() {
+        let t = wait_for(&mut running, "tamper through a reused descriptor", |t| {
+            t.kind == TriggerKind::Tamper
+                && t.attribution
+                    .as_ref()
+                    .is_some_and(|a| waiting.contains(&a.pid))
+        })
+        .await;
+        let who = t.attribution.unwrap();
+        assert_eq!(who.paths, shown, "{who:?}");
+        assert_eq!(who.operation.as_deref(), Some("write"));
+        waiting.remove(&who.pid);
+    }
+    for mut child in tamperers.drain(..) {
+        assert!(child.wait().unwrap().success());
+    }
+}

@@ -269,35 +269,44 @@ impl EbpfSource {
         }
     }
 
-    /// Whether `file` (a transaction's write) is the watched database. By descriptor when the
-    /// process still has it: the same inode as the entry of that name in a watched directory.
-    /// Otherwise by path: a watched directory's file as the process named it.
+    /// Whether `file` (a transaction's write) is the watched database. By the identity the
+    /// kernel recorded at the write: the entry of that name in a watched directory. Else by
+    /// descriptor while the process still holds that file there (the number may since name
+    /// another file: it is checked against the recorded identity). Otherwise by path: a
+    /// watched directory's file as the process named it.
     fn what_was_written(&self, file: &FileRecord) -> Written {
-        let name = Path::new(&file.path).file_name().and_then(|n| n.to_str());
-        if name.is_some_and(reader_written) {
+        let name = Path::new(&file.path).file_name();
+        if name.and_then(|n| n.to_str()).is_some_and(reader_written) {
             return Written::Shared;
         }
+        let named = |id: FileId| {
+            let name = name?;
+            self.watch_dirs
+                .iter()
+                .map(|d| d.join(name))
+                .find(|p| FileId::of(p).is_some_and(|entry| same_file(id, entry)))
+        };
+        if let Some(path) = file.file.and_then(named) {
+            return Written::Ours {
+                database: self.shown(&database_file(&path)),
+            };
+        }
         if let Some(fd) = file.fd
-            && let Ok(meta) = std::fs::metadata(format!("/proc/{}/fd/{fd}", file.tgid))
+            && let Some((_, held)) = held_file(file.tgid, fd)
+            && file.file.is_none_or(|id| same_file(id, held))
         {
-            let name = Path::new(&file.path).file_name();
-            for dir in &self.watch_dirs {
-                if let Some(name) = name
-                    && let Ok(entry) = std::fs::symlink_metadata(dir.join(name))
-                    && (entry.dev(), entry.ino()) == (meta.dev(), meta.ino())
-                {
-                    return Written::Ours {
-                        database: self.shown(&database_file(&dir.join(name))),
-                    };
-                }
-            }
-            return Written::Elsewhere;
+            return match named(held) {
+                Some(path) => Written::Ours {
+                    database: self.shown(&database_file(&path)),
+                },
+                None => Written::Elsewhere,
+            };
         }
         let cwd = std::fs::read_link(format!("/proc/{}/cwd", file.tgid)).ok();
         let candidates = std::iter::once((&file.path, file.dirfd))
             .chain(file.path2.as_ref().map(|p| (p, file.dirfd2)));
         for (raw, dirfd) in candidates {
-            if let Some(path) = resolve(file.tgid, raw, None, dirfd, cwd.as_deref())
+            if let Some(path) = resolve(file.tgid, raw, dirfd, cwd.as_deref())
                 && self.inside(&path)
             {
                 return Written::Unverified {
@@ -322,22 +331,26 @@ impl EbpfSource {
         dir: Option<FileId>,
         cwd: Option<&Path>,
     ) -> Option<PathBuf> {
-        // A written file the process no longer holds: the watched file it was, by identity.
-        if let Some(fd) = fd
-            && let Ok(path) = std::fs::read_link(format!("/proc/{tgid}/fd/{fd}"))
-        {
-            return Some(normalize(&path));
-        }
+        // A written file: the watched file of that name the kernel identified at the write,
+        // else the file the descriptor still holds. Never the descriptor's file alone when
+        // the kernel's identity disagrees: by now the number may name another file (a shell
+        // restores its redirected stdout; a closed number is reused by the next open).
         if let Some(file) = file {
             let name = Path::new(raw).file_name()?;
             if let Some(path) = self
                 .watch_dirs
                 .iter()
                 .map(|d| d.join(name))
-                .find(|p| FileId::of(p) == Some(file))
+                .find(|p| FileId::of(p).is_some_and(|entry| same_file(file, entry)))
             {
                 return Some(normalize(&path));
             }
+        }
+        if let Some(fd) = fd
+            && let Some((path, held)) = held_file(tgid, fd)
+            && file.is_none_or(|id| same_file(id, held))
+        {
+            return Some(normalize(&path));
         }
         if let (false, Some(dir)) = (raw.starts_with('/'), dir) {
             if let Some(watched) = self.watch_dirs.iter().find(|d| FileId::of(d) == Some(dir)) {
@@ -345,14 +358,14 @@ impl EbpfSource {
             }
             // Not a watched directory: where it was only matters for display.
             return Some(
-                resolve(tgid, raw, None, dirfd, cwd)
+                resolve(tgid, raw, dirfd, cwd)
                     .filter(|p| !self.inside(p))
                     .unwrap_or_else(|| {
                         PathBuf::from(format!("<directory {}:{}>/{raw}", dir.dev, dir.ino))
                     }),
             );
         }
-        resolve(tgid, raw, fd, dirfd, cwd)
+        resolve(tgid, raw, dirfd, cwd)
     }
 
     fn inside(&self, path: &Path) -> bool {
@@ -543,21 +556,10 @@ fn tamper_trigger(
     }
 }
 
-/// An absolute, lexically normalised path for what the process named: through its open
-/// descriptor when there is one, else relative to the directory descriptor of a `*at` call,
-/// else to its working directory `cwd`.
-fn resolve(
-    tgid: u32,
-    raw: &str,
-    fd: Option<i32>,
-    dirfd: Option<i32>,
-    cwd: Option<&Path>,
-) -> Option<PathBuf> {
-    if let Some(fd) = fd
-        && let Ok(path) = std::fs::read_link(format!("/proc/{tgid}/fd/{fd}"))
-    {
-        return Some(normalize(&path));
-    }
+/// An absolute, lexically normalised path for what the process named: as it is when absolute,
+/// else relative to the directory descriptor of a `*at` call, else to its working directory
+/// `cwd`.
+fn resolve(tgid: u32, raw: &str, dirfd: Option<i32>, cwd: Option<&Path>) -> Option<PathBuf> {
     let raw = Path::new(raw);
     if raw.is_absolute() {
         return Some(normalize(raw));
@@ -567,6 +569,36 @@ fn resolve(
         None => cwd?.to_path_buf(),
     };
     Some(normalize(&base.join(raw)))
+}
+
+/// The file descriptor `fd` of process `tgid` holds now: its path and identity, read through
+/// one `O_PATH` descriptor of it so that both describe the same file (two reads of
+/// `/proc/<pid>/fd/<n>` could straddle a `dup2`). `O_PATH` opens nothing for I/O: no FIFO
+/// blocks, no device is touched.
+fn held_file(tgid: u32, fd: i32) -> Option<(PathBuf, FileId)> {
+    use std::os::{fd::AsRawFd, unix::fs::OpenOptionsExt};
+    let held = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(format!("/proc/{tgid}/fd/{fd}"))
+        .ok()?;
+    let meta = held.metadata().ok()?;
+    let path = std::fs::read_link(format!("/proc/self/fd/{}", held.as_raw_fd())).ok()?;
+    Some((
+        path,
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+    ))
+}
+
+/// Whether the kernel's identity of a file (from its superblock) and a `stat` of a path are
+/// the same file. By inode number alone: btrfs subvolumes and overlayfs report an `st_dev`
+/// other than the superblock's, and the candidates compared are one name in a watched
+/// directory, or the file one descriptor holds.
+fn same_file(kernel: FileId, stat: FileId) -> bool {
+    kernel.ino == stat.ino
 }
 
 fn normalize(path: &Path) -> PathBuf {
@@ -601,12 +633,12 @@ mod tests {
         let me = std::process::id();
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(
-            resolve(me, "x/y", None, None, Some(&cwd)),
+            resolve(me, "x/y", None, Some(&cwd)),
             Some(normalize(&cwd.join("x/y")))
         );
-        assert_eq!(resolve(me, "x/y", None, None, None), None);
+        assert_eq!(resolve(me, "x/y", None, None), None);
         assert_eq!(
-            resolve(me, "/abs/z", None, None, None),
+            resolve(me, "/abs/z", None, None),
             Some(PathBuf::from("/abs/z"))
         );
         // Through a directory descriptor this process holds.
@@ -614,11 +646,24 @@ mod tests {
         let handle = std::fs::File::open(dir.path()).unwrap();
         let fd = std::os::fd::AsRawFd::as_raw_fd(&handle);
         assert_eq!(
-            resolve(me, "Packages", None, Some(fd), Some(&cwd)),
+            resolve(me, "Packages", Some(fd), Some(&cwd)),
             Some(normalize(
                 &dir.path().canonicalize().unwrap().join("Packages")
             ))
         );
+    }
+
+    #[test]
+    fn a_held_file_is_named_and_identified_through_one_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().canonicalize().unwrap().join("Packages");
+        let file = std::fs::File::create(&path).unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let (held, id) = held_file(std::process::id(), fd).unwrap();
+        assert_eq!(held, path);
+        assert_eq!(Some(id), FileId::of(&path));
+        // A number nothing holds.
+        assert!(held_file(std::process::id(), 1 << 20).is_none());
     }
 
     #[test]
