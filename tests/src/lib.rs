@@ -455,8 +455,9 @@ pub fn db_state(db: &RpmDb) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// Waits until the VM's latest report equals the database and its delivery is logged (the
-/// dir sink replaces `latest.json` before it appends to `deliveries.jsonl`).
+/// Waits until the VM's latest report equals the database and its delivery is logged: both,
+/// since the dir sink appends to `deliveries.jsonl` before it replaces `latest.json` and a
+/// reader may see one without the other.
 pub fn wait_synced(relay: &Relay, vm: &str, db: &RpmDb, what: &str) -> serde_json::Value {
     let want = db_state(db);
     wait_for(what, DELIVERY, || {
