@@ -272,6 +272,25 @@ async fn auto_falls_back_to_inotify_and_says_why() {
 }
 
 /// `/usr/bin/python3` with librpm's bindings (python3-rpm, which dnf depends on).
+/// A scratch directory, a database and the eBPF detector with its tamper programs on it;
+/// `None` (having said why) where BPF cannot run or the kernel refused the tamper programs.
+fn start_tamper_detection() -> Option<(tempfile::TempDir, RpmDb, Running)> {
+    if !bpf_prerequisites() {
+        return None;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let db = RpmDb::temp().unwrap();
+    let (running, status) = start(DetectorChoice::Ebpf, db.path(), None);
+    if !matches!(status.tamper, TamperStatus::Tracepoints { .. }) {
+        eprintln!(
+            "SKIPPED: the kernel refused the tamper programs: {}",
+            status.tamper
+        );
+        return None;
+    }
+    Some((work, db, running))
+}
+
 fn python_rpm() -> Command {
     Command::new("/usr/bin/python3")
 }
@@ -309,19 +328,9 @@ ts.run(callback, "")
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directory_relative_tampering_and_a_killed_transaction_leave_detection_whole() {
-    if !bpf_prerequisites() {
+    let Some((work, db, mut running)) = start_tamper_detection() else {
         return;
-    }
-    let work = tempfile::tempdir().unwrap();
-    let db = RpmDb::temp().unwrap();
-    let (mut running, status) = start(DetectorChoice::Ebpf, db.path(), None);
-    if !matches!(status.tamper, TamperStatus::Tracepoints { .. }) {
-        eprintln!(
-            "SKIPPED: the kernel refused the tamper programs: {}",
-            status.tamper
-        );
-        return;
-    }
+    };
     std::fs::write(db.path().join("Packages"), b"").unwrap();
     std::fs::write(db.path().join("Index.db"), b"").unwrap();
     let dir = db.path().canonicalize().unwrap();
@@ -437,19 +446,9 @@ time.sleep(1)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampering_is_attributed_after_the_descriptor_is_reused() {
-    if !bpf_prerequisites() {
+    let Some((work, db, mut running)) = start_tamper_detection() else {
         return;
-    }
-    let work = tempfile::tempdir().unwrap();
-    let db = RpmDb::temp().unwrap();
-    let (mut running, status) = start(DetectorChoice::Ebpf, db.path(), None);
-    if !matches!(status.tamper, TamperStatus::Tracepoints { .. }) {
-        eprintln!(
-            "SKIPPED: the kernel refused the tamper programs: {}",
-            status.tamper
-        );
-        return;
-    }
+    };
     let target = db.path().join("Packages");
     std::fs::write(&target, b"").unwrap();
     let shown = vec![target.display().to_string()];

@@ -9,13 +9,15 @@
 //! next scan waits for one of them to end.
 //!
 //! A scan that fails (or whose scanner panics) is not the end of its triggers: they are
-//! scanned again after a backoff ([`RETRY_FIRST`] doubling to [`RETRY_MAX`]), with any that
+//! scanned again after a backoff ([`RETRY_FIRST`] doubling to [`RETRY_MAX`], jittered as every
+//! retry of the daemons is), with any that
 //! arrived meanwhile, so an unreadable moment of the database never loses a change or who
 //! made it. An abandoned scan is not retried on its own (it would burn the deadline again);
 //! the next trigger scans again.
 
 use std::{future::Future, pin::Pin, task::Poll, time::Duration};
 
+use guestwatch_daemon::backoff::Backoff;
 use tokio::{sync::mpsc, task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -27,8 +29,9 @@ use super::{
 /// Scans running at once, abandoned ones included.
 pub const MAX_SCAN_THREADS: usize = 2;
 
-/// A failed scan is retried after this, doubling with each failure in a row up to
-/// [`RETRY_MAX`]: a database caught mid-rewrite is read soon, a broken one costs little.
+/// A failed scan is retried after up to this (at least half of it), doubling with each
+/// failure in a row up to [`RETRY_MAX`]: a database caught mid-rewrite is read soon, a broken
+/// one costs little.
 pub const RETRY_FIRST: Duration = Duration::from_millis(250);
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -115,13 +118,10 @@ pub async fn run<S: Scanner>(
     let mut abandoned: Vec<JoinHandle<ScanDone<S>>> = Vec::new();
     let mut scanner = Some(scanner);
     let mut sources_open = true;
-    let mut failures_in_a_row = 0u32;
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
     // A failed scan's triggers are scanned again after a backoff.
-    let retry = |scheduler: &mut Scheduler, batch: Batch, failures: &mut u32| {
-        let delay = RETRY_FIRST
-            .saturating_mul(1 << (*failures).min(16))
-            .min(RETRY_MAX);
-        *failures += 1;
+    let retry = |scheduler: &mut Scheduler, batch: Batch, backoff: &mut Backoff| {
+        let delay = backoff.next_delay();
         log::warn!(
             "scanning again in {delay:.1?} for the {} trigger(s) of the failed scan",
             batch.total()
@@ -174,9 +174,9 @@ pub async fn run<S: Scanner>(
                         scanner = Some(s);
                         let duration = r.started.elapsed();
                         if result.is_err() {
-                            retry(&mut scheduler, r.batch.clone(), &mut failures_in_a_row);
+                            retry(&mut scheduler, r.batch.clone(), &mut backoff);
                         } else {
-                            failures_in_a_row = 0;
+                            backoff.reset();
                         }
                         if events.send(PipelineEvent::Scan { batch: r.batch, result, duration }).await.is_err() {
                             return;
@@ -188,7 +188,7 @@ pub async fn run<S: Scanner>(
                             "the scan after {} trigger crashed: {e}",
                             r.batch.cause.kind.as_str()
                         );
-                        retry(&mut scheduler, r.batch, &mut failures_in_a_row);
+                        retry(&mut scheduler, r.batch, &mut backoff);
                     }
                 }
             }
@@ -657,10 +657,13 @@ mod tests {
         assert_eq!(batch.cause.detail, tx.detail);
         assert_eq!(batch.transactions.len(), 1);
         assert_eq!(batch.counts.get(&TriggerKind::Transaction), Some(&1));
-        // 250 ms, 500 ms, 1 s between the attempts.
+        // At least half of 250 ms, then of 500 ms, between the failed attempts, and half of
+        // 1 s before the success: the backoff grows.
+        for (i, gap) in failed_at.windows(2).map(|w| w[1] - w[0]).enumerate() {
+            assert!(gap >= RETRY_FIRST * (1 << i) / 2, "gap {i}: {gap:?}");
+        }
         let total = started.elapsed();
-        assert!(total >= RETRY_FIRST * 7, "retried after {total:?}");
-        assert!(failed_at[2] - failed_at[1] >= failed_at[1] - failed_at[0]);
+        assert!(total >= RETRY_FIRST * 7 / 2, "retried after {total:?}");
         // Nothing more: a success ends the retries.
         assert!(
             tokio::time::timeout(Duration::from_millis(600), erx.recv())
