@@ -9,8 +9,8 @@
 //! ran a transaction before (SQLite's checkpoint on close). Truncating opens, `truncate`,
 //! renames and unlinks of watched paths are reported directly by the same rule. A path is
 //! watched when it is absolute and starts with a prefix userspace put in `WATCH_PREFIXES`, or
-//! relative and equal to a name in `WATCH_NAMES` (userspace then resolves it through the
-//! directory descriptor of a `*at` call, the written descriptor, or the working directory).
+//! relative and equal to a name in `WATCH_NAMES` (userspace then locates it by the identities
+//! recorded at the call: of the directory it is relative to and, for a write, of the file).
 //! Syscall tracepoint argument offsets are the stable layout of `syscalls:*` events: arguments
 //! start at byte 16, eight bytes apart.
 //!
@@ -390,10 +390,16 @@ fn track_copy(tgid: u32, old: u64, new: u64) {
     }
 }
 
-/// dup2 and dup3: (oldfd, newfd, …).
+/// In `PENDING_DUP`: the call replaces whatever its result descriptor was (dup2 and dup3 close
+/// `newfd` first), so an untracked `oldfd` clears the result's tracking.
+const REPLACES: u64 = 1 << 63;
+
+/// dup2 and dup3: (oldfd, newfd, …), applied at the exit, when the call has succeeded. Every
+/// call is remembered, not only a tracked `oldfd`'s: a shell restoring its stdout
+/// (`dup2(saved, 1)` after `echo x >> Packages`) must end fd 1's tracking.
 #[tracepoint]
 pub fn dup2_enter(ctx: TracePointContext) -> u32 {
-    track_copy(tgid_of(pid_tgid()), arg(&ctx, 0), arg(&ctx, 1));
+    let _ = PENDING_DUP.insert(pid_tgid(), (arg(&ctx, 0) & 0xffff_ffff) | REPLACES, 0);
     0
 }
 
@@ -426,15 +432,23 @@ pub fn fcntl_enter(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// Shared by the exits of dup and fcntl.
+/// Shared by the exits of dup, dup2, dup3 and fcntl.
 #[tracepoint]
 pub fn dup_exit(ctx: TracePointContext) -> u32 {
     let id = pid_tgid();
     // SAFETY: the value is a plain u64 copied out before the entry is removed.
-    if let Some(old) = unsafe { PENDING_DUP.get(id) }.copied() {
+    if let Some(pending) = unsafe { PENDING_DUP.get(id) }.copied() {
         let new = ret(&ctx);
         if new >= 0 {
-            track_copy(tgid_of(id), old, new as u64);
+            let tgid = tgid_of(id);
+            let old = pending & !REPLACES;
+            // SAFETY: only the presence of the key is used.
+            let tracked = unsafe { WRITE_FDS.get(fd_key(tgid, old)) }.is_some();
+            if tracked {
+                track_copy(tgid, old, new as u64);
+            } else if pending & REPLACES != 0 {
+                let _ = WRITE_FDS.remove(fd_key(tgid, new as u64));
+            }
         }
         let _ = PENDING_DUP.remove(id);
     }

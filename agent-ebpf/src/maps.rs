@@ -56,7 +56,8 @@ pub use guestwatch_agent_common::{OpenedFile, REPORTED_OUTSIDE};
 #[map]
 pub static PENDING_OPEN: HashMap<u64, OpenedFile> = HashMap::with_max_entries(1024, 0);
 
-/// dup/fcntl(F_DUPFD) of a tracked descriptor between syscall entry and exit: pid_tgid → old fd.
+/// dup/fcntl(F_DUPFD) of a tracked descriptor, and every dup2/dup3, between syscall entry and
+/// exit: pid_tgid → old fd (with `REPLACES` for dup2/dup3, see file.rs).
 #[map]
 pub static PENDING_DUP: HashMap<u64, u64> = HashMap::with_max_entries(1024, 0);
 

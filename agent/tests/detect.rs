@@ -271,7 +271,6 @@ async fn auto_falls_back_to_inotify_and_says_why() {
     assert!(why.contains("test switch"), "{why}");
 }
 
-/// `/usr/bin/python3` with librpm's bindings (python3-rpm, which dnf depends on).
 /// A scratch directory, a database and the eBPF detector with its tamper programs on it;
 /// `None` (having said why) where BPF cannot run or the kernel refused the tamper programs.
 fn start_tamper_detection() -> Option<(tempfile::TempDir, RpmDb, Running)> {
@@ -291,6 +290,7 @@ fn start_tamper_detection() -> Option<(tempfile::TempDir, RpmDb, Running)> {
     Some((work, db, running))
 }
 
+/// `/usr/bin/python3` with librpm's bindings (python3-rpm, which dnf depends on).
 fn python_rpm() -> Command {
     Command::new("/usr/bin/python3")
 }
@@ -493,4 +493,21 @@ async fn tampering_is_attributed_after_the_descriptor_is_reused() {
     for mut child in tamperers.drain(..) {
         assert!(child.wait().unwrap().success());
     }
+
+    // An open for appending that writes nothing, then a write to the restored stdout: the
+    // descriptor number was the database's a moment ago, but the write went elsewhere, and
+    // that is no tampering (nor is it when the shell is gone before the record is read).
+    let sh = Command::new("sh")
+        .arg("-c")
+        .arg(r#": >> "$1"; echo not-the-database"#)
+        .arg("sh")
+        .arg(&target)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(sh.success());
+    no_trigger(&mut running, Duration::from_millis(1500), |t| {
+        t.kind == TriggerKind::Tamper
+    })
+    .await;
 }

@@ -80,7 +80,12 @@ const TAMPER_HOOKS: &[(&str, &str, &[&str], bool)] = &[
     (
         "dup_exit",
         "syscalls",
-        &["sys_exit_dup", "sys_exit_fcntl"],
+        &[
+            "sys_exit_dup",
+            "sys_exit_dup2",
+            "sys_exit_dup3",
+            "sys_exit_fcntl",
+        ],
         false,
     ),
     (

@@ -5,6 +5,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    ffi::OsStr,
     os::unix::fs::MetadataExt,
     path::{Component, Path, PathBuf},
 };
@@ -269,38 +270,26 @@ impl EbpfSource {
         }
     }
 
-    /// Whether `file` (a transaction's write) is the watched database. By the identity the
-    /// kernel recorded at the write: the entry of that name in a watched directory. Else by
-    /// descriptor while the process still holds that file there (the number may since name
-    /// another file: it is checked against the recorded identity). Otherwise by path: a
-    /// watched directory's file as the process named it.
+    /// Whether `file` (a transaction's write) is the watched database: see [`Self::written`].
     fn what_was_written(&self, file: &FileRecord) -> Written {
         let name = Path::new(&file.path).file_name();
         if name.and_then(|n| n.to_str()).is_some_and(reader_written) {
             return Written::Shared;
         }
-        let named = |id: FileId| {
-            let name = name?;
-            self.watch_dirs
-                .iter()
-                .map(|d| d.join(name))
-                .find(|p| FileId::of(p).is_some_and(|entry| same_file(id, entry)))
+        let ours = |path: &Path| Written::Ours {
+            database: self.shown(&database_file(path)),
         };
-        if let Some(path) = file.file.and_then(named) {
-            return Written::Ours {
-                database: self.shown(&database_file(&path)),
-            };
-        }
-        if let Some(fd) = file.fd
-            && let Some((_, held)) = held_file(file.tgid, fd)
-            && file.file.is_none_or(|id| same_file(id, held))
-        {
-            return match named(held) {
-                Some(path) => Written::Ours {
-                    database: self.shown(&database_file(&path)),
-                },
-                None => Written::Elsewhere,
-            };
+        match self.written(file.tgid, &file.path, file.fd, file.file) {
+            Some(WrittenFile::Watched(path)) => return ours(&path),
+            Some(WrittenFile::Held(_, held)) => {
+                // What the process holds now is the file it wrote: the watched entry or not.
+                return match name.and_then(|n| self.entry_named(n, |e| e == held)) {
+                    Some(path) => ours(&path),
+                    None => Written::Elsewhere,
+                };
+            }
+            Some(WrittenFile::Other(_)) => return Written::Elsewhere,
+            None => {}
         }
         let cwd = std::fs::read_link(format!("/proc/{}/cwd", file.tgid)).ok();
         let candidates = std::iter::once((&file.path, file.dirfd))
@@ -317,9 +306,53 @@ impl EbpfSource {
         Written::Elsewhere
     }
 
-    /// Where a name the process used is: a relative name is located by the directory the
-    /// kernel identified when the call was made (it cannot have changed since, unlike the
-    /// process's working directory or descriptors in `/proc`); without it, by [`resolve`].
+    /// The file a write went to, when identities can tell (`None`: only its name can).
+    ///
+    /// By the identity the kernel recorded at the write: the entry of that name in a watched
+    /// directory. Else by the descriptor while it still holds that file: by now the number may
+    /// name another (a shell restores its redirected stdout; a closed number is reused by the
+    /// next open), so it is never taken alone when the kernel's identity is known. When the
+    /// entry of that name exists but is another file, the write went elsewhere. Without the
+    /// kernel's identity (no BTF), the descriptor is all there is.
+    fn written(
+        &self,
+        tgid: u32,
+        raw: &str,
+        fd: Option<i32>,
+        file: Option<FileId>,
+    ) -> Option<WrittenFile> {
+        let name = Path::new(raw).file_name()?;
+        if let Some(file) = file
+            && let Some(path) = self.entry_named(name, |e| same_file(file, e, &self.watch_dirs))
+        {
+            return Some(WrittenFile::Watched(path));
+        }
+        if let Some(fd) = fd
+            && let Some((path, held)) = held_file(tgid, fd)
+            && file.is_none_or(|id| same_file(id, held, std::slice::from_ref(&path)))
+        {
+            return Some(WrittenFile::Held(path, held));
+        }
+        match file {
+            Some(file) if self.entry_named(name, |_| true).is_some() => {
+                Some(WrittenFile::Other(file))
+            }
+            _ => None,
+        }
+    }
+
+    /// The entry named `name` in a watched directory whose identity passes `is`.
+    fn entry_named(&self, name: &OsStr, is: impl Fn(FileId) -> bool) -> Option<PathBuf> {
+        self.watch_dirs
+            .iter()
+            .map(|d| d.join(name))
+            .find(|p| FileId::of(p).is_some_and(&is))
+    }
+
+    /// Where a name the process used is: a written file by [`Self::written`]; a relative name
+    /// by the directory the kernel identified when the call was made (it cannot have changed
+    /// since, unlike the process's working directory or descriptors in `/proc`); without
+    /// them, by [`resolve`].
     #[allow(clippy::too_many_arguments)]
     fn resolve(
         &self,
@@ -331,29 +364,20 @@ impl EbpfSource {
         dir: Option<FileId>,
         cwd: Option<&Path>,
     ) -> Option<PathBuf> {
-        // A written file: the watched file of that name the kernel identified at the write,
-        // else the file the descriptor still holds. Never the descriptor's file alone when
-        // the kernel's identity disagrees: by now the number may name another file (a shell
-        // restores its redirected stdout; a closed number is reused by the next open).
-        if let Some(file) = file {
-            let name = Path::new(raw).file_name()?;
-            if let Some(path) = self
-                .watch_dirs
-                .iter()
-                .map(|d| d.join(name))
-                .find(|p| FileId::of(p).is_some_and(|entry| same_file(file, entry)))
-            {
+        match self.written(tgid, raw, fd, file) {
+            Some(WrittenFile::Watched(path) | WrittenFile::Held(path, _)) => {
                 return Some(normalize(&path));
             }
-        }
-        if let Some(fd) = fd
-            && let Some((path, held)) = held_file(tgid, fd)
-            && file.is_none_or(|id| same_file(id, held))
-        {
-            return Some(normalize(&path));
+            // Shown as what it is; never inside a watched directory.
+            Some(WrittenFile::Other(file)) => {
+                return Some(PathBuf::from(format!("<file {}:{}>", file.dev, file.ino)));
+            }
+            None => {}
         }
         if let (false, Some(dir)) = (raw.starts_with('/'), dir) {
-            if let Some(watched) = self.watch_dirs.iter().find(|d| FileId::of(d) == Some(dir)) {
+            if let Some(watched) = self.watch_dirs.iter().find(|d| {
+                FileId::of(d).is_some_and(|e| same_file(dir, e, std::slice::from_ref(*d)))
+            }) {
                 return Some(normalize(&watched.join(raw)));
             }
             // Not a watched directory: where it was only matters for display.
@@ -413,8 +437,9 @@ impl EbpfSource {
         let cwd = needs_cwd
             .then(|| std::fs::read_link(format!("/proc/{}/cwd", file.tgid)).ok())
             .flatten();
-        // The executable as the process stood now: a later read could find its pid reused.
-        let exe = self.procfs.exe(file.tgid);
+        // The executable as the process stood now (a later read could find its pid reused),
+        // and only if it is still the program that made the call.
+        let exe = self.procfs.exe_of(file.tgid, &file.comm);
         for (i, raw) in std::iter::once(&file.path)
             .chain(file.path2.iter())
             .enumerate()
@@ -455,6 +480,16 @@ impl EbpfSource {
         }
         Signal::Unconfirmed(Box::new(UnconfirmedTamper::new(file, exe, paths, names)))
     }
+}
+
+/// What [`EbpfSource::written`] found a write went to.
+enum WrittenFile {
+    /// The watched directory's entry of that name (the kernel's identity says so).
+    Watched(PathBuf),
+    /// The file the descriptor still holds (with the kernel's identity when it was known).
+    Held(PathBuf, FileId),
+    /// Another file than the watched entry of that name.
+    Other(FileId),
 }
 
 /// The database file a write belongs to: SQLite's `-wal`, `-journal` and `-shm` are its
@@ -593,12 +628,64 @@ fn held_file(tgid: u32, fd: i32) -> Option<(PathBuf, FileId)> {
     ))
 }
 
-/// Whether the kernel's identity of a file (from its superblock) and a `stat` of a path are
-/// the same file. By inode number alone: btrfs subvolumes and overlayfs report an `st_dev`
-/// other than the superblock's, and the candidates compared are one name in a watched
-/// directory, or the file one descriptor holds.
-fn same_file(kernel: FileId, stat: FileId) -> bool {
-    kernel.ino == stat.ino
+/// Whether the kernel's identity of a file (its superblock's device and inode) and a `stat`
+/// of it are the same file. They agree on most filesystems; on btrfs subvolumes and overlayfs
+/// `st_dev` is not the superblock's device, which `/proc/self/mountinfo` shows for the mount
+/// holding `paths` (one of them). Inode numbers alone would not do: anyone can make a file
+/// with a chosen inode number on a filesystem of their own (FUSE, a tmpfs counter).
+fn same_file(kernel: FileId, stat: FileId, paths: &[PathBuf]) -> bool {
+    kernel == stat
+        || (kernel.ino == stat.ino && paths.iter().any(|p| superblock_dev(p) == Some(kernel.dev)))
+}
+
+/// The device of the superblock of the mount holding `path`, as `/proc/self/mountinfo` gives
+/// it: the deepest mount point above the path (the last mounted of equal ones).
+fn superblock_dev(path: &Path) -> Option<u64> {
+    let path = std::fs::canonicalize(path).ok()?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut best: Option<(usize, u64)> = None;
+    for line in mountinfo.lines() {
+        let mut fields = line.split(' ');
+        let (Some(dev), Some(point)) = (fields.nth(2), fields.nth(1)) else {
+            continue;
+        };
+        let point = PathBuf::from(unescape_mountinfo(point));
+        let Some((major, minor)) = dev.split_once(':') else {
+            continue;
+        };
+        let (Ok(major), Ok(minor)) = (major.parse::<u32>(), minor.parse::<u32>()) else {
+            continue;
+        };
+        let depth = point.components().count();
+        if path.starts_with(&point) && best.is_none_or(|(d, _)| depth >= d) {
+            best = Some((depth, libc::makedev(major, minor)));
+        }
+    }
+    best.map(|(_, dev)| dev)
+}
+
+/// mountinfo writes space, tab, newline and backslash in paths as octal escapes (`\040`).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)))
+            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match octal {
+            Some(byte) => {
+                out.push(byte);
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn normalize(path: &Path) -> PathBuf {
@@ -664,6 +751,43 @@ mod tests {
         assert_eq!(Some(id), FileId::of(&path));
         // A number nothing holds.
         assert!(held_file(std::process::id(), 1 << 20).is_none());
+    }
+
+    #[test]
+    fn a_kernel_identity_matches_only_on_the_watched_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("Packages");
+        std::fs::write(&path, b"").unwrap();
+        let stat = FileId::of(&path).unwrap();
+        let paths = [path.clone()];
+        assert!(same_file(stat, stat, &paths));
+        // The superblock's device of the mount holding it (what the kernel records) matches.
+        let sb = superblock_dev(&path).expect("a mount holds every path");
+        assert!(same_file(FileId { dev: sb, ..stat }, stat, &paths));
+        // The same inode number on another filesystem (a FUSE file made to look alike) does not.
+        let forged = FileId {
+            dev: libc::makedev(250, 7),
+            ..stat
+        };
+        assert!(sb != forged.dev && stat.dev != forged.dev);
+        assert!(!same_file(forged, stat, &paths));
+        assert!(!same_file(
+            FileId {
+                ino: stat.ino + 1,
+                ..stat
+            },
+            stat,
+            &paths
+        ));
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(
+            unescape_mountinfo(r"/mnt/a\040b\011c\134d"),
+            "/mnt/a b\tc\\d"
+        );
+        assert_eq!(unescape_mountinfo(r"/x\04"), r"/x\04");
     }
 
     #[test]

@@ -51,6 +51,15 @@ impl Procfs {
             .map(|p| p.display().to_string())
     }
 
+    /// `/proc/<pid>/exe`, only while the process still has command name `comm` (as a record
+    /// of it gave it): after an `execve` (a shell runs its last command in its own place) or
+    /// once the pid is someone else's, the executable would name another program.
+    pub fn exe_of(&self, pid: u32, comm: &str) -> Option<String> {
+        let exe = self.exe(pid)?;
+        let now = self.read(pid, "comm")?;
+        (now.trim_end_matches('\n') == comm).then_some(exe)
+    }
+
     /// Fields of `/proc/<pid>/stat` after the command name (which may hold spaces and
     /// parentheses, so it is skipped from its last `)`): index 0 is the state.
     fn stat_fields(&self, pid: u32) -> Option<Vec<String>> {
@@ -243,6 +252,17 @@ pub fn still_running(procfs: &Procfs, pid: u32, start_ns: u64) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_executable_is_given_only_while_the_command_name_is_the_records() {
+        let procfs = Procfs::default();
+        let me = std::process::id();
+        let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+        let comm = comm.trim_end();
+        assert_eq!(procfs.exe_of(me, comm), procfs.exe(me));
+        assert!(procfs.exe(me).is_some());
+        assert_eq!(procfs.exe_of(me, "another-prog"), None);
+    }
 
     #[test]
     fn urls_lose_their_userinfo_and_nothing_else() {
