@@ -10,7 +10,7 @@
 //! entry: it is skipped with an error and the rest is still read. The work is linear in the
 //! file size: items of a page cannot overlap, and every overflow page is decoded once.
 
-use crate::{BytesError, DbError, Decoded, EntryError, ReadOptions, confine::Opened};
+use crate::{BytesError, Decoded, EntryError, ReadOptions};
 
 const HASH_MAGIC: u32 = 0x0006_1561;
 const BTREE_MAGIC: u32 = 0x0005_3162;
@@ -218,25 +218,10 @@ struct Walk<'o> {
     options: &'o ReadOptions,
 }
 
-/// Reads every package from a Berkeley DB hash `Packages` file opened through its checked
-/// descriptor.
-pub(crate) fn read<'r>(
-    file: &Opened,
-    options: &ReadOptions,
-    out: Decoded<'r>,
-) -> Result<Decoded<'r>, DbError> {
-    let data = file.read_all(u64::MAX)?;
-    read_into(&data, options, out).map_err(|e| e.at(file.path()))
-}
-
 /// Reads every package from the bytes of a `Packages` file; `Err` when the file as a whole is
 /// not a usable hash database.
 pub fn read_bytes(data: &[u8]) -> Result<(Vec<crate::Package>, Vec<EntryError>), String> {
-    match read_bytes_with(data, &ReadOptions::default()) {
-        Ok(d) => Ok(d.into_owned()),
-        Err(BytesError::Invalid(reason)) => Err(reason),
-        Err(BytesError::Deadline) => Err("deadline".into()),
-    }
+    crate::owned(read_bytes_with(data, &ReadOptions::default()))
 }
 
 /// [`read_bytes`] with options (deadline, largest header), and what it decoded.
@@ -244,7 +229,8 @@ pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded<'st
     read_into(data, options, Decoded::default())
 }
 
-fn read_into<'r>(
+/// Decodes the bytes of the whole file (read by the crate's [`crate::read_whole`]).
+pub(crate) fn read_into<'r>(
     data: &[u8],
     options: &ReadOptions,
     mut out: Decoded<'r>,

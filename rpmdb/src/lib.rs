@@ -268,8 +268,8 @@ pub(crate) fn read_into<'r>(
     let fresh = || Decoded::new(reuse);
     let read = match backend {
         Backend::Sqlite => sqlite::read(&dir, &name, &file, options, &fresh)?,
-        Backend::Bdb => bdb::read(&file, options, fresh())?,
-        Backend::Ndb => ndb::read(&file, options, fresh())?,
+        Backend::Bdb => read_whole(&file, |data| bdb::read_into(data, options, fresh()))?,
+        Backend::Ndb => read_whole(&file, |data| ndb::read_into(data, options, fresh()))?,
     };
     let (pubkeys, packages) = read
         .packages
@@ -313,6 +313,26 @@ fn plain(path: &Path) -> Result<(confine::Dir, String), DbError> {
         return Err(not_found());
     };
     Ok((confine::Dir::open_plain(parent)?, file.to_owned()))
+}
+
+/// Reads a backend that decodes its file whole (Berkeley DB, NDB), opened through its checked
+/// descriptor: the file's bytes, handed to `decode`.
+fn read_whole<'r>(
+    file: &confine::Opened,
+    decode: impl FnOnce(&[u8]) -> Result<Decoded<'r>, BytesError>,
+) -> Result<Decoded<'r>, DbError> {
+    let data = file.read_all(u64::MAX)?;
+    decode(&data).map_err(|e| e.at(file.path()))
+}
+
+/// The `read_bytes` form of a whole-file read: the packages unshared, or why not.
+pub(crate) fn owned(
+    read: Result<Decoded<'static>, BytesError>,
+) -> Result<(Vec<Package>, Vec<EntryError>), String> {
+    read.map(Decoded::into_owned).map_err(|e| match e {
+        BytesError::Invalid(reason) => reason,
+        BytesError::Deadline => "deadline".into(),
+    })
 }
 
 /// Why the bytes of a Berkeley DB or NDB file were not read.

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{BytesError, DbError, Decoded, EntryError, ReadOptions, confine::Opened};
+use crate::{BytesError, Decoded, EntryError, ReadOptions};
 
 const DB_MAGIC: u32 = u32::from_le_bytes(*b"RpmP");
 const SLOT_MAGIC: u32 = u32::from_le_bytes(*b"Slot");
@@ -46,23 +46,9 @@ pub fn adler32(data: &[u8]) -> u32 {
     (b << 16) | a
 }
 
-/// Reads every package from an NDB `Packages.db` opened through its checked descriptor.
-pub(crate) fn read<'r>(
-    file: &Opened,
-    options: &ReadOptions,
-    out: Decoded<'r>,
-) -> Result<Decoded<'r>, DbError> {
-    let data = file.read_all(u64::MAX)?;
-    read_into(&data, options, out).map_err(|e| e.at(file.path()))
-}
-
 /// Reads every package from the bytes of a `Packages.db`.
 pub fn read_bytes(data: &[u8]) -> Result<(Vec<crate::Package>, Vec<EntryError>), String> {
-    match read_bytes_with(data, &ReadOptions::default()) {
-        Ok(d) => Ok(d.into_owned()),
-        Err(BytesError::Invalid(reason)) => Err(reason),
-        Err(BytesError::Deadline) => Err("deadline".into()),
-    }
+    crate::owned(read_bytes_with(data, &ReadOptions::default()))
 }
 
 /// [`read_bytes`] with options (deadline, largest header), and what it decoded.
@@ -70,7 +56,8 @@ pub fn read_bytes_with(data: &[u8], options: &ReadOptions) -> Result<Decoded<'st
     read_into(data, options, Decoded::default())
 }
 
-fn read_into<'r>(
+/// Decodes the bytes of the whole file (read by the crate's [`crate::read_whole`]).
+pub(crate) fn read_into<'r>(
     data: &[u8],
     options: &ReadOptions,
     mut out: Decoded<'r>,
