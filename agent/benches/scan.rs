@@ -126,7 +126,7 @@ fn incremental(count: usize, work: &Path) {
             std::hint::black_box(new.content_hash());
         }));
         steps[3].push(timed(&mut || {
-            std::hint::black_box(guestwatch_protocol::Payload::document(new.to_bytes()));
+            std::hint::black_box(guestwatch_protocol::Payload::of_document(new));
         }));
         previous = snapshot;
     }

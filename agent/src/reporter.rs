@@ -105,7 +105,7 @@ impl Reporter {
             },
             content_hash,
             facts,
-            body: ReportBody::Full(Payload::document(document.to_bytes())),
+            body: ReportBody::Full(Payload::of_document(&document)),
         };
         let document = Arc::new(document);
         self.baseline = Some(content_hash);

@@ -79,7 +79,7 @@ impl Agent {
             id,
             content_hash: document.content_hash(),
             facts: ReportFacts::default(),
-            body: ReportBody::Full(Payload::document(document.to_bytes())),
+            body: ReportBody::Full(Payload::of_document(&document)),
         };
         self.outbox
             .offer(Arc::new(report), Some(Arc::new(document)));

@@ -11,14 +11,14 @@ use std::sync::OnceLock;
 use zstd::dict::{DecoderDictionary, EncoderDictionary};
 
 /// The id of the dictionary below (ids from 32,768 up are free for private use).
-pub const ID: u32 = 32_769;
+pub const ID: u32 = 32_770;
 /// The size it is trained to.
-pub const SIZE: usize = 16 * 1024;
+pub const SIZE: usize = 32 * 1024;
 /// Where it lives, from the workspace root.
-pub const PATH: &str = "protocol/dictionaries/rpm-packages-32769.zdict";
+pub const PATH: &str = "protocol/dictionaries/rpm-packages-32770.zdict";
 
 /// The dictionary itself (empty only while it is being trained for the first time).
-pub const BYTES: &[u8] = include_bytes!("../dictionaries/rpm-packages-32769.zdict");
+pub const BYTES: &[u8] = include_bytes!("../dictionaries/rpm-packages-32770.zdict");
 
 /// zstd's dictionary magic number, little-endian, before the id.
 const MAGIC: [u8; 4] = [0x37, 0xa4, 0x30, 0xec];

@@ -12,7 +12,7 @@ use bincode::{Decode, Encode};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::message::ContentHash;
+use crate::{columns, message::ContentHash};
 
 /// One installed package, as reports show it. Field names are rpm tag names in lower case;
 /// `epoch: None` (no EPOCH tag) differs from `Some(0)`.
@@ -256,8 +256,6 @@ pub struct DeltaDocument {
 pub enum InventoryError {
     #[error("the payload does not decode: {0}")]
     Decode(String),
-    #[error("the payload's columns have different lengths")]
-    Columns,
     #[error("record {0:?} appears twice")]
     Duplicate(RecordKey),
     #[error("the delta removes or changes {0:?}, which the base does not have")]
@@ -374,204 +372,6 @@ impl DeltaDocument {
     }
 }
 
-// The wire form: records as columns (every name, then every epoch, …), which a compressor
-// packs far better than rows. A `sourcerpm` is stored short when it is what it usually is:
-// `SAME_SOURCE` for `<name>-<version>-<release>.src.rpm`, `<stem>` + `SAME_VERSION` for
-// `<stem>-<version>-<release>.src.rpm`; any other value that could be read as one of those
-// is stored behind `LITERAL`. Install times are offsets from the smallest.
-
-const SAME_VERSION: char = '\u{1}';
-const SAME_SOURCE: &str = "\u{2}";
-const LITERAL: char = '\u{3}';
-
-fn short_sourcerpm(r: &PackageRecord, source: &str) -> String {
-    let tail = format!("-{}-{}.src.rpm", r.version, r.release);
-    match source.strip_suffix(&tail) {
-        Some(stem) if stem == r.name => SAME_SOURCE.to_owned(),
-        Some(stem) if !stem.contains([SAME_VERSION, LITERAL]) && !stem.starts_with(SAME_SOURCE) => {
-            format!("{stem}{SAME_VERSION}")
-        }
-        _ if source == SAME_SOURCE
-            || source.ends_with(SAME_VERSION)
-            || source.starts_with(LITERAL) =>
-        {
-            format!("{LITERAL}{source}")
-        }
-        _ => source.to_owned(),
-    }
-}
-
-fn full_sourcerpm(name: &str, version: &str, release: &str, short: String) -> String {
-    if let Some(literal) = short.strip_prefix(LITERAL) {
-        literal.to_owned()
-    } else if short == SAME_SOURCE {
-        format!("{name}-{version}-{release}.src.rpm")
-    } else if let Some(stem) = short.strip_suffix(SAME_VERSION) {
-        format!("{stem}-{version}-{release}.src.rpm")
-    } else {
-        short
-    }
-}
-
-#[derive(Encode, Decode)]
-struct Columns {
-    name: Vec<String>,
-    epoch: Vec<Option<u32>>,
-    version: Vec<String>,
-    release: Vec<String>,
-    arch: Vec<Option<String>>,
-    sourcerpm: Vec<Option<String>>,
-    license: Vec<Option<String>>,
-    vendor: Vec<Option<String>>,
-    size: Vec<Option<u64>>,
-    installtime_base: u64,
-    installtime: Vec<Option<u64>>,
-    sigmd5: Vec<Option<HeaderDigest>>,
-    modularitylabel: Vec<Option<String>>,
-    repository: Vec<Option<String>>,
-}
-
-/// A header digest: 16 bytes when it is rpm's lowercase hex MD5 (half the size, and the one
-/// column no compressor shrinks), else the text as it was.
-#[derive(Encode, Decode)]
-enum HeaderDigest {
-    Md5([u8; 16]),
-    Text(String),
-}
-
-impl HeaderDigest {
-    fn of(text: &str) -> Self {
-        let lower_hex = text.len() == 32
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-        let mut bytes = [0u8; 16];
-        match lower_hex && hex::decode_to_slice(text, &mut bytes).is_ok() {
-            true => Self::Md5(bytes),
-            false => Self::Text(text.to_owned()),
-        }
-    }
-
-    fn into_text(self) -> String {
-        match self {
-            Self::Md5(bytes) => hex::encode(bytes),
-            Self::Text(text) => text,
-        }
-    }
-}
-
-impl Columns {
-    fn of(records: &[PackageRecord]) -> Self {
-        let base = records
-            .iter()
-            .filter_map(|r| r.installtime)
-            .min()
-            .unwrap_or(0);
-        Self {
-            name: records.iter().map(|r| r.name.clone()).collect(),
-            epoch: records.iter().map(|r| r.epoch).collect(),
-            version: records.iter().map(|r| r.version.clone()).collect(),
-            release: records.iter().map(|r| r.release.clone()).collect(),
-            arch: records.iter().map(|r| r.arch.clone()).collect(),
-            sourcerpm: records
-                .iter()
-                .map(|r| r.sourcerpm.as_deref().map(|s| short_sourcerpm(r, s)))
-                .collect(),
-            license: records.iter().map(|r| r.license.clone()).collect(),
-            vendor: records.iter().map(|r| r.vendor.clone()).collect(),
-            size: records.iter().map(|r| r.size).collect(),
-            installtime_base: base,
-            installtime: records
-                .iter()
-                .map(|r| r.installtime.map(|t| t - base))
-                .collect(),
-            sigmd5: records
-                .iter()
-                .map(|r| r.sigmd5.as_deref().map(HeaderDigest::of))
-                .collect(),
-            modularitylabel: records.iter().map(|r| r.modularitylabel.clone()).collect(),
-            repository: records.iter().map(|r| r.repository.clone()).collect(),
-        }
-    }
-
-    fn records(self) -> Result<Vec<PackageRecord>, InventoryError> {
-        let n = self.name.len();
-        let lengths = [
-            self.epoch.len(),
-            self.version.len(),
-            self.release.len(),
-            self.arch.len(),
-            self.sourcerpm.len(),
-            self.license.len(),
-            self.vendor.len(),
-            self.size.len(),
-            self.installtime.len(),
-            self.sigmd5.len(),
-            self.modularitylabel.len(),
-            self.repository.len(),
-        ];
-        if lengths.iter().any(|l| *l != n) {
-            return Err(InventoryError::Columns);
-        }
-        let mut out = Vec::with_capacity(n);
-        let mut epoch = self.epoch.into_iter();
-        let mut version = self.version.into_iter();
-        let mut release = self.release.into_iter();
-        let mut arch = self.arch.into_iter();
-        let mut sourcerpm = self.sourcerpm.into_iter();
-        let mut license = self.license.into_iter();
-        let mut vendor = self.vendor.into_iter();
-        let mut size = self.size.into_iter();
-        let mut installtime = self.installtime.into_iter();
-        let mut sigmd5 = self.sigmd5.into_iter();
-        let mut modularitylabel = self.modularitylabel.into_iter();
-        let mut repository = self.repository.into_iter();
-        for name in self.name {
-            // The lengths were checked: every column has a value here.
-            let (Some(version), Some(release)) = (version.next(), release.next()) else {
-                return Err(InventoryError::Columns);
-            };
-            let source = sourcerpm
-                .next()
-                .flatten()
-                .map(|s| full_sourcerpm(&name, &version, &release, s));
-            out.push(PackageRecord {
-                name,
-                epoch: epoch.next().flatten(),
-                version,
-                release,
-                arch: arch.next().flatten(),
-                sourcerpm: source,
-                license: license.next().flatten(),
-                vendor: vendor.next().flatten(),
-                size: size.next().flatten(),
-                installtime: installtime
-                    .next()
-                    .flatten()
-                    .map(|t| t.saturating_add(self.installtime_base)),
-                sigmd5: sigmd5.next().flatten().map(HeaderDigest::into_text),
-                modularitylabel: modularitylabel.next().flatten(),
-                repository: repository.next().flatten(),
-            });
-        }
-        Ok(out)
-    }
-}
-
-#[derive(Encode, Decode)]
-struct WireDocument {
-    packages: Columns,
-    system: SystemFacts,
-}
-
-#[derive(Encode, Decode)]
-struct WireDelta {
-    removed: Vec<RecordKey>,
-    changed: Columns,
-    added: Columns,
-    system: SystemFacts,
-}
-
 fn check_unique(records: &[PackageRecord]) -> Result<(), InventoryError> {
     let mut seen = std::collections::BTreeSet::new();
     for r in records {
@@ -582,10 +382,10 @@ fn check_unique(records: &[PackageRecord]) -> Result<(), InventoryError> {
     Ok(())
 }
 
-/// Decodes with bincode's allocation limit at the tier above 32 × the input (a string costs a
-/// byte of input and 24 of memory), so a small payload claiming huge columns allocates
-/// nothing like them.
-fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, InventoryError> {
+/// Decodes a bincode value from the start of `bytes`, with bincode's allocation limit at the
+/// tier above 32 × the input (a string costs a byte of input and 24 of memory), so a small
+/// payload claiming huge lists allocates nothing like them; returns it and the bytes it took.
+fn decode_prefix<T: Decode<()>>(bytes: &[u8]) -> Result<(T, usize), InventoryError> {
     fn with<T: Decode<()>, C: bincode::config::Config>(
         bytes: &[u8],
         cfg: C,
@@ -595,64 +395,98 @@ fn decode<T: Decode<()>>(bytes: &[u8]) -> Result<T, InventoryError> {
     }
     const KIB: usize = 1024;
     let base = bincode::config::standard();
-    let (value, used) = match bytes.len() {
-        n if n <= 4 * KIB => with::<T, _>(bytes, base.with_limit::<{ 128 * KIB }>())?,
-        n if n <= 64 * KIB => with::<T, _>(bytes, base.with_limit::<{ 2048 * KIB }>())?,
-        n if n <= 1024 * KIB => with::<T, _>(bytes, base.with_limit::<{ 32 * 1024 * KIB }>())?,
-        _ => with::<T, _>(bytes, base.with_limit::<{ 512 * 1024 * KIB }>())?,
-    };
+    match bytes.len() {
+        n if n <= 4 * KIB => with::<T, _>(bytes, base.with_limit::<{ 128 * KIB }>()),
+        n if n <= 64 * KIB => with::<T, _>(bytes, base.with_limit::<{ 2048 * KIB }>()),
+        n if n <= 1024 * KIB => with::<T, _>(bytes, base.with_limit::<{ 32 * 1024 * KIB }>()),
+        _ => with::<T, _>(bytes, base.with_limit::<{ 512 * 1024 * KIB }>()),
+    }
+}
+
+/// Reads a block of columns at `at`; returns the records and where the block ends.
+fn columns_at(bytes: &[u8], at: usize) -> Result<(Vec<PackageRecord>, usize), InventoryError> {
+    let rest = bytes
+        .get(at..)
+        .ok_or_else(|| InventoryError::Decode("the payload ends early".into()))?;
+    let (records, used) = columns::decode(rest)?;
+    Ok((records, at + used))
+}
+
+fn no_trailing(bytes: &[u8], used: usize) -> Result<(), InventoryError> {
     if used != bytes.len() {
         return Err(InventoryError::Decode(format!(
             "{} trailing bytes",
             bytes.len() - used
         )));
     }
-    Ok(value)
+    Ok(())
 }
 
 fn encode<T: Encode>(value: &T) -> Vec<u8> {
     bincode::encode_to_vec(value, bincode::config::standard()).unwrap_or_default()
 }
 
+/// What a delta says besides its records, ahead of its two blocks of columns.
+#[derive(Encode, Decode)]
+struct DeltaHead {
+    removed: Vec<RecordKey>,
+    system: SystemFacts,
+}
+
 impl Document {
-    /// The wire form (before compression).
+    /// The wire form (before compression): the system facts, then the records' columns.
     pub fn to_bytes(&self) -> Vec<u8> {
-        encode(&WireDocument {
-            packages: Columns::of(&self.packages),
-            system: self.system.clone(),
-        })
+        let (mut bytes, digests) = self.to_parts();
+        bytes.extend_from_slice(&digests);
+        bytes
+    }
+
+    /// The wire form in two parts: everything but the raw header digests, then those (what
+    /// [`crate::Payload::of_document`] compresses in separate blocks).
+    pub fn to_parts(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut bytes = encode(&self.system);
+        let columns = columns::encode(&self.packages);
+        bytes.extend_from_slice(&columns.text);
+        (bytes, columns.digests)
     }
 
     /// Reads the wire form: records must be unique (they are sorted here).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, InventoryError> {
-        let wire: WireDocument = decode(bytes)?;
-        let mut packages = wire.packages.records()?;
+        let (system, used) = decode_prefix::<SystemFacts>(bytes)?;
+        let (mut packages, used) = columns_at(bytes, used)?;
+        no_trailing(bytes, used)?;
         check_unique(&packages)?;
         packages.sort_by_cached_key(PackageRecord::key);
-        Ok(Self {
-            packages,
-            system: wire.system,
-        })
+        Ok(Self { packages, system })
     }
 }
 
 impl DeltaDocument {
+    /// The wire form: removed keys and system facts, then the changed and the added records'
+    /// columns.
     pub fn to_bytes(&self) -> Vec<u8> {
-        encode(&WireDelta {
+        let mut bytes = encode(&DeltaHead {
             removed: self.removed.clone(),
-            changed: Columns::of(&self.changed),
-            added: Columns::of(&self.added),
             system: self.system.clone(),
-        })
+        });
+        for records in [&self.changed, &self.added] {
+            let columns = columns::encode(records);
+            bytes.extend_from_slice(&columns.text);
+            bytes.extend_from_slice(&columns.digests);
+        }
+        bytes
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, InventoryError> {
-        let wire: WireDelta = decode(bytes)?;
+        let (head, used) = decode_prefix::<DeltaHead>(bytes)?;
+        let (changed, used) = columns_at(bytes, used)?;
+        let (added, used) = columns_at(bytes, used)?;
+        no_trailing(bytes, used)?;
         Ok(Self {
-            removed: wire.removed,
-            changed: wire.changed.records()?,
-            added: wire.added.records()?,
-            system: wire.system,
+            removed: head.removed,
+            changed,
+            added,
+            system: head.system,
         })
     }
 }
@@ -867,22 +701,25 @@ mod tests {
         for cut in 0..bytes.len() {
             assert!(Document::from_bytes(&bytes[..cut]).is_err());
         }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Document::from_bytes(&longer).is_err(), "trailing bytes");
         // A duplicated record.
-        let dup = encode(&WireDocument {
-            packages: Columns::of(&[record("x", "1"), record("x", "1")]),
+        let dup = Document {
+            packages: vec![record("x", "1"), record("x", "1")],
             system: SystemFacts::default(),
-        });
+        };
         assert!(matches!(
-            Document::from_bytes(&dup),
+            Document::from_bytes(&dup.to_bytes()),
             Err(InventoryError::Duplicate(_))
         ));
-        // Columns of different lengths.
-        let mut cols = Columns::of(&[record("x", "1")]);
-        cols.version.clear();
-        let bad = encode(&WireDocument {
-            packages: cols,
-            system: SystemFacts::default(),
-        });
-        assert_eq!(Document::from_bytes(&bad), Err(InventoryError::Columns));
+        // Every single-byte change decodes to something, or is an error: never a panic.
+        for at in 0..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bad = bytes.clone();
+                bad[at] ^= flip;
+                let _ = Document::from_bytes(&bad);
+            }
+        }
     }
 }

@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod codec;
+mod columns;
 mod connection;
 pub mod dictionary;
 pub mod frame;

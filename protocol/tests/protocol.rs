@@ -752,7 +752,7 @@ fn document_fuzz_seeds_decode() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/protocol_document");
     let seeds = [
         ("document", 0u8, base.to_bytes()),
-        ("document_zstd", 1, Payload::document(base.to_bytes()).bytes),
+        ("document_zstd", 1, Payload::of_document(&base).bytes),
         ("delta", 0, delta.to_bytes()),
         ("delta_zstd", 1, Payload::document(delta.to_bytes()).bytes),
     ];

@@ -496,7 +496,7 @@ fn change_reports(vm: usize, changes: usize, deltas: bool) -> Vec<Report> {
         },
         content_hash: document.content_hash(),
         facts: facts.clone(),
-        body: ReportBody::Full(Payload::document(document.to_bytes())),
+        body: ReportBody::Full(Payload::of_document(&document)),
     }];
     for c in 0..changes {
         let generation = c as u64 + 2;
@@ -514,7 +514,7 @@ fn change_reports(vm: usize, changes: usize, deltas: bool) -> Vec<Report> {
                 payload: Payload::document(next.delta_from(&document.packages).to_bytes()),
             }
         } else {
-            ReportBody::Full(Payload::document(next.to_bytes()))
+            ReportBody::Full(Payload::of_document(&next))
         };
         reports.push(Report {
             id: ReportId { epoch, generation },

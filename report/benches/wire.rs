@@ -3,7 +3,8 @@
 //!
 //! For each: full-report payload bytes per package as version 1 sent it (claircore JSON, zstd
 //! only above 64 KiB: the peer), as claircore JSON at zstd 19, and as the compact document raw,
-//! at zstd 3, at zstd 19, and at zstd 19 with the shipped dictionary (what version 2 sends).
+//! at zstd 3, at zstd 19, at zstd 19 with the shipped dictionary, and the same with the raw
+//! header digests in a zstd block of their own (what version 2 sends).
 //! Then the whole frame of a full report beside the frame of a delta report for a one-package
 //! change (target ≤ 1 KiB), both with the facts a dnf transaction's report carries.
 //!
@@ -132,6 +133,7 @@ fn measure(name: &str, base: &Document, changed: &Document) -> Row {
     let raw = base.to_bytes();
     let zstd = |bytes: &[u8], level| zstd::bulk::compress(bytes, level).map_or(0, |c| c.len());
     let with_dict = Payload::document(raw.clone());
+    let split = Payload::of_document(base);
     let options = vec![
         ("v1 JSON (peer)", Payload::json(json.clone()).bytes.len()),
         ("JSON z19", zstd(&json, 19)),
@@ -139,6 +141,7 @@ fn measure(name: &str, base: &Document, changed: &Document) -> Row {
         ("doc z3", zstd(&raw, 3)),
         ("doc z19", zstd(&raw, 19)),
         ("doc z19+dict", with_dict.bytes.len()),
+        ("+split blocks", split.bytes.len()),
     ];
     let summary = report::changes::between(&base.packages, &changed.packages);
     let counts = ChangeCounts {
@@ -151,7 +154,7 @@ fn measure(name: &str, base: &Document, changed: &Document) -> Row {
     let mut changed = changed.clone();
     changed.system.changes = summary;
     let full_frame = frame_len(
-        ReportBody::Full(Payload::document(changed.to_bytes())),
+        ReportBody::Full(Payload::of_document(&changed)),
         changed.content_hash(),
         dnf_facts(&changed, counts),
     );

@@ -51,7 +51,7 @@ pub fn scan(args: &ScanArgs) -> Result<()> {
         }
         // What a full report carries: a compressed document when that is smaller.
         Format::Document => {
-            let payload = guestwatch_protocol::Payload::document(snapshot.document.to_bytes());
+            let payload = guestwatch_protocol::Payload::of_document(&snapshot.document);
             out.write_all(&payload.bytes)?;
         }
     }
