@@ -187,7 +187,7 @@ pub fn payload_delta(
             ),
         ));
     }
-    let json = render(&doc, facts, generation)?;
+    let json = render(&doc, facts, generation, claimed)?;
     Ok((json, doc, touched))
 }
 
@@ -206,12 +206,18 @@ pub fn rendered(
             format!("the records' content hash is {actual}, not the claimed {claimed}"),
         ));
     }
-    let json = render(&doc, facts, generation)?;
+    let json = render(&doc, facts, generation, claimed)?;
     Ok((json, doc))
 }
 
-fn render(doc: &Document, facts: &ReportFacts, generation: u64) -> Result<Vec<u8>, Refusal> {
-    let json_facts = report::Facts::of_report(doc, facts, generation);
+/// The claircore JSON of `doc`, whose records were checked to have `content_hash`.
+fn render(
+    doc: &Document,
+    facts: &ReportFacts,
+    generation: u64,
+    content_hash: &ContentHash,
+) -> Result<Vec<u8>, Refusal> {
+    let json_facts = report::Facts::of_report(doc, facts, generation, content_hash);
     serde_json::to_vec(&report::claircore::render(doc, &json_facts))
         .map_err(|e| Refusal::new(NackReason::Malformed, "bad_document", e.to_string()))
 }

@@ -5,72 +5,122 @@
 //! these. Ids derive from content and every map is ordered: the same system gives the same
 //! bytes. guestwatch's own facts travel under the `guestwatch` key, which claircore ignores.
 
-use std::collections::BTreeMap;
-
 use guestwatch_protocol::inventory::{Document, PackageRecord};
-use serde::Serialize;
+use serde::{Serialize, Serializer, ser::SerializeMap};
 
 use crate::{Distribution, Facts, evr, id_of};
 
+/// The report, borrowing from the document it renders: a large inventory costs a few
+/// allocations per package, not one per field.
 #[derive(Debug, Serialize)]
 pub struct IndexReport<'a> {
     pub manifest_hash: String,
     pub state: &'static str,
-    pub packages: BTreeMap<String, PackageEntry>,
-    pub distributions: BTreeMap<String, DistributionEntry>,
-    pub repositories: BTreeMap<String, RepositoryEntry>,
-    pub environments: BTreeMap<String, Vec<Environment>>,
+    pub packages: ById<PackageEntry<'a>>,
+    pub distributions: ById<DistributionEntry<'a>>,
+    pub repositories: ById<RepositoryEntry<'a>>,
+    pub environments: ById<[Environment<'a>; 1]>,
     pub success: bool,
     pub err: String,
     pub guestwatch: &'a Facts,
 }
 
+/// A JSON object keyed by id, in ascending key order (claircore's maps; the same bytes for
+/// the same system): sorted once, rather than built up as a tree of owned keys.
+#[derive(Debug)]
+pub struct ById<T>(Vec<(String, T)>);
+
+impl<T> ById<T> {
+    /// Sorted by id; of entries with the same id the last is kept, as a map insert would.
+    fn new(mut entries: Vec<(String, T)>) -> Self {
+        entries.reverse();
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        entries.dedup_by(|a, b| a.0 == b.0);
+        Self(entries)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn get(&self, id: &str) -> Option<&T> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_str().cmp(id))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &T)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+}
+
+impl<T: Serialize> Serialize for ById<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
 #[derive(Debug, Serialize)]
-pub struct PackageEntry {
+pub struct PackageEntry<'a> {
     pub id: String,
-    pub name: String,
+    pub name: &'a str,
     pub version: String,
     pub kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub source: Option<SourcePackage>,
-    pub package_db: String,
+    pub source: Option<SourcePackage<'a>>,
+    pub package_db: &'a str,
     pub repository_hint: String,
-    pub normalized_version: String,
-    pub arch: String,
+    pub normalized_version: &'static str,
+    pub arch: &'a str,
     pub module: String,
 }
 
 #[derive(Debug, Serialize)]
-pub struct SourcePackage {
+pub struct SourcePackage<'a> {
     pub id: String,
-    pub name: String,
+    pub name: &'a str,
     pub version: String,
     pub kind: &'static str,
 }
 
 #[derive(Debug, Serialize)]
-pub struct DistributionEntry {
+pub struct DistributionEntry<'a> {
     pub id: String,
     #[serde(flatten)]
-    pub distribution: Distribution,
-    pub arch: String,
+    pub distribution: &'a Distribution,
+    pub arch: &'static str,
 }
 
 #[derive(Debug, Serialize)]
-pub struct RepositoryEntry {
+pub struct RepositoryEntry<'a> {
     pub id: String,
-    pub name: String,
+    pub name: &'a str,
     pub key: &'static str,
-    pub uri: String,
-    pub cpe: String,
+    pub uri: &'static str,
+    pub cpe: &'static str,
 }
 
 #[derive(Debug, Serialize)]
-pub struct Environment {
-    pub package_db: String,
-    pub introduced_in: String,
+pub struct Environment<'a> {
+    pub package_db: &'a str,
+    pub introduced_in: &'static str,
     pub distribution_id: String,
-    pub repository_ids: Vec<String>,
+    /// The package's repository, if dnf's history named one (a list of one or none).
+    #[serde(serialize_with = "list_of_one")]
+    pub repository_ids: Option<String>,
+}
+
+fn list_of_one<S: Serializer>(value: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(value)
 }
 
 /// Marks repositories that come from dnf's history (claircore's repository `key`).
@@ -100,39 +150,38 @@ fn module(label: Option<&str>) -> String {
 }
 
 /// Renders the IndexReport of `doc`, with guestwatch's `facts`.
-pub fn render<'a>(doc: &Document, facts: &'a Facts) -> IndexReport<'a> {
+pub fn render<'a>(doc: &'a Document, facts: &'a Facts) -> IndexReport<'a> {
     let package_db = doc.system.package_db.as_str();
-    let distribution = doc.system.distribution.as_ref().map(|d| {
-        let entry = DistributionEntry {
-            id: id_of(&format!(
-                "{}\0{}\0{}\0{}",
-                d.did, d.version_id, d.name, d.cpe
-            )),
-            distribution: d.clone(),
-            arch: String::new(),
-        };
-        (entry.id.clone(), entry)
+    let distribution = doc.system.distribution.as_ref().map(|d| DistributionEntry {
+        id: id_of(&format!(
+            "{}\0{}\0{}\0{}",
+            d.did, d.version_id, d.name, d.cpe
+        )),
+        distribution: d,
+        arch: "",
     });
     let distribution_id = distribution
         .as_ref()
-        .map(|(id, _)| id.clone())
+        .map(|d| d.id.clone())
         .unwrap_or_default();
 
-    let mut repositories = BTreeMap::new();
-    let mut packages = BTreeMap::new();
-    let mut environments = BTreeMap::new();
+    let mut repositories = Vec::new();
+    let mut packages = Vec::with_capacity(doc.packages.len());
+    let mut environments = Vec::with_capacity(doc.packages.len());
     for p in &doc.packages {
         let id = package_id(p);
         let repo = p.repository.as_deref().map(|repoid| {
-            let entry = RepositoryEntry {
-                id: id_of(&format!("{DNF_REPOSITORY_KEY}\0{repoid}")),
-                name: repoid.to_owned(),
-                key: DNF_REPOSITORY_KEY,
-                uri: String::new(),
-                cpe: String::new(),
-            };
-            let repo_id = entry.id.clone();
-            repositories.entry(repo_id.clone()).or_insert(entry);
+            let repo_id = id_of(&format!("{DNF_REPOSITORY_KEY}\0{repoid}"));
+            repositories.push((
+                repo_id.clone(),
+                RepositoryEntry {
+                    id: repo_id.clone(),
+                    name: repoid,
+                    key: DNF_REPOSITORY_KEY,
+                    uri: "",
+                    cpe: "",
+                },
+            ));
             (repo_id, repoid)
         });
         let source = p
@@ -147,46 +196,51 @@ pub fn render<'a>(doc: &Document, facts: &'a Facts) -> IndexReport<'a> {
                 };
                 SourcePackage {
                     id: id_of(&format!("source\0{name}\0{version}")),
-                    name: name.to_owned(),
+                    name,
                     version,
                     kind: "source",
                 }
             });
-        packages.insert(
+        packages.push((
             id.clone(),
             PackageEntry {
                 id: id.clone(),
-                name: p.name.clone(),
+                name: &p.name,
                 version: evr(p),
                 kind: "binary",
                 source,
-                package_db: package_db.to_owned(),
+                package_db,
                 repository_hint: repo
                     .as_ref()
                     .map(|(_, repoid)| format!("repoid={repoid}"))
                     .unwrap_or_default(),
-                normalized_version: String::new(),
-                arch: p.arch.clone().unwrap_or_default(),
+                normalized_version: "",
+                arch: p.arch.as_deref().unwrap_or_default(),
                 module: module(p.modularitylabel.as_deref()),
             },
-        );
-        environments.insert(
+        ));
+        environments.push((
             id,
-            vec![Environment {
-                package_db: package_db.to_owned(),
-                introduced_in: String::new(),
+            [Environment {
+                package_db,
+                introduced_in: "",
                 distribution_id: distribution_id.clone(),
-                repository_ids: repo.map(|(id, _)| id).into_iter().collect(),
+                repository_ids: repo.map(|(id, _)| id),
             }],
-        );
+        ));
     }
     IndexReport {
         manifest_hash: format!("sha256:{}", facts.content_hash),
         state: "IndexFinished",
-        packages,
-        distributions: distribution.into_iter().collect(),
-        repositories,
-        environments,
+        packages: ById::new(packages),
+        distributions: ById::new(
+            distribution
+                .into_iter()
+                .map(|d| (d.id.clone(), d))
+                .collect(),
+        ),
+        repositories: ById::new(repositories),
+        environments: ById::new(environments),
         success: true,
         err: String::new(),
         guestwatch: facts,
@@ -195,7 +249,101 @@ pub fn render<'a>(doc: &Document, facts: &'a Facts) -> IndexReport<'a> {
 
 #[cfg(test)]
 mod tests {
+    use guestwatch_protocol::inventory::SystemFacts;
+    use serde_json::json;
+
     use super::*;
+
+    /// Every shape the report has, against the JSON written out by hand: maps keyed by id in
+    /// key order, the last of two same-id entries, a repository list of one or none.
+    #[test]
+    fn the_report_has_claircores_shape() {
+        let curl = PackageRecord {
+            name: "curl".into(),
+            epoch: Some(1),
+            version: "7.76.1".into(),
+            release: "29.el9".into(),
+            arch: Some("x86_64".into()),
+            sourcerpm: Some("curl-7.76.1-29.el9.src.rpm".into()),
+            modularitylabel: Some("curl:1:2:abc".into()),
+            repository: Some("baseos".into()),
+            ..PackageRecord::default()
+        };
+        let bare = PackageRecord {
+            name: "bare".into(),
+            version: "1".into(),
+            release: "1".into(),
+            ..PackageRecord::default()
+        };
+        let distribution = Distribution {
+            did: "rhel".into(),
+            name: "Red Hat Enterprise Linux".into(),
+            version_id: "9.4".into(),
+            ..Distribution::default()
+        };
+        let doc = Document::new(
+            vec![curl.clone(), bare.clone()],
+            SystemFacts {
+                distribution: Some(distribution.clone()),
+                package_db: "sqlite:var/lib/rpm".into(),
+                ..SystemFacts::default()
+            },
+        );
+        let facts = Facts::of_document("0.1.0", &doc);
+        let report: serde_json::Value =
+            serde_json::from_slice(&serde_json::to_vec(&render(&doc, &facts)).unwrap()).unwrap();
+        let dist = id_of("rhel\x009.4\0Red Hat Enterprise Linux\0");
+        let repo = id_of("dnf-repoid\0baseos");
+        let (curl_id, bare_id) = (package_id(&curl), package_id(&bare));
+        let package = |id: &str, p: &PackageRecord, source, hint: &str, module: &str| {
+            json!({
+                "id": id, "name": p.name, "version": evr(p), "kind": "binary",
+                "source": source, "package_db": "sqlite:var/lib/rpm",
+                "repository_hint": hint, "normalized_version": "",
+                "arch": p.arch.clone().unwrap_or_default(), "module": module,
+            })
+        };
+        let mut bare_entry = package(&bare_id, &bare, json!(null), "", "");
+        bare_entry.as_object_mut().unwrap().remove("source");
+        let expected = json!({
+            "manifest_hash": format!("sha256:{}", facts.content_hash),
+            "state": "IndexFinished",
+            "packages": {
+                curl_id.clone(): package(&curl_id, &curl, json!({
+                    "id": id_of("source\0curl\x001:7.76.1-29.el9"), "name": "curl",
+                    "version": "1:7.76.1-29.el9", "kind": "source",
+                }), "repoid=baseos", "curl:1"),
+                bare_id.clone(): bare_entry,
+            },
+            "distributions": {
+                dist.clone(): {
+                    "id": dist, "did": "rhel", "name": "Red Hat Enterprise Linux",
+                    "version": "", "version_id": "9.4", "version_code_name": "",
+                    "pretty_name": "", "cpe": "", "arch": "",
+                },
+            },
+            "repositories": {
+                repo.clone(): {"id": repo, "name": "baseos", "key": "dnf-repoid", "uri": "", "cpe": ""},
+            },
+            "environments": {
+                curl_id: [{"package_db": "sqlite:var/lib/rpm", "introduced_in": "",
+                           "distribution_id": dist, "repository_ids": [repo]}],
+                bare_id: [{"package_db": "sqlite:var/lib/rpm", "introduced_in": "",
+                           "distribution_id": dist, "repository_ids": []}],
+            },
+            "success": true,
+            "err": "",
+            "guestwatch": serde_json::to_value(&facts).unwrap(),
+        });
+        assert_eq!(report, expected);
+        // Keys in ascending order in the bytes too.
+        let by_id = ById::new(vec![
+            ("b".to_owned(), 1),
+            ("a".to_owned(), 2),
+            ("b".to_owned(), 3),
+        ]);
+        assert_eq!(serde_json::to_string(&by_id).unwrap(), r#"{"a":2,"b":3}"#);
+    }
 
     #[test]
     fn source_rpm_names() {

@@ -1,7 +1,7 @@
 //! guestwatch's facts about a report, carried under the `guestwatch` key of the claircore
 //! document and as properties of the CycloneDX SBOM.
 
-use guestwatch_protocol::{ReportFacts, inventory::Document};
+use guestwatch_protocol::{ContentHash, ReportFacts, inventory::Document};
 use serde::Serialize;
 
 use crate::changes::ChangeSummary;
@@ -41,6 +41,11 @@ impl Facts {
     /// The facts of a one-off scan whose compact document is `doc` (a continuous report's are
     /// [`Facts::of_report`]).
     pub fn of_document(agent_version: &str, doc: &Document) -> Self {
+        Self::of_hashed(agent_version, doc, &doc.content_hash())
+    }
+
+    /// The same, for a document whose content hash is known already.
+    fn of_hashed(agent_version: &str, doc: &Document, content_hash: &ContentHash) -> Self {
         let system = &doc.system;
         Self {
             agent_version: agent_version.to_owned(),
@@ -53,16 +58,22 @@ impl Facts {
             package_count: doc.packages.len(),
             gpg_pubkeys: system.gpg_pubkeys.clone(),
             scan_duration_ms: None,
-            content_hash: doc.content_hash().to_hex(),
+            content_hash: content_hash.to_hex(),
             errors: system.errors.clone(),
             generation: None,
             changes: ChangeSummary::default(),
         }
     }
 
-    /// The facts of report `generation` with `facts` (what travels with it): the agent and
-    /// the relay, rendering the same document, write the same facts.
-    pub fn of_report(doc: &Document, facts: &ReportFacts, generation: u64) -> Self {
+    /// The facts of report `generation` with `facts` (what travels with it) and
+    /// `content_hash` (the report's, which the caller has checked against `doc`): the agent
+    /// and the relay, rendering the same document, write the same facts.
+    pub fn of_report(
+        doc: &Document,
+        facts: &ReportFacts,
+        generation: u64,
+        content_hash: &ContentHash,
+    ) -> Self {
         let json = |v: &dyn erased::Json| v.to_json();
         Self {
             agent_version: facts.agent_version.clone(),
@@ -73,7 +84,7 @@ impl Facts {
             scan_duration_ms: doc.system.scan_duration_ms,
             generation: Some(generation),
             changes: doc.system.changes.clone(),
-            ..Self::of_document(&facts.agent_version, doc)
+            ..Self::of_hashed(&facts.agent_version, doc, content_hash)
         }
     }
 }

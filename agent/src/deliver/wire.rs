@@ -66,7 +66,12 @@ pub fn for_version(report: &Report, version: u16) -> Option<Cow<'_, Report>> {
     }
     let bytes = payload.to_document(DEFAULT_MAX_REPORT_PAYLOAD).ok()?;
     let doc = Document::from_bytes(&bytes).ok()?;
-    let facts = report::Facts::of_report(&doc, &report.facts, report.id.generation);
+    let facts = report::Facts::of_report(
+        &doc,
+        &report.facts,
+        report.id.generation,
+        &report.content_hash,
+    );
     let json = serde_json::to_vec(&report::claircore::render(&doc, &facts)).ok()?;
     Some(Cow::Owned(Report {
         body: ReportBody::Full(Payload::json(json)),
