@@ -79,10 +79,10 @@ impl Reporter {
     }
 
     /// The report of `snapshot` as generation `generation` (already persisted), which becomes
-    /// the baseline.
+    /// the baseline. Takes the snapshot: its document becomes the report's without a copy.
     pub fn report(
         &mut self,
-        snapshot: &Snapshot,
+        snapshot: Snapshot,
         batch: &Batch,
         generation: u64,
         duration: Duration,
@@ -92,12 +92,12 @@ impl Reporter {
             .as_ref()
             .map(|p| report::changes::between(&p.packages, &snapshot.document.packages))
             .unwrap_or_default();
-        let mut document = snapshot.document.clone();
+        let facts = facts(&snapshot, batch, &changes, self.detector);
+        let content_hash = ContentHash(snapshot.content_hash);
+        let mut document = snapshot.document;
         document.system.changes = changes.clone();
         document.system.scan_duration_ms = Some(millis(duration));
         document.system.errors.append(&mut self.timeouts);
-        let facts = facts(snapshot, batch, &changes, self.detector);
-        let content_hash = ContentHash(snapshot.content_hash);
         let report = Report {
             id: ReportId {
                 epoch: self.epoch,
@@ -210,7 +210,7 @@ mod tests {
         let s = snapshot(vec![record("bash", "5.1")]);
         assert!(r.is_news(&s, &batch(TriggerKind::Startup)));
         let out = r.report(
-            &s,
+            s.clone(),
             &batch(TriggerKind::Startup),
             1,
             Duration::from_millis(4),
@@ -235,9 +235,9 @@ mod tests {
     fn a_tamper_is_news_without_a_change() {
         let mut r = reporter();
         let s = snapshot(vec![record("bash", "5.1")]);
-        r.report(&s, &batch(TriggerKind::Startup), 1, Duration::ZERO);
+        r.report(s.clone(), &batch(TriggerKind::Startup), 1, Duration::ZERO);
         assert!(r.is_news(&s, &batch(TriggerKind::Tamper)));
-        let out = r.report(&s, &batch(TriggerKind::Tamper), 2, Duration::ZERO);
+        let out = r.report(s, &batch(TriggerKind::Tamper), 2, Duration::ZERO);
         assert!(out.changes.is_empty());
         assert_eq!(out.report.facts.trigger.kind, TriggerKind::Tamper);
     }
@@ -246,7 +246,7 @@ mod tests {
     fn an_upgrade_is_one_report_with_its_change_and_counts() {
         let mut r = reporter();
         r.report(
-            &snapshot(vec![record("bash", "5.1"), record("vim", "9")]),
+            snapshot(vec![record("bash", "5.1"), record("vim", "9")]),
             &batch(TriggerKind::Startup),
             1,
             Duration::ZERO,
@@ -254,7 +254,7 @@ mod tests {
         let upgraded = snapshot(vec![record("bash", "5.2"), record("vim", "9")]);
         assert!(r.is_news(&upgraded, &batch(TriggerKind::Transaction)));
         let out = r.report(
-            &upgraded,
+            upgraded,
             &batch(TriggerKind::Transaction),
             2,
             Duration::ZERO,
@@ -283,7 +283,7 @@ mod tests {
         // The startup scan finds what the pending report holds: nothing new to send.
         assert!(!r.is_news(&pending, &batch(TriggerKind::Startup)));
         let removed = snapshot(Vec::new());
-        let out = r.report(&removed, &batch(TriggerKind::Inotify), 5, Duration::ZERO);
+        let out = r.report(removed, &batch(TriggerKind::Inotify), 5, Duration::ZERO);
         assert_eq!(out.changes.removed, ["bash-5.1-1.el9.x86_64"]);
         assert_eq!(out.report.facts.detector, "inotify");
     }
@@ -295,10 +295,10 @@ mod tests {
             r.timed_out(format!("scan {i} abandoned"));
         }
         let s = snapshot(vec![record("bash", "5.1")]);
-        let out = r.report(&s, &batch(TriggerKind::Startup), 1, Duration::ZERO);
+        let out = r.report(s.clone(), &batch(TriggerKind::Startup), 1, Duration::ZERO);
         assert_eq!(out.document.system.errors.len(), MAX_TIMEOUTS);
         assert_eq!(out.document.system.errors[0], "scan 2 abandoned");
-        let again = r.report(&s, &batch(TriggerKind::Tamper), 2, Duration::ZERO);
+        let again = r.report(s, &batch(TriggerKind::Tamper), 2, Duration::ZERO);
         assert!(again.document.system.errors.is_empty());
     }
 }

@@ -128,7 +128,21 @@ pub const DNF_REPOSITORY_KEY: &str = "dnf-repoid";
 
 /// The content id of a package, used as its key in `packages` and `environments`.
 pub fn package_id(p: &PackageRecord) -> String {
-    id_of(&String::from_utf8_lossy(&p.canonical()))
+    // The id of the canonical form read as UTF-8 with each invalid sequence replaced (as
+    // `String::from_utf8_lossy` would), hashed as it is read rather than copied first.
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for chunk in p.canonical().utf8_chunks() {
+        hasher.update(chunk.valid().as_bytes());
+        if !chunk.invalid().is_empty() {
+            hasher.update(
+                char::REPLACEMENT_CHARACTER
+                    .encode_utf8(&mut [0; 4])
+                    .as_bytes(),
+            );
+        }
+    }
+    hex::encode(&hasher.finalize()[..8])
 }
 
 /// Splits a source rpm file name (`curl-7.76.0-6.cm2.src.rpm`) into name and `version-release`.
@@ -343,6 +357,24 @@ mod tests {
             ("b".to_owned(), 3),
         ]);
         assert_eq!(serde_json::to_string(&by_id).unwrap(), r#"{"a":2,"b":3}"#);
+    }
+
+    #[test]
+    fn package_ids_are_the_lossy_canonical_forms_id() {
+        let mut p = PackageRecord {
+            name: "bash".into(),
+            version: "5.1".into(),
+            release: "1".into(),
+            ..PackageRecord::default()
+        };
+        p.size = Some(200);
+        // Length 0x82e2: its prefix starts with an incomplete UTF-8 sequence (e2 82).
+        p.license = Some("x".repeat(0x82e2));
+        assert_eq!(
+            package_id(&p),
+            id_of(&String::from_utf8_lossy(&p.canonical()))
+        );
+        assert_eq!(package_id(&p).len(), 16);
     }
 
     #[test]

@@ -228,7 +228,7 @@ async fn handle(
                 }
             };
             metrics.scan("changed", duration.as_secs_f64());
-            let out = reporter.report(&snapshot, &batch, generation, duration);
+            let out = reporter.report(snapshot, &batch, generation, duration);
             if let Err(e) = writer.save_pending(out.report.clone()).await {
                 log::error!("persisting report {}: {e}", out.report.id);
             }
