@@ -201,6 +201,10 @@ fn malformed(what: &str) -> InventoryError {
     InventoryError::Decode(format!("columns: {what}"))
 }
 
+fn text(bytes: &[u8]) -> Result<String, InventoryError> {
+    String::from_utf8(bytes.to_vec()).map_err(|_| malformed("text is not UTF-8"))
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -238,10 +242,6 @@ impl<'a> Reader<'a> {
         Err(malformed("a number overflows 64 bits"))
     }
 
-    fn text(&mut self, bytes: &[u8]) -> Result<String, InventoryError> {
-        String::from_utf8(bytes.to_vec()).map_err(|_| malformed("text is not UTF-8"))
-    }
-
     fn text_column(&mut self, n: usize) -> Result<Vec<String>, InventoryError> {
         let mut values = Vec::with_capacity(n.min(self.bytes.len() - self.at));
         match self.byte()? {
@@ -254,7 +254,7 @@ impl<'a> Reader<'a> {
                         .ok_or_else(|| malformed("a text value is not ended"))?;
                     let value = self.take(len)?;
                     self.at += 1;
-                    values.push(self.text(value)?);
+                    values.push(text(value)?);
                 }
             }
             LENGTHS => {
@@ -265,7 +265,7 @@ impl<'a> Reader<'a> {
                 for len in lengths {
                     let len = usize::try_from(len).map_err(|_| malformed("a length overflows"))?;
                     let value = self.take(len)?;
-                    values.push(self.text(value)?);
+                    values.push(text(value)?);
                 }
             }
             _ => return Err(malformed("unknown text column mode")),
@@ -312,16 +312,16 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(Vec<PackageRecord>, usize), Invent
         return Err(malformed("more records than the bytes can hold"));
     }
     let names = r.text_column(n)?;
-    let epochs = r.opt_num_column(n)?;
-    let versions = r.text_column(n)?;
-    let releases = r.text_column(n)?;
-    let arches = r.opt_text_column(n)?;
-    let sources = r.opt_text_column(n)?;
-    let licenses = r.opt_text_column(n)?;
-    let vendors = r.opt_text_column(n)?;
-    let sizes = r.opt_num_column(n)?;
+    let mut epochs = r.opt_num_column(n)?.into_iter();
+    let mut versions = r.text_column(n)?.into_iter();
+    let mut releases = r.text_column(n)?.into_iter();
+    let mut arches = r.opt_text_column(n)?.into_iter();
+    let mut sources = r.opt_text_column(n)?.into_iter();
+    let mut licenses = r.opt_text_column(n)?.into_iter();
+    let mut vendors = r.opt_text_column(n)?.into_iter();
+    let mut sizes = r.opt_num_column(n)?.into_iter();
     let base = r.varint()?;
-    let installtimes = r.opt_num_column(n)?;
+    let mut installtimes = r.opt_num_column(n)?.into_iter();
     let kinds = r.take(n)?.to_vec();
     if kinds.iter().any(|k| *k > DIGEST_TEXT) {
         return Err(malformed("unknown digest kind"));
@@ -329,42 +329,27 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(Vec<PackageRecord>, usize), Invent
     let mut text_digests = r
         .text_column(kinds.iter().filter(|k| **k == DIGEST_TEXT).count())?
         .into_iter();
-    let labels = r.opt_text_column(n)?;
-    let repositories = r.opt_text_column(n)?;
+    let mut labels = r.opt_text_column(n)?.into_iter();
+    let mut repositories = r.opt_text_column(n)?.into_iter();
     let md5s = kinds.iter().filter(|k| **k == DIGEST_MD5).count();
     let mut raw = r.take(md5s * 16)?.chunks_exact(16);
 
-    let mut columns = (
-        epochs.into_iter(),
-        versions.into_iter(),
-        releases.into_iter(),
-        arches.into_iter(),
-        sources.into_iter(),
-        licenses.into_iter(),
-        vendors.into_iter(),
-        sizes.into_iter(),
-        installtimes.into_iter(),
-        kinds.into_iter(),
-        labels.into_iter(),
-        repositories.into_iter(),
-    );
     let mut out = Vec::with_capacity(n);
-    for name in names {
+    for (name, kind) in names.into_iter().zip(kinds) {
         // Every column was read with `n` values: each has one here.
         let missing = || malformed("a column is short");
-        let version = columns.1.next().ok_or_else(missing)?;
-        let release = columns.2.next().ok_or_else(missing)?;
-        let sigmd5 = match columns.9.next().ok_or_else(missing)? {
+        let version = versions.next().ok_or_else(missing)?;
+        let release = releases.next().ok_or_else(missing)?;
+        let sigmd5 = match kind {
             DIGEST_MD5 => Some(hex::encode(raw.next().ok_or_else(missing)?)),
             DIGEST_TEXT => Some(text_digests.next().ok_or_else(missing)?),
             _ => None,
         };
-        let sourcerpm = columns
-            .4
+        let sourcerpm = sources
             .next()
             .flatten()
             .map(|s| full_sourcerpm(&name, &version, &release, s));
-        let epoch = match columns.0.next().flatten() {
+        let epoch = match epochs.next().flatten() {
             Some(e) => Some(u32::try_from(e).map_err(|_| malformed("an epoch overflows"))?),
             None => None,
         };
@@ -373,15 +358,18 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(Vec<PackageRecord>, usize), Invent
             epoch,
             version,
             release,
-            arch: columns.3.next().flatten(),
+            arch: arches.next().flatten(),
             sourcerpm,
-            license: columns.5.next().flatten(),
-            vendor: columns.6.next().flatten(),
-            size: columns.7.next().flatten(),
-            installtime: columns.8.next().flatten().map(|t| t.saturating_add(base)),
+            license: licenses.next().flatten(),
+            vendor: vendors.next().flatten(),
+            size: sizes.next().flatten(),
+            installtime: installtimes
+                .next()
+                .flatten()
+                .map(|t| t.saturating_add(base)),
             sigmd5,
-            modularitylabel: columns.10.next().flatten(),
-            repository: columns.11.next().flatten(),
+            modularitylabel: labels.next().flatten(),
+            repository: repositories.next().flatten(),
         });
     }
     Ok((out, r.at))

@@ -41,6 +41,15 @@ pub enum PayloadError {
     },
 }
 
+/// The level a compact document of `len` bytes is sent at.
+fn document_level(len: usize) -> i32 {
+    if len <= DOCUMENT_BEST_UP_TO {
+        DOCUMENT_ZSTD_LEVEL
+    } else {
+        DOCUMENT_ZSTD_LEVEL_LARGE
+    }
+}
+
 /// Raw digest bytes from which a full document puts them in a block of their own.
 const SPLIT_DIGESTS_FROM: usize = 16 * 16;
 
@@ -66,11 +75,7 @@ impl Payload {
     /// compressed with the shipped [`crate::dictionary`] when that makes them smaller: for the
     /// wire, as small as is quick.
     pub fn document(bytes: Vec<u8>) -> Self {
-        let level = if bytes.len() <= DOCUMENT_BEST_UP_TO {
-            DOCUMENT_ZSTD_LEVEL
-        } else {
-            DOCUMENT_ZSTD_LEVEL_LARGE
-        };
+        let level = document_level(bytes.len());
         Self::document_at(bytes, level)
     }
 
@@ -83,25 +88,25 @@ impl Payload {
         if digests.len() < SPLIT_DIGESTS_FROM {
             return Self::document([text, digests].concat());
         }
-        let level = if text.len() + digests.len() <= DOCUMENT_BEST_UP_TO {
-            DOCUMENT_ZSTD_LEVEL
-        } else {
-            DOCUMENT_ZSTD_LEVEL_LARGE
+        let level = document_level(text.len() + digests.len());
+        let Some(dict) = crate::dictionary::encoder(level) else {
+            return Self::document_at([text, digests].concat(), level);
         };
-        let compressed = crate::dictionary::encoder(level).and_then(|dict| {
+        let in_blocks = || -> std::io::Result<Vec<u8>> {
             let mut encoder =
-                zstd::stream::write::Encoder::with_prepared_dictionary(Vec::new(), dict).ok()?;
-            encoder.write_all(&text).ok()?;
+                zstd::stream::write::Encoder::with_prepared_dictionary(Vec::new(), dict)?;
+            encoder.write_all(&text)?;
             // Ends the block: the digests start a new one.
-            encoder.flush().ok()?;
-            encoder.write_all(&digests).ok()?;
-            encoder.finish().ok()
-        });
-        match compressed {
-            Some(compressed) if compressed.len() < text.len() + digests.len() => Self {
+            encoder.flush()?;
+            encoder.write_all(&digests)?;
+            encoder.finish()
+        };
+        match in_blocks() {
+            Ok(compressed) if compressed.len() < text.len() + digests.len() => Self {
                 encoding: PayloadEncoding::DocumentZstd,
                 bytes: compressed,
             },
+            // Uncompressible in blocks (not seen on real inventories): as one block, if that pays.
             _ => Self::document_at([text, digests].concat(), level),
         }
     }
@@ -117,17 +122,15 @@ impl Payload {
                 .and_then(|mut c| c.compress(&bytes)),
             None => zstd::bulk::compress(&bytes, level),
         };
-        if let Ok(compressed) = compressed
-            && compressed.len() < bytes.len()
-        {
-            return Self {
+        match compressed {
+            Ok(compressed) if compressed.len() < bytes.len() => Self {
                 encoding: PayloadEncoding::DocumentZstd,
                 bytes: compressed,
-            };
-        }
-        Self {
-            encoding: PayloadEncoding::Document,
-            bytes,
+            },
+            _ => Self {
+                encoding: PayloadEncoding::Document,
+                bytes,
+            },
         }
     }
 

@@ -8,7 +8,7 @@
 use guestwatch_protocol::inventory::{Document, PackageRecord};
 use serde::{Serialize, Serializer, ser::SerializeMap};
 
-use crate::{Distribution, Facts, evr, id_of};
+use crate::{Distribution, Facts, evr, id_of, id_of_parts};
 
 /// The report, borrowing from the document it renders: a large inventory costs a few
 /// allocations per package, not one per field.
@@ -37,25 +37,6 @@ impl<T> ById<T> {
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         entries.dedup_by(|a, b| a.0 == b.0);
         Self(entries)
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    pub fn get(&self, id: &str) -> Option<&T> {
-        self.0
-            .binary_search_by(|(k, _)| k.as_str().cmp(id))
-            .ok()
-            .map(|i| &self.0[i].1)
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &T)> {
-        self.0.iter().map(|(k, v)| (k.as_str(), v))
     }
 }
 
@@ -130,19 +111,12 @@ pub const DNF_REPOSITORY_KEY: &str = "dnf-repoid";
 pub fn package_id(p: &PackageRecord) -> String {
     // The id of the canonical form read as UTF-8 with each invalid sequence replaced (as
     // `String::from_utf8_lossy` would), hashed as it is read rather than copied first.
-    use sha2::Digest;
-    let mut hasher = sha2::Sha256::new();
-    for chunk in p.canonical().utf8_chunks() {
-        hasher.update(chunk.valid().as_bytes());
-        if !chunk.invalid().is_empty() {
-            hasher.update(
-                char::REPLACEMENT_CHARACTER
-                    .encode_utf8(&mut [0; 4])
-                    .as_bytes(),
-            );
-        }
-    }
-    hex::encode(&hasher.finalize()[..8])
+    let replacement = char::REPLACEMENT_CHARACTER.to_string();
+    let canonical = p.canonical();
+    id_of_parts(canonical.utf8_chunks().flat_map(|chunk| {
+        let invalid = (!chunk.invalid().is_empty()).then_some(replacement.as_str());
+        [Some(chunk.valid()), invalid].into_iter().flatten()
+    }))
 }
 
 /// Splits a source rpm file name (`curl-7.76.0-6.cm2.src.rpm`) into name and `version-release`.

@@ -78,6 +78,15 @@ pub fn key_order(a: &PackageRecord, b: &PackageRecord) -> std::cmp::Ordering {
 
 /// A short, stable id for a string: the first 8 bytes of its SHA-256, as hex.
 pub(crate) fn id_of(text: &str) -> String {
+    id_of_parts([text])
+}
+
+/// [`id_of`] the concatenation of `parts`, without making it.
+pub(crate) fn id_of_parts<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
     use sha2::Digest;
-    hex::encode(&sha2::Sha256::digest(text.as_bytes())[..8])
+    let mut hasher = sha2::Sha256::new();
+    for part in parts {
+        hasher.update(part.as_bytes());
+    }
+    hex::encode(&hasher.finalize()[..8])
 }
